@@ -31,7 +31,7 @@ from typing import Sequence
 from . import bind
 from . import vfio_abi as abi
 from .device import DeviceInfo, DmaBacking, DmaMapping, IrqInfo, PciDevice, RegionInfo, SparseArea
-from .errors import GroupNotViableError, MemlockError, NotRootError, VfioError
+from .errors import GroupNotViableError, MemlockError, NotRootError, RegionError, VfioError
 
 VFIO_DEV = "/dev/vfio"
 
@@ -216,7 +216,16 @@ class VfioPciDevice(PciDevice):
         for _ in range(2):
             buf = bytearray(size)
             struct.pack_into("<II I", buf, 0, size, 0, index)
-            _ioctl(self._fd, abi.VFIO_DEVICE_GET_REGION_INFO, buf, f"VFIO_DEVICE_GET_REGION_INFO({self.bdf}, {index})")
+            step = f"VFIO_DEVICE_GET_REGION_INFO({self.bdf}, {index})"
+            try:
+                _ioctl(self._fd, abi.VFIO_DEVICE_GET_REGION_INFO, buf, step)
+            except VfioError as e:
+                # vfio-pci answers EINVAL for an index below num_regions that this
+                # device does not have (VGA on a non-VGA device, an unregistered
+                # device-specific index): a region it cannot serve.
+                if e.errno == errno.EINVAL:
+                    raise RegionError(step, "the device has no such region", errno=e.errno) from None
+                raise
             need = struct.unpack_from("<I", buf)[0]
             if need <= size:
                 return abi.decode_region_info(buf, index)
