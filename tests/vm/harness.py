@@ -57,6 +57,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: Where the edu device sits in the guest: alone on the bus behind a root port at 00:03.0.
 EDU_BDF = "0000:01:00.0"
+#: A virtio-rng device on the root bus, owned by virtio-pci until a test takes it.
+OTHER_BDF = "0000:00:04.0"
 
 #: Host-side limit on one boot, from QEMU start to its exit.
 DEFAULT_TIMEOUT = 180.0
@@ -130,10 +132,11 @@ def cache_dir() -> Path:
 
 
 def find_qemu() -> str:
-    qemu = os.environ.get("MICDRV_VM_QEMU") or shutil.which("qemu-system-x86_64")
-    if not qemu:
-        raise VmUnavailable("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    return qemu
+    qemu = os.environ.get("MICDRV_VM_QEMU") or "qemu-system-x86_64"
+    found = shutil.which(qemu)
+    if not found:
+        raise VmUnavailable(f"{qemu} not found (apt-get install qemu-system-x86)")
+    return found
 
 
 def _run(argv: list[str], step: str, cwd: Path | None = None, timeout: float = 600) -> str:
@@ -151,15 +154,19 @@ def resolve_kernel_package() -> str:
     override = os.environ.get("MICDRV_VM_KERNEL_PKG")
     if override:
         return override
-    out = _run(["apt-cache", "depends", "linux-image-amd64"], "resolve the Debian kernel package")
+    hint = "apt has no package lists yet? run 'apt-get update' first"
+    try:
+        out = _run(["apt-cache", "depends", "linux-image-amd64"], "resolve the Debian kernel package")
+    except VmUnavailable as e:
+        raise VmUnavailable(f"{e}\n({hint})") from None
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends:"):
             pkg = line.split(":", 1)[1].strip().strip("<>")
             if pkg.startswith("linux-image-"):
                 return pkg
-    raise VmUnavailable("apt-cache knows no linux-image-amd64 dependency: run 'apt-get update' first "
-                        f"(apt-cache said: {out.strip() or 'nothing'})")
+    raise VmUnavailable(f"apt-cache knows no linux-image-amd64 dependency ({hint}); "
+                        f"apt-cache said: {out.strip() or 'nothing'}")
 
 
 def fetch_deb(pkg: str, debs: Path) -> Path:
@@ -453,6 +460,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         "MICDRV_VM": "1",
         "MICDRV_VM_OUT": str(run_dir),
         "MICDRV_VM_EDU": EDU_BDF,
+        "MICDRV_VM_OTHER": OTHER_BDF,
         "TMPDIR": str(run_dir),
     }
     q = shlex.quote
@@ -466,7 +474,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         "mount -t proc proc $H/proc",
         "mount -t sysfs sysfs $H/sys",
         "mount -t devtmpfs devtmpfs $H/dev",
-        "mount -t tmpfs tmpfs $H/tmp" if tmpfs_tmp else ": keep the host's /tmp visible",
+        "mount -t tmpfs tmpfs $H/tmp" if tmpfs_tmp else ": keep the host /tmp visible",
         # The results share also appears at the run directory's own host path.
         f"mount --bind /out $H{q(str(run_dir))}",
     ]
@@ -475,7 +483,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         lines += [f"echo vfio-pci > {d}/driver_override", f"echo {EDU_BDF} > /sys/bus/pci/drivers_probe",
                   f"echo \"{MARK} shell bind: $(readlink {d}/driver)\""]
     lines += [
-        f"echo \"{MARK} guest program start: {argv}\"",
+        f"echo {q(f'{MARK} guest program start: {argv}')}",
         f"( timeout {int(guest_timeout)} chroot $H /usr/bin/env -i {envs} {argv}; echo $? > /out/rc.tmp ) 2>&1"
         " | tee /out/output.log",
         "mv /out/rc.tmp /out/rc",
@@ -524,6 +532,10 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
         # offer VFIO_DEVICE_RESET; behind a port the kernel can reset its bus.
         "-device", "pcie-root-port,id=rp0,chassis=1,slot=1,addr=3.0",
         "-device", "edu,bus=rp0,addr=0.0",
+        # A second device, one a kernel driver owns (virtio-pci binds it):
+        # binding it to vfio-pci must unbind that driver first, and its MSI-X
+        # BAR's region info carries a capability chain (MSIX_MAPPABLE).
+        "-device", f"virtio-rng-pci,addr={OTHER_BDF.split(':')[2]}",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=out,path={run_dir},security_model=none",
