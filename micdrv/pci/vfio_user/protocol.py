@@ -1,0 +1,523 @@
+"""vfio-user protocol endpoint: the symmetric :class:`Connection`.
+
+vfio-user (spec section 2) carries VFIO's device operations over one AF_UNIX
+stream socket per client/server pair; :mod:`.wire` has the message format
+(16-byte header, spec 2.2; command codes, spec 2.3; payloads, spec 2.5) and
+this module re-exports it. Both ends talk the same way: either side may send
+commands (the client almost all of them, the server DMA_READ/DMA_WRITE, spec
+2.6) and each command gets exactly one reply unless it carries NO_REPLY.
+:class:`Connection` is that endpoint, used by the client and the server alike.
+
+How one connection is shared between threads:
+
+* Sends are serialised by a lock; header, payload and fds leave in one
+  ``sendmsg`` (spec 2.1).
+* Exactly one thread reads the socket at a time: the *reader*. Any thread
+  waiting in :meth:`Connection.call` becomes the reader when nobody else is;
+  it reads one message, routes a reply to the thread waiting for that
+  ``msg_id`` (replies are matched by msg_id only, spec 2.8-2) or queues an
+  incoming command, gives up the role and wakes the others.
+* Queued commands are dispatched one at a time, in arrival order (spec 2.6),
+  to the handler callback, by whichever thread is allowed to (any thread on
+  the client; only the :meth:`~Connection.serve_forever` thread on the
+  server). The reader role is free while a handler runs, so a handler may
+  itself call the peer (the server's DMA_READ from inside a REGION_WRITE
+  handler) and another thread may read replies meanwhile; commands that
+  arrive then wait in the queue.
+* A framing error cannot be resynchronised on a stream: it closes the
+  connection with :class:`ProtocolError`. Once the connection is closed or the
+  peer is gone, every pending and later call raises
+  :class:`DisconnectedError` at once. Received fds that nobody takes are
+  closed, so none leak.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import errno as _errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import Sequence
+
+from ..errors import DisconnectedError, PciError, ProtocolError, RemoteError, ReplyTimeout, VfioUserError
+from .wire import *  # noqa: F401,F403  -- protocol is the public face of the wire format
+from .wire import (DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_REPLY_TIMEOUT, FLAGS_ERROR, FLAGS_NO_REPLY,
+                   FLAGS_TYPE_COMMAND, FLAGS_TYPE_MASK, FLAGS_TYPE_REPLY, HEADER, HEADER_SIZE, MAX_RECV_FDS,
+                   MESSAGE_SLACK, CommandError, Handler, HandlerResult, Message, _close_quietly, command_name,
+                   encode_header)
+
+log = logging.getLogger(__name__)
+
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
+_MAX_ABANDONED = 1024  # remembered msg_ids of timed-out calls, so a late reply is dropped, not fatal
+_SOCKET_BUFFER = 4 << 20  # ask for big socket buffers: a full-size message should not block a sender
+_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+def _fds_from(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[:len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
+class Connection:
+    """One end of a vfio-user connection (spec 2.1), for client and server alike.
+
+    ``handler(message)`` is called for every incoming command and returns the
+    reply payload, or ``(payload, fds)``; fds sent this way stay owned by the
+    handler's side (SCM_RIGHTS duplicates them). It raises
+    :class:`~.wire.CommandError` (or an ``OSError``/``PciError`` with an errno)
+    to answer with an ERROR reply. ``reply_timeout`` is the default time a
+    :meth:`call` waits (QEMU's 5 s, spec 2.7); ``max_msg_size`` bounds every
+    received message (this side's ``max_data_xfer_size`` plus room for the
+    structures, spec 2.4).
+    """
+
+    def __init__(self, sock: socket.socket, handler: Handler | None = None, *, name: str = "vfio-user",
+                 reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
+                 max_msg_size: int = DEFAULT_MAX_DATA_XFER_SIZE + MESSAGE_SLACK, io_timeout: float | None = None):
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.handler = handler
+        self.name = name
+        self.reply_timeout = reply_timeout
+        self.max_msg_size = max_msg_size
+        # Sends and the rest of a message whose header arrived must finish
+        # within this; a peer that stops mid-message cannot be resynchronised.
+        self.io_timeout = io_timeout if io_timeout is not None else max(reply_timeout, 1.0)
+        sock.settimeout(self.io_timeout)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            except OSError:
+                pass
+        self._poll = select.poll()
+        self._poll.register(self._fd, _POLL_IN)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._reader: int | None = None  # thread id of the reader
+        self._waiting: set[int] = set()  # msg_ids of calls awaiting a reply
+        self._replies: dict[int, Message] = {}  # routed replies not yet claimed
+        self._abandoned: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._commands: collections.deque[Message] = collections.deque()
+        self._dispatching = False
+        self._dispatch_thread: int | None = None  # set by serve_forever: only it dispatches
+        self._next_id = 0
+        self._dead: VfioUserError | None = None
+        self._closed = False
+        self._service: threading.Thread | None = None
+        self._service_stop: int | None = None
+
+    # --- state ------------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    @property
+    def error(self) -> VfioUserError | None:
+        """Why the connection is dead (None while alive)."""
+        return self._dead
+
+    def _dead_error(self, step: str) -> DisconnectedError:
+        d = self._dead
+        if isinstance(d, DisconnectedError):
+            return DisconnectedError(step, d.detail or "peer is gone", errno=d.errno)
+        return DisconnectedError(step, f"connection closed: {d}")
+
+    def _fail(self, exc: VfioUserError) -> None:
+        """Mark the connection dead (first reason wins) and wake everybody."""
+        with self._cond:
+            if self._dead is None:
+                self._dead = exc
+                log.debug("%s: connection dead: %s", self.name, exc)
+                try:
+                    # Wakes a reader blocked in poll; the fd itself is closed by close().
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                while self._commands:
+                    self._commands.popleft().close_fds()
+            self._cond.notify_all()
+
+    # --- sending ------------------------------------------------------------------
+    def _send(self, msg_id: int, command: int, flags: int, error: int, payload, fds: Sequence[int], step: str) -> None:
+        header = encode_header(msg_id, command, len(payload), flags, error)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        total = HEADER_SIZE + len(payload)
+        with self._send_lock:
+            if self._dead is not None:
+                raise self._dead_error(step)
+            try:
+                sent = self._sock.sendmsg([header, payload], anc, socket.MSG_NOSIGNAL)
+                if sent < total:  # a partial stream send: the fds went with the first byte
+                    self._sock.sendall(memoryview(header + bytes(payload))[sent:], socket.MSG_NOSIGNAL)
+            except TimeoutError:
+                exc: VfioUserError = DisconnectedError(step, f"peer stopped reading for {self.io_timeout:.3g} s")
+            except OSError as e:
+                exc = DisconnectedError(step, "send failed: peer is gone", errno=e.errno)
+            else:
+                return
+        self._fail(exc)
+        raise exc
+
+    # --- receiving ------------------------------------------------------------------
+    def _read_message(self, timeout: float | None, step: str, wake_fd: int | None = None) -> Message | str:
+        """Read one whole message; "timeout" if none began within ``timeout``, "wake" if ``wake_fd`` fired."""
+        if wake_fd is None:
+            ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+            if not ready:
+                return "timeout"
+        else:
+            p = select.poll()
+            p.register(self._fd, _POLL_IN)
+            p.register(wake_fd, select.POLLIN)
+            ready = p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+            if any(fd == wake_fd for fd, _ev in ready):
+                return "wake"
+            if not ready:
+                return "timeout"
+        fds: list[int] = []
+        try:
+            head = bytearray()
+            while len(head) < HEADER_SIZE:
+                data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE,
+                                                              socket.MSG_CMSG_CLOEXEC)
+                fds.extend(_fds_from(anc))
+                if mflags & socket.MSG_CTRUNC:
+                    raise ProtocolError(step, f"message carried more than {MAX_RECV_FDS} fds (control data truncated)")
+                if not data:
+                    raise DisconnectedError(step, "peer closed the connection"
+                                            + (" in the middle of a header" if head else ""))
+                head += data
+            msg_id, command, size, flags, error = HEADER.unpack(head)
+            if size < HEADER_SIZE or size > self.max_msg_size:
+                raise ProtocolError(step, f"message size {size} outside [{HEADER_SIZE}, {self.max_msg_size}] "
+                                    f"(msg_id {msg_id}, command {command})")
+            if flags & FLAGS_TYPE_MASK not in (FLAGS_TYPE_COMMAND, FLAGS_TYPE_REPLY):  # spec 2.2: types 0 and 1
+                raise ProtocolError(step, f"unknown message type {flags & FLAGS_TYPE_MASK} in flags {flags:#x}")
+            payload = bytearray(size - HEADER_SIZE)
+            view = memoryview(payload)
+            got = 0
+            while got < len(payload):
+                n = self._sock.recv_into(view[got:])
+                if n == 0:
+                    raise DisconnectedError(step, "peer closed the connection in the middle of a message")
+                got += n
+            return Message(msg_id, command, flags, error, payload, fds)
+        except TimeoutError:
+            exc: VfioUserError = ProtocolError(step, f"peer stalled in the middle of a message for {self.io_timeout:.3g} s")
+        except OSError as e:
+            if isinstance(e, DisconnectedError):
+                exc = e
+            else:
+                exc = DisconnectedError(step, "receive failed: peer is gone", errno=e.errno)
+        except VfioUserError as e:
+            exc = e
+        for fd in fds:
+            _close_quietly(fd)
+        raise exc
+
+    def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None) -> str:
+        """As the reader: read at most one message, route it, give up the role, dispatch if allowed."""
+        try:
+            msg = self._read_message(timeout, step, wake_fd)
+        except VfioUserError as e:
+            with self._cond:
+                self._reader = None
+            self._fail(e)
+            raise
+        except BaseException:
+            with self._cond:
+                self._reader = None
+                self._cond.notify_all()
+            raise
+        err = None
+        with self._cond:
+            self._reader = None
+            if isinstance(msg, Message):
+                err = self._route_locked(msg, step)
+            self._cond.notify_all()
+        if err is not None:
+            self._fail(err)
+            raise err
+        if isinstance(msg, Message):
+            self._dispatch_pending()
+            return "message"
+        return msg
+
+    def _route_locked(self, msg: Message, step: str) -> ProtocolError | None:
+        if not msg.is_reply:
+            self._commands.append(msg)
+            return None
+        if msg.msg_id in self._waiting and msg.msg_id not in self._replies:
+            self._replies[msg.msg_id] = msg
+            return None
+        msg.close_fds()
+        if self._abandoned.pop(msg.msg_id, "missing") is None:
+            log.debug("%s: dropped late reply to msg_id %d (%s)", self.name, msg.msg_id, msg.name)
+            return None
+        return ProtocolError(step, f"reply with unknown msg_id {msg.msg_id} ({msg.name})")  # spec 2.7: an error
+
+    # --- calling the peer ------------------------------------------------------------------
+    def _new_id_locked(self) -> int:
+        for _ in range(0x10000):
+            self._next_id = (self._next_id + 1) & 0xFFFF  # msg_id is 16 bits (spec 2.2)
+            i = self._next_id
+            if i not in self._waiting and i not in self._replies and i not in self._abandoned:
+                return i
+        raise VfioUserError(f"vfio-user call on {self.name}", "65536 commands in flight")
+
+    def call(self, command: int, payload: bytes | bytearray | memoryview = b"", fds: Sequence[int] = (), *,
+             no_reply: bool = False, timeout: float | None = None, max_reply_fds: int = 0) -> Message | None:
+        """Send a command; return its reply (None for ``no_reply``).
+
+        Raises :class:`RemoteError` (with the peer's errno) on an ERROR reply,
+        :class:`ReplyTimeout` after ``timeout`` (default :attr:`reply_timeout`),
+        :class:`DisconnectedError` if the peer is or goes away, and
+        :class:`ProtocolError` on a malformed reply or one with more than
+        ``max_reply_fds`` fds. The caller owns the reply's fds.
+        """
+        step = f"vfio-user {command_name(command)} on {self.name}"
+        with self._cond:
+            if self._dead is not None:
+                raise self._dead_error(step)
+            msg_id = self._new_id_locked()
+            if not no_reply:
+                self._waiting.add(msg_id)
+        try:
+            self._send(msg_id, command, FLAGS_TYPE_COMMAND | (FLAGS_NO_REPLY if no_reply else 0), 0, payload, fds, step)
+        except BaseException:
+            with self._cond:
+                self._waiting.discard(msg_id)
+            raise
+        if no_reply:
+            return None
+        timeout = self.reply_timeout if timeout is None else timeout
+        reply = self._await(msg_id, time.monotonic() + timeout, timeout, step)
+        if reply.flags & FLAGS_ERROR:
+            reply.close_fds()  # spec 2.2: an ERROR reply carries only the header
+            raise RemoteError(step, "the peer refused the command", errno=reply.error or None)
+        if len(reply.fds) > max_reply_fds:
+            n = len(reply.fds)
+            reply.close_fds()
+            raise ProtocolError(step, f"reply carried {n} fds, expected at most {max_reply_fds}")
+        return reply
+
+    def _await(self, msg_id: int, deadline: float, timeout: float, step: str) -> Message:
+        me = threading.get_ident()
+        while True:
+            with self._cond:
+                while True:
+                    reply = self._replies.pop(msg_id, None)
+                    if reply is not None:
+                        self._waiting.discard(msg_id)
+                        return reply
+                    if self._dead is not None:
+                        self._waiting.discard(msg_id)
+                        raise self._dead_error(step)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._waiting.discard(msg_id)
+                        self._abandoned[msg_id] = None
+                        while len(self._abandoned) > _MAX_ABANDONED:
+                            self._abandoned.popitem(last=False)
+                        raise ReplyTimeout(step, f"no reply within {timeout:.3g} s (msg_id {msg_id})")
+                    if self._reader is None:
+                        self._reader = me
+                        break
+                    self._cond.wait(remaining)
+            self._read_once(remaining, step)
+
+    # --- serving the peer's commands --------------------------------------------------------------
+    def _dispatch_pending(self) -> None:
+        """Run queued commands in arrival order, if this thread may and nobody else is."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._dispatching or not self._commands:
+                return
+            if self._dispatch_thread is not None and self._dispatch_thread != me:
+                return
+            self._dispatching = True
+        try:
+            while True:
+                with self._cond:
+                    if not self._commands or self._dead is not None:
+                        return
+                    msg = self._commands.popleft()
+                self._run_handler(msg)
+        finally:
+            with self._cond:
+                self._dispatching = False
+                self._cond.notify_all()
+
+    def _run_handler(self, msg: Message) -> None:
+        step = f"vfio-user {msg.name} from the peer of {self.name}"
+        error = 0
+        result: HandlerResult = None
+        try:
+            if self.handler is None:
+                raise CommandError(_errno.ENOSYS, "this end serves no commands")
+            result = self.handler(msg)
+        except CommandError as e:
+            error = e.errno
+            log.debug("%s: %s refused: %s", self.name, msg.name, e)
+        except DisconnectedError:
+            if self._dead is not None:
+                raise
+            log.exception("%s: handler of %s failed", self.name, msg.name)
+            error = _errno.EIO
+        except PciError as e:
+            error = e.errno or _errno.EIO
+            log.debug("%s: %s failed: %s", self.name, msg.name, e)
+        except OSError as e:
+            error = e.errno or _errno.EIO
+            log.debug("%s: %s failed: %s", self.name, msg.name, e)
+        except Exception:
+            log.exception("%s: handler of %s failed", self.name, msg.name)
+            error = _errno.EIO
+        finally:
+            msg.close_fds()  # whatever the handler did not take
+        if msg.no_reply:
+            if error:
+                log.warning("%s: NO_REPLY %s failed with errno %d", self.name, msg.name, error)
+            return
+        if error:
+            self._send(msg.msg_id, msg.command, FLAGS_TYPE_REPLY | FLAGS_ERROR, error, b"", (), step)
+            return
+        fds: Sequence[int] = ()
+        if isinstance(result, tuple):
+            result, fds = result
+        self._send(msg.msg_id, msg.command, FLAGS_TYPE_REPLY, 0, result or b"", fds, step)
+
+    def serve_forever(self, wake_fd: int | None = None) -> None:
+        """Read and dispatch until the peer goes away (or ``wake_fd`` becomes readable).
+
+        The calling thread becomes the only one that dispatches commands (the
+        server's loop). Returns normally when the connection ends; the reason
+        is in :attr:`error` (a :class:`ProtocolError` for a misbehaving peer).
+        """
+        me = threading.get_ident()
+        step = f"vfio-user serve {self.name}"
+        with self._cond:
+            self._dispatch_thread = me
+        try:
+            while True:
+                self._dispatch_pending()
+                with self._cond:
+                    while True:
+                        if self._dead is not None:
+                            return
+                        if self._commands and not self._dispatching:
+                            read = False
+                            break
+                        if self._reader is None:
+                            self._reader = me
+                            read = True
+                            break
+                        self._cond.wait(0.5)  # another thread reads; it queues commands and notifies
+                if read and self._read_once(None, step, wake_fd) == "wake":
+                    return
+        except VfioUserError:
+            return  # recorded in self.error
+        finally:
+            with self._cond:
+                if self._dispatch_thread == me:
+                    self._dispatch_thread = None
+                if self._reader == me:
+                    self._reader = None
+                self._cond.notify_all()
+
+    def process_events(self) -> int:
+        """Handle every message already arrived, without blocking; return how many.
+
+        For an event loop that polls :meth:`fileno`: the client uses it to
+        serve DMA_READ/DMA_WRITE that arrive while none of its calls is
+        waiting. Raises :class:`DisconnectedError` once the peer is gone.
+        """
+        me = threading.get_ident()
+        step = f"vfio-user events on {self.name}"
+        n = 0
+        while True:
+            with self._cond:
+                if self._dead is not None:
+                    raise self._dead_error(step)
+                if self._reader is not None:
+                    break  # the reader in another thread handles what arrives
+                self._reader = me
+            if self._read_once(0, step) != "message":
+                break
+            n += 1
+        self._dispatch_pending()
+        return n
+
+    def start_service_thread(self) -> threading.Thread:
+        """Serve the peer's commands from a daemon thread whenever no call is reading (client side)."""
+        if self._service is not None:
+            return self._service
+        self._service_stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._service = threading.Thread(target=self._service_loop, name=f"vfio-user service {self.name}", daemon=True)
+        self._service.start()
+        return self._service
+
+    def _service_loop(self) -> None:
+        me = threading.get_ident()
+        p = select.poll()
+        p.register(self._fd, _POLL_IN)
+        p.register(self._service_stop, select.POLLIN)
+        step = f"vfio-user service {self.name}"
+        while True:
+            ready = p.poll()
+            if any(fd == self._service_stop for fd, _ev in ready) or self._dead is not None:
+                return
+            with self._cond:
+                if self._reader is not None:
+                    self._cond.wait(0.05)  # a caller is reading and will take this message
+                    continue
+                self._reader = me
+            try:
+                self._read_once(0, step)
+            except VfioUserError:
+                return  # recorded; calls raise DisconnectedError
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the socket; pending and later calls raise DisconnectedError. Idempotent."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self._fail(DisconnectedError(self.name, "connection closed locally"))
+        if self._service is not None:
+            os.eventfd_write(self._service_stop, 1)
+            if self._service.ident != me:
+                self._service.join(2.0)
+            _close_quietly(self._service_stop)
+        with self._cond:
+            end = time.monotonic() + 2.0
+            while self._reader not in (None, me) and time.monotonic() < end:
+                self._cond.wait(0.05)  # let a reader in another thread leave the socket first
+            for m in self._replies.values():
+                m.close_fds()
+            self._replies.clear()
+            while self._commands:
+                self._commands.popleft().close_fds()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
