@@ -92,4 +92,5 @@ def test_check(edu_run, name):
         pytest.fail(f"check {name} was not reported\n" + _boot_report(run), pytrace=False)
     r = results[name]
     if not r.get("ok"):
-        pytest.fail(f"check {name} failed in the guest:\n{r.get('detail')}", pytrace=False)
+        pytest.fail(f"check {name} failed in the guest:\n{r.get('detail')}\n"
+                    f"--- guest kernel log (last 3000 chars) ---\n{run.dmesg[-3000:]}", pytrace=False)

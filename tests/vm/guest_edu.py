@@ -43,6 +43,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "error_unmap_not_mapped": ("dma_map",),
     "error_map_outside_iova_ranges": ("dma_map",),
     "error_group_busy": ("open",),
+    "error_memlock": ("dma_map",),
     "dma_unmap": ("dma_map",),
     "close_and_reopen": ("open",),
     # A second device (virtio-rng, owned by virtio-pci at boot): what edu lacks.
@@ -50,6 +51,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "other_region_caps": ("other_bind_from_driver",),
     "other_msix_eventfds": ("other_region_caps",),
     "other_unbind": ("other_bind_from_driver",),
+    "error_group_not_viable": (),
 }
 
 # --- edu (spec 3.2) -------------------------------------------------------------
@@ -491,13 +493,16 @@ def c_close_and_reopen() -> str:
     return "closed; reopened (group released) and answered"
 
 
+def _virtio_rng(bdf: str) -> str:
+    base = f"/sys/bus/pci/devices/{bdf}"
+    with open(f"{base}/vendor") as v, open(f"{base}/device") as d:
+        ids = int(v.read(), 16), int(d.read(), 16)
+    check(ids in ((0x1AF4, 0x1005), (0x1AF4, 0x1044)), f"{bdf} is {ids[0]:04x}:{ids[1]:04x}, not virtio-rng")
+    return bdf
+
+
 def _find_other() -> str:
-    base = "/sys/bus/pci/devices"
-    for bdf in sorted(os.listdir(base)):
-        with open(f"{base}/{bdf}/vendor") as v, open(f"{base}/{bdf}/device") as d:
-            if int(v.read(), 16) == 0x1AF4 and int(d.read(), 16) in (0x1005, 0x1044):  # virtio-rng
-                return bdf
-    return os.environ.get("MICDRV_VM_OTHER", "0000:00:04.0")
+    return _virtio_rng(os.environ.get("MICDRV_VM_OTHER", "0000:00:04.0"))
 
 
 def c_other_bind_from_driver() -> str:
@@ -561,6 +566,58 @@ def c_other_unbind() -> str:
     check(drv == "virtio-pci", f"after unbinding from vfio-pci the device is on {drv}")
     check(current_driver(S.other) == "virtio-pci", "sysfs disagrees")
     return f"{S.other} back on {drv}"
+
+
+def c_error_group_not_viable() -> str:
+    from micdrv.pci import GroupNotViableError
+    from micdrv.pci.bind import bind_to_vfio_pci, current_driver, unbind_from_vfio_pci
+    from micdrv.pci.vfio import VfioPciDevice
+    a, b = (_virtio_rng(x) for x in os.environ.get("MICDRV_VM_PAIR", "0000:00:05.0,0000:00:05.1").split(","))
+    check(current_driver(a) == current_driver(b) == "virtio-pci", "the pair does not start on virtio-pci")
+    ga = bind_to_vfio_pci(a)
+    try:
+        msg = expect_raises(GroupNotViableError, VfioPciDevice.open, a)
+        check(b in msg and "virtio-pci" in msg, f"the error does not name {b} on virtio-pci: {msg}")
+        gb = bind_to_vfio_pci(b)
+        check(ga == gb, f"{a} and {b} are in groups {ga} and {gb}, expected one")
+        with VfioPciDevice.open(a) as dev:
+            check(dev.config_read(0, 2) == 0x1AF4, "vendor of the opened function")
+        return f"group {ga}: {msg} | after binding {b} too: opened"
+    finally:
+        for x in (a, b):
+            unbind_from_vfio_pci(x)
+
+
+def c_error_memlock() -> str:
+    """A non-root process pinning more than RLIMIT_MEMLOCK gets MemlockError (its own child here)."""
+    import resource
+    from micdrv.pci import DmaArena, MemlockError
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: lose CAP_IPC_LOCK with root, then map past a small limit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 << 10, 64 << 10))
+            arena = DmaArena(1 << 20, "memlock-test")
+            try:
+                S.dev.dma_map(arena, 0x0300_0000)
+                msg = "FAIL: the map succeeded"
+            except MemlockError as e:
+                msg = f"ok {e}"
+            except Exception as e:
+                msg = f"FAIL: {type(e).__name__}: {e}"
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    os.waitpid(pid, 0)
+    check(msg.startswith("ok "), msg or "the child reported nothing")
+    return msg[3:]
 
 
 FUNCS = {name: globals()["c_" + name] for name in CHECKS}

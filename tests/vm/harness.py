@@ -59,6 +59,8 @@ REPO = Path(__file__).resolve().parents[2]
 EDU_BDF = "0000:01:00.0"
 #: A virtio-rng device on the root bus, owned by virtio-pci until a test takes it.
 OTHER_BDF = "0000:00:04.0"
+#: Two functions of a multifunction virtio-rng, one IOMMU group between them.
+PAIR_BDFS = ("0000:00:05.0", "0000:00:05.1")
 
 #: Host-side limit on one boot, from QEMU start to its exit.
 DEFAULT_TIMEOUT = 180.0
@@ -97,6 +99,7 @@ class VmRun:
     rc: int | None  # the guest program's exit status; None if it never finished
     output: str  # the guest program's stdout and stderr
     console: str  # the serial console (kernel log, /init markers) and QEMU's own stderr
+    dmesg: str  # the guest kernel's whole log, taken after the program ended
     duration: float  # seconds from QEMU start to exit
     timed_out: bool
     qemu_rc: int | None
@@ -461,6 +464,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         "MICDRV_VM_OUT": str(run_dir),
         "MICDRV_VM_EDU": EDU_BDF,
         "MICDRV_VM_OTHER": OTHER_BDF,
+        "MICDRV_VM_PAIR": ",".join(PAIR_BDFS),
         "TMPDIR": str(run_dir),
     }
     q = shlex.quote
@@ -486,6 +490,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         f"echo {q(f'{MARK} guest program start: {argv}')}",
         f"( timeout {int(guest_timeout)} chroot $H /usr/bin/env -i {envs} {argv}; echo $? > /out/rc.tmp ) 2>&1"
         " | tee /out/output.log",
+        "dmesg > /out/dmesg.log",  # the whole kernel log (the console shows warnings only)
         "mv /out/rc.tmp /out/rc",
         f"echo \"{MARK} guest program exited $(cat /out/rc)\"",
     ]
@@ -536,6 +541,10 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
         # binding it to vfio-pci must unbind that driver first, and its MSI-X
         # BAR's region info carries a capability chain (MSIX_MAPPABLE).
         "-device", f"virtio-rng-pci,addr={OTHER_BDF.split(':')[2]}",
+        # Two functions of one slot without ACS share an IOMMU group: with one
+        # of them still on virtio-pci the group is not viable.
+        "-device", f"virtio-rng-pci,addr={PAIR_BDFS[0].split(':')[2]},multifunction=on",
+        "-device", f"virtio-rng-pci,addr={PAIR_BDFS[1].split(':')[2]}",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=out,path={run_dir},security_model=none",
@@ -576,7 +585,8 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
         console += f"\n--- host: killed QEMU after {timeout:.0f}s ---\n"
     rc_text = text("rc").strip()
     rc = int(rc_text) if rc_text.lstrip("-").isdigit() else None
-    result = VmRun(rc=rc, output=text("output.log"), console=console, duration=duration, timed_out=timed_out,
+    result = VmRun(rc=rc, output=text("output.log"), console=console, dmesg=text("dmesg.log"),
+                   duration=duration, timed_out=timed_out,
                    qemu_rc=qemu_rc, run_dir=run_dir)
     log(f"QEMU exited {qemu_rc} after {duration:.1f}s; guest program "
         f"{'exited ' + str(rc) if rc is not None else 'did not finish'}")
