@@ -57,12 +57,16 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
 _MAX_ABANDONED = 1024  # remembered msg_ids of timed-out calls, so a late reply is dropped, not fatal
 _SOCKET_BUFFER = 4 << 20  # ask for big socket buffers: a full-size message should not block a sender
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+# Plain ints: the socket module's IntFlag members cost an enum operation per use on the hot path.
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+_MSG_NOSIGNAL, _MSG_CTRUNC, _MSG_CMSG_CLOEXEC = (int(socket.MSG_NOSIGNAL), int(socket.MSG_CTRUNC),
+                                                 int(socket.MSG_CMSG_CLOEXEC))
 
 
 def _fds_from(ancdata) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             a = array.array("i")
             a.frombytes(data[:len(data) - len(data) % a.itemsize])
             fds.extend(a)
@@ -154,15 +158,15 @@ class Connection:
     # --- sending ------------------------------------------------------------------
     def _send(self, msg_id: int, command: int, flags: int, error: int, payload, fds: Sequence[int], step: str) -> None:
         header = encode_header(msg_id, command, len(payload), flags, error)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
         total = HEADER_SIZE + len(payload)
         with self._send_lock:
             if self._dead is not None:
                 raise self._dead_error(step)
             try:
-                sent = self._sock.sendmsg([header, payload], anc, socket.MSG_NOSIGNAL)
+                sent = self._sock.sendmsg([header, payload], anc, _MSG_NOSIGNAL)
                 if sent < total:  # a partial stream send: the fds went with the first byte
-                    self._sock.sendall(memoryview(header + bytes(payload))[sent:], socket.MSG_NOSIGNAL)
+                    self._sock.sendall(memoryview(header + bytes(payload))[sent:], _MSG_NOSIGNAL)
             except TimeoutError:
                 exc: VfioUserError = DisconnectedError(step, f"peer stopped reading for {self.io_timeout:.3g} s")
             except OSError as e:
@@ -192,10 +196,9 @@ class Connection:
         try:
             head = bytearray()
             while len(head) < HEADER_SIZE:
-                data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE,
-                                                              socket.MSG_CMSG_CLOEXEC)
+                data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE, _MSG_CMSG_CLOEXEC)
                 fds.extend(_fds_from(anc))
-                if mflags & socket.MSG_CTRUNC:
+                if mflags & _MSG_CTRUNC:
                     raise ProtocolError(step, f"message carried more than {MAX_RECV_FDS} fds (control data truncated)")
                 if not data:
                     raise DisconnectedError(step, "peer closed the connection"
