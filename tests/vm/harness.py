@@ -472,7 +472,7 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
     envs = " ".join(f"{k}={q(v)}" for k, v in env.items())
     # The host root is read-only; mounting onto its directories still works.
     # /tmp gets a tmpfs unless the checkout or the run directory live there.
-    tmpfs_tmp = not any(str(p).startswith("/tmp/") for p in (REPO, run_dir))
+    tmpfs_tmp = not any(str(p).startswith("/tmp/") for p in (REPO, run_dir, python))
     lines = [
         "H=/host",
         "mount -t proc proc $H/proc",
@@ -495,6 +495,18 @@ def _run_script(program: Path, args: list[str], run_dir: Path, python: str, shel
         f"echo \"{MARK} guest program exited $(cat /out/rc)\"",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _qemu_opt(value: object) -> str:
+    """A value inside a QEMU option list, where a comma is written as two."""
+    return str(value).replace(",", ",,")
+
+
+def _prune_runs(runs: Path, keep: int = 20) -> None:
+    """Failed runs are kept for diagnosis; only the newest few."""
+    old = sorted(runs.glob("run-*"), key=lambda p: p.stat().st_mtime)[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = (), *, timeout: float = DEFAULT_TIMEOUT,
@@ -521,6 +533,7 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
 
     runs = cache / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    _prune_runs(runs)
     run_dir = Path(tempfile.mkdtemp(dir=runs, prefix="run-")).resolve()
     os.chmod(run_dir, 0o777)
     guest_timeout = max(10.0, timeout - 30.0)
@@ -529,7 +542,7 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
     cmd = [
         qemu, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1G", "-smp", str(smp),
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", f"file:{console_path}",
+        "-serial", f"file:{_qemu_opt(console_path)}",
         # The IOMMU comes first so every later PCI device sits behind it.
         "-device", "intel-iommu,intremap=on",
         # edu sits alone behind a PCIe root port: on the root bus it has no
@@ -547,7 +560,7 @@ def run_guest(program: str | os.PathLike, args: list[str] | tuple[str, ...] = ()
         "-device", f"virtio-rng-pci,addr={PAIR_BDFS[1].split(':')[2]}",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=out,path={run_dir},security_model=none",
+        "-fsdev", f"local,id=out,path={_qemu_opt(run_dir)},security_model=none",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initramfs),
         "-append", KERNEL_CMDLINE,
