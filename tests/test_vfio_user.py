@@ -545,6 +545,26 @@ def test_concurrent_calls_from_threads_each_get_their_own_reply(dev):
     assert not errors and not any(t.is_alive() for t in threads)
 
 
+def test_in_process_server_replaces_a_stale_socket_and_stops_cleanly():
+    tmp = tempfile.mkdtemp(prefix="vus")
+    path = os.path.join(tmp, "dev.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a socket file left behind by a dead server
+    stale.close()
+    server = T.VfioUserServer(T.TestDevice(), path)
+    try:
+        server.start()
+        with VfioUserDevice.connect(path, WAIT) as d:
+            d.write(BAR0, T.SCRATCH, 4, 7, posted=False)
+            assert server.model.regs[T.SCRATCH] == 7  # same process: the model is right here
+        server.stop()
+        assert not server._thread.is_alive()
+    finally:
+        server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not os.path.exists(path)
+
+
 # --- malformed messages and lost peers -----------------------------------------------------
 def raw_session(path: str) -> Connection:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

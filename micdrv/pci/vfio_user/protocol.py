@@ -98,14 +98,19 @@ class Connection:
         # Sends and the rest of a message whose header arrived must finish
         # within this; a peer that stops mid-message cannot be resynchronised.
         self.io_timeout = io_timeout if io_timeout is not None else max(reply_timeout, 1.0)
-        sock.settimeout(self.io_timeout)
+        # Non-blocking, with our own poll only when a call would block: a socket
+        # timeout would cost a poll before every send and receive.
+        sock.setblocking(False)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
             except OSError:
                 pass
-        self._poll = select.poll()
+        self._poll = select.poll()  # used by the reader only
         self._poll.register(self._fd, _POLL_IN)
+        self._poll_out = select.poll()  # used under the send lock only
+        self._poll_out.register(self._fd, select.POLLOUT)
+        self._wake_polls: dict[int, select.poll] = {}
         self._send_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._reader: int | None = None  # thread id of the reader
@@ -164,9 +169,12 @@ class Connection:
             if self._dead is not None:
                 raise self._dead_error(step)
             try:
-                sent = self._sock.sendmsg([header, payload], anc, _MSG_NOSIGNAL)
-                if sent < total:  # a partial stream send: the fds went with the first byte
-                    self._sock.sendall(memoryview(header + bytes(payload))[sent:], _MSG_NOSIGNAL)
+                try:
+                    sent = self._sock.sendmsg([header, payload], anc, _MSG_NOSIGNAL)
+                except BlockingIOError:
+                    sent = 0
+                if sent < total:  # socket buffer full: the rest as it drains (fds went with the first byte)
+                    self._send_rest(memoryview(header + bytes(payload)), sent, anc)
             except TimeoutError:
                 exc: VfioUserError = DisconnectedError(step, f"peer stopped reading for {self.io_timeout:.3g} s")
             except OSError as e:
@@ -176,6 +184,26 @@ class Connection:
         self._fail(exc)
         raise exc
 
+    def _send_rest(self, data: memoryview, sent: int, anc) -> None:
+        deadline = time.monotonic() + self.io_timeout
+        while sent < len(data):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._poll_out.poll(int(remaining * 1000) + 1):
+                raise TimeoutError
+            try:
+                if sent == 0:
+                    sent = self._sock.sendmsg([data], anc, _MSG_NOSIGNAL)
+                else:
+                    sent += self._sock.send(data[sent:], _MSG_NOSIGNAL)
+            except BlockingIOError:
+                pass
+
+    def _wait_readable(self, deadline: float) -> None:
+        """Mid-message: the rest was sent in the same sendmsg, so it is due within io_timeout."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._poll.poll(int(remaining * 1000) + 1):
+            raise TimeoutError
+
     # --- receiving ------------------------------------------------------------------
     def _read_message(self, timeout: float | None, step: str, wake_fd: int | None = None) -> Message | str:
         """Read one whole message; "timeout" if none began within ``timeout``, "wake" if ``wake_fd`` fired."""
@@ -184,19 +212,29 @@ class Connection:
             if not ready:
                 return "timeout"
         else:
-            p = select.poll()
-            p.register(self._fd, _POLL_IN)
-            p.register(wake_fd, select.POLLIN)
+            p = self._wake_polls.get(wake_fd)
+            if p is None:
+                p = self._wake_polls[wake_fd] = select.poll()
+                p.register(self._fd, _POLL_IN)
+                p.register(wake_fd, select.POLLIN)
             ready = p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
             if any(fd == wake_fd for fd, _ev in ready):
                 return "wake"
             if not ready:
                 return "timeout"
         fds: list[int] = []
+        deadline = time.monotonic() + self.io_timeout
         try:
             head = bytearray()
             while len(head) < HEADER_SIZE:
-                data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE, _MSG_CMSG_CLOEXEC)
+                try:
+                    data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE,
+                                                                  _MSG_CMSG_CLOEXEC)
+                except BlockingIOError:
+                    if not head:
+                        return "timeout"  # spurious readiness: nothing begun, the caller decides
+                    self._wait_readable(deadline)
+                    continue
                 fds.extend(_fds_from(anc))
                 if mflags & _MSG_CTRUNC:
                     raise ProtocolError(step, f"message carried more than {MAX_RECV_FDS} fds (control data truncated)")
@@ -214,7 +252,11 @@ class Connection:
             view = memoryview(payload)
             got = 0
             while got < len(payload):
-                n = self._sock.recv_into(view[got:])
+                try:
+                    n = self._sock.recv_into(view[got:])
+                except BlockingIOError:
+                    self._wait_readable(deadline)
+                    continue
                 if n == 0:
                     raise DisconnectedError(step, "peer closed the connection in the middle of a message")
                 got += n
