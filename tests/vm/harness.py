@@ -16,7 +16,8 @@ What it does, host side:
    modules.dep).
 3. Boot ``qemu-system-x86_64 -machine q35 -accel tcg`` with an emulated Intel
    IOMMU (interrupt remapping on: type1 SET_IOMMU needs it), QEMU's ``edu``
-   device at 00:03.0, the host root shared read-only over 9p and a writable
+   device alone behind a PCIe root port (so it can be reset), two virtio-rng
+   devices a host driver owns, the host root shared read-only over 9p and a writable
    9p share (the run directory) for results.
 
 Guest side, ``/init`` loads the modules, mounts both shares and runs the
