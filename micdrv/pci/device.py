@@ -177,6 +177,7 @@ class PciDevice(abc.ABC):
         self._irqs: dict[int, IrqInfo] = {}
         self._maps: list[_mmap.mmap] = []
         self._dma: dict[int, DmaMapping] = {}
+        self._irq_enabled: set[int] = set()
         self._closed = False
 
     # --- what each transport implements -------------------------------------
@@ -367,12 +368,20 @@ class PciDevice(abc.ABC):
             raise IrqError(step, "IRQ index does not support eventfds")
         self._set_irqs(index, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, start, len(eventfds),
                        eventfds=list(eventfds))
+        self._irq_enabled.add(index)
 
     def disable_irqs(self, index: int) -> None:
-        """Disable every vector of an IRQ index (DATA_NONE|TRIGGER, count 0; spec 1.7)."""
+        """Disable every vector of an IRQ index (DATA_NONE|TRIGGER, count 0; spec 1.7).
+
+        Idempotent: the kernel answers EINVAL for an index that is not
+        enabled, so an index this object never enabled is left alone.
+        """
         from .vfio_abi import VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_NONE
         self.irq_info(index)
+        if index not in self._irq_enabled:
+            return
         self._set_irqs(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+        self._irq_enabled.discard(index)
 
     def trigger_irqs(self, index: int, start: int = 0, count: int = 1) -> None:
         """Fire vectors from software (loopback: spec 1.7 'simulates an interrupt')."""

@@ -55,7 +55,8 @@ def _open(path: str, step: str, fix_enoent: str | None = None) -> int:
                            fix="run as root or give this user the group's /dev/vfio node") from None
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise VfioError(step, f"{path} is already open in another process (a second micdrv for this card?)",
+            raise VfioError(step, f"{path} is already open (a second micdrv for this card, or another device of "
+                                   "the same IOMMU group opened separately)",
                             errno=e.errno) from None
         raise VfioError(step, f"open {path}", errno=e.errno) from None
 
