@@ -395,6 +395,16 @@ def test_msix_vector_raised_by_device_arrives_on_its_eventfd(dev, eventfds):
     assert not readable(eventfds[5], 0.1)
 
 
+def test_software_trigger_with_data_none_and_data_bool_fires_the_vectors(dev, eventfds):
+    from micdrv.pci.vfio_abi import VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_BOOL
+    dev.enable_irqs(MSIX, eventfds)
+    dev.trigger_irqs(MSIX, 2, 2)  # DATA_NONE | TRIGGER: loopback (spec 1.7)
+    assert readable(eventfds[2], WAIT) and readable(eventfds[3], WAIT)
+    dev._set_irqs(MSIX, VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER, 8, 3, bools=[True, False, True])
+    assert readable(eventfds[8], WAIT) and readable(eventfds[10], WAIT) and not readable(eventfds[9], 0.05)
+    dev.disable_irqs(MSIX)
+
+
 def test_intx_is_automasked_until_unmasked(dev):
     fd = new_eventfd()
     try:
@@ -597,6 +607,17 @@ def test_malformed_commands_get_error_replies_and_the_connection_stays(device):
         assert err(P.DEVICE_SET_IRQS, P.irq_set.pack(20, 0x24, MSIX, 15, 2)) == errno.EINVAL  # beyond the vectors
         assert err(99) == errno.ENOSYS
         assert err(P.DMA_READ, P.dma_rw.pack(0, 4)) == errno.ENOSYS  # server->client only
+        small = os.memfd_create("small")
+        os.ftruncate(small, 0x1000)
+        try:
+            with pytest.raises(RemoteError) as e:  # the fd is smaller than offset + size
+                c.call(P.DMA_MAP, P.dma_map.pack(32, 3, 0, 0x1000, 0x2000), [small])
+            assert e.value.errno == errno.EINVAL
+            with pytest.raises(RemoteError) as e:  # fds where none belong
+                c.call(P.REGION_READ, P.region_rw.pack(T.SCRATCH, 0, 4), [small])
+            assert e.value.errno == errno.EINVAL
+        finally:
+            os.close(small)
         c.call(P.DMA_MAP, P.dma_map.pack(32, 3, 0, 0x1000, 0x1000))  # without fd: fine
         assert err(P.DMA_MAP, P.dma_map.pack(32, 3, 0, 0x1000, 0x1000)) == errno.EEXIST
         reply_ = c.call(P.DMA_UNMAP, P.dma_unmap.pack(24, P.DMA_UNMAP_FLAG_ALL, 0, 0))
@@ -728,6 +749,19 @@ def test_client_disconnect_cleans_up_and_the_server_accepts_the_next_client(devi
         d2.close()
 
 
+def server_fds(device, settle: bool = False) -> int:
+    """The device process's open fds; with ``settle``, once a closed client has been cleaned up."""
+    count = len(os.listdir(f"/proc/{device.proc.pid}/fd"))
+    deadline = time.monotonic() + WAIT
+    while settle and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = len(os.listdir(f"/proc/{device.proc.pid}/fd"))
+        if again == count:
+            break
+        count = again
+    return count
+
+
 def test_connect_close_cycles_leak_no_fds(device):
     def cycle():
         fds = [new_eventfd() for _ in range(4)]
@@ -742,7 +776,27 @@ def test_connect_close_cycles_leak_no_fds(device):
             os.close(fd)
 
     cycle()
-    before = open_fds()
+    before, before_server = open_fds(), server_fds(device, settle=True)
     for _ in range(5):
         cycle()
     assert open_fds() == before
+    assert server_fds(device, settle=True) == before_server
+
+
+def test_server_closes_fds_that_come_with_refused_commands(device):
+    c = raw_session(device.path)
+    try:
+        c.call(P.VERSION, encode_version(0, 0, Capabilities(max_msg_fds=1)))
+        before = server_fds(device)
+        efd = new_eventfd()
+        try:
+            for _ in range(10):
+                with pytest.raises(RemoteError):
+                    c.call(P.REGION_READ, P.region_rw.pack(T.SCRATCH, 0, 4), [efd, efd])
+                with pytest.raises(RemoteError):  # SET_IRQS of 2 vectors with 1 fd
+                    c.call(P.DEVICE_SET_IRQS, P.irq_set.pack(20, 0x24, MSIX, 0, 2), [efd])
+        finally:
+            os.close(efd)
+        assert server_fds(device) == before
+    finally:
+        c.close()
