@@ -29,7 +29,8 @@ from micdrv.pci import (BAR0, CONFIG, INTX, MSIX, AccessError, DisconnectedError
                         RegionError, RemoteError, ReplyTimeout, RegionInfo, SparseArea, new_eventfd, read_eventfd)
 from micdrv.pci.vfio_abi import (VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, decode_region_info,
                                  encode_region_info)
-from micdrv.pci.vfio_user import (CommandError, ConfigSpace, Connection, VfioUserDevice, protocol as P)
+from micdrv.pci.vfio_user import (CommandError, ConfigSpace, Connection, TrappedRegion, VfioUserDevice,
+                                  protocol as P)
 from micdrv.pci.vfio_user.version import Capabilities, check_reply, decode_version, encode_version, negotiate
 from tests import vfio_user_testdev as T
 
@@ -222,8 +223,14 @@ def test_config_space_keeps_read_only_bits_and_sizes_bars():
     assert cfg.get(0x34, 1) == msix and cfg.get(0x06, 2) & 0x10
     cfg.write(msix + 2, struct.pack("<H", 0xFFFF))  # enable + function mask writable, table size not
     assert cfg.get(msix + 2, 2) == 0xC008 and cfg.msix_enabled
+    msi = cfg.add_msi(4, per_vector_mask=True)
+    assert cfg.get(msix + 1, 1) == msi  # linked after MSI-X
+    cfg.write(msi + 2, struct.pack("<H", 0xFFFF))  # enable and multiple-message-enable are writable
+    assert cfg.get(msi + 2, 2) == 0x1F5 and cfg.msi_enabled  # 0x71 | MMC 4 vectors | 64-bit | per-vector mask
+    cfg.write(msi + 16, b"\xff" * 4)  # mask bits: one per vector
+    assert cfg.get(msi + 16, 4) == 0xF and cfg.msi_masked(3)
     cfg.reset()
-    assert cfg.get(0x10, 4) == 0 and cfg.command == 0 and not cfg.msix_enabled
+    assert cfg.get(0x10, 4) == 0 and cfg.command == 0 and not cfg.msix_enabled and not cfg.msi_enabled
 
 
 # --- Connection, in process ------------------------------------------------------------------
@@ -562,11 +569,16 @@ def test_in_process_server_replaces_a_stale_socket_and_stops_cleanly():
     stale.bind(path)  # a socket file left behind by a dead server
     stale.close()
     server = T.VfioUserServer(T.TestDevice(), path)
+    server.regions[5] = TrappedRegion(0x1000, read=lambda offset, size: 0x5A)  # a read-only BAR5
     try:
         server.start()
         with VfioUserDevice.connect(path, WAIT) as d:
             d.write(BAR0, T.SCRATCH, 4, 7, posted=False)
             assert server.model.regs[T.SCRATCH] == 7  # same process: the model is right here
+            assert d.read(5, 0, 1) == 0x5A and not d.region_info(5).writable
+            with pytest.raises(RemoteError) as e:
+                d.connection.call(P.REGION_WRITE, P.region_rw.pack(0, 5, 1) + b"\1")
+            assert e.value.errno == errno.EINVAL
         server.stop()
         assert not server._thread.is_alive()
     finally:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..device import (PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND,
-                      PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
+                      PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
                       PCI_REVISION_ID, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_VENDOR_ID)
 
 # Type 0 header offsets (PCI Local Bus spec 6.1) not named in device.py.

@@ -33,7 +33,6 @@ How one connection is shared between threads:
 
 from __future__ import annotations
 
-import array
 import collections
 import errno as _errno
 import logging
@@ -45,32 +44,15 @@ import time
 from typing import Sequence
 
 from ..errors import DisconnectedError, PciError, ProtocolError, RemoteError, ReplyTimeout, VfioUserError
+from .framing import Framing
 from .wire import *  # noqa: F401,F403  -- protocol is the public face of the wire format
 from .wire import (DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_REPLY_TIMEOUT, FLAGS_ERROR, FLAGS_NO_REPLY,
-                   FLAGS_TYPE_COMMAND, FLAGS_TYPE_MASK, FLAGS_TYPE_REPLY, HEADER, HEADER_SIZE, MAX_RECV_FDS,
-                   MESSAGE_SLACK, CommandError, Handler, HandlerResult, Message, _close_quietly, command_name,
-                   encode_header)
+                   FLAGS_TYPE_COMMAND, FLAGS_TYPE_REPLY, MESSAGE_SLACK, CommandError, Handler, HandlerResult, Message,
+                   _close_quietly, command_name)
 
 log = logging.getLogger(__name__)
 
-_CMSG_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
 _MAX_ABANDONED = 1024  # remembered msg_ids of timed-out calls, so a late reply is dropped, not fatal
-_SOCKET_BUFFER = 4 << 20  # ask for big socket buffers: a full-size message should not block a sender
-_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-# Plain ints: the socket module's IntFlag members cost an enum operation per use on the hot path.
-_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
-_MSG_NOSIGNAL, _MSG_CTRUNC, _MSG_CMSG_CLOEXEC = (int(socket.MSG_NOSIGNAL), int(socket.MSG_CTRUNC),
-                                                 int(socket.MSG_CMSG_CLOEXEC))
-
-
-def _fds_from(ancdata) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[:len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
 
 
 class Connection:
@@ -89,28 +71,13 @@ class Connection:
     def __init__(self, sock: socket.socket, handler: Handler | None = None, *, name: str = "vfio-user",
                  reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
                  max_msg_size: int = DEFAULT_MAX_DATA_XFER_SIZE + MESSAGE_SLACK, io_timeout: float | None = None):
-        self._sock = sock
-        self._fd = sock.fileno()
         self.handler = handler
         self.name = name
         self.reply_timeout = reply_timeout
-        self.max_msg_size = max_msg_size
-        # Sends and the rest of a message whose header arrived must finish
-        # within this; a peer that stops mid-message cannot be resynchronised.
-        self.io_timeout = io_timeout if io_timeout is not None else max(reply_timeout, 1.0)
-        # Non-blocking, with our own poll only when a call would block: a socket
-        # timeout would cost a poll before every send and receive.
-        sock.setblocking(False)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                pass
-        self._poll = select.poll()  # used by the reader only
-        self._poll.register(self._fd, _POLL_IN)
-        self._poll_out = select.poll()  # used under the send lock only
-        self._poll_out.register(self._fd, select.POLLOUT)
-        self._wake_polls: dict[int, select.poll] = {}
+        # Sends, and the rest of a message whose header arrived, must finish within io_timeout.
+        self._framing = Framing(sock, max_msg_size=max_msg_size,
+                                io_timeout=io_timeout if io_timeout is not None else max(reply_timeout, 1.0))
+        self._fd = sock.fileno()
         self._send_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._reader: int | None = None  # thread id of the reader
@@ -151,133 +118,27 @@ class Connection:
             if self._dead is None:
                 self._dead = exc
                 log.debug("%s: connection dead: %s", self.name, exc)
-                try:
-                    # Wakes a reader blocked in poll; the fd itself is closed by close().
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                self._framing.shutdown()  # wakes a reader blocked in poll; close() closes the fd
                 while self._commands:
                     self._commands.popleft().close_fds()
             self._cond.notify_all()
 
-    # --- sending ------------------------------------------------------------------
     def _send(self, msg_id: int, command: int, flags: int, error: int, payload, fds: Sequence[int], step: str) -> None:
-        header = encode_header(msg_id, command, len(payload), flags, error)
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
-        total = HEADER_SIZE + len(payload)
         with self._send_lock:
             if self._dead is not None:
                 raise self._dead_error(step)
             try:
-                try:
-                    sent = self._sock.sendmsg([header, payload], anc, _MSG_NOSIGNAL)
-                except BlockingIOError:
-                    sent = 0
-                if sent < total:  # socket buffer full: the rest as it drains (fds went with the first byte)
-                    self._send_rest(memoryview(header + bytes(payload)), sent, anc)
-            except TimeoutError:
-                exc: VfioUserError = DisconnectedError(step, f"peer stopped reading for {self.io_timeout:.3g} s")
-            except OSError as e:
-                exc = DisconnectedError(step, "send failed: peer is gone", errno=e.errno)
-            else:
+                self._framing.send(msg_id, command, flags, error, payload, fds, step)
                 return
-        self._fail(exc)
-        raise exc
-
-    def _send_rest(self, data: memoryview, sent: int, anc) -> None:
-        deadline = time.monotonic() + self.io_timeout
-        while sent < len(data):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poll_out.poll(int(remaining * 1000) + 1):
-                raise TimeoutError
-            try:
-                if sent == 0:
-                    sent = self._sock.sendmsg([data], anc, _MSG_NOSIGNAL)
-                else:
-                    sent += self._sock.send(data[sent:], _MSG_NOSIGNAL)
-            except BlockingIOError:
-                pass
-
-    def _wait_readable(self, deadline: float) -> None:
-        """Mid-message: the rest was sent in the same sendmsg, so it is due within io_timeout."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._poll.poll(int(remaining * 1000) + 1):
-            raise TimeoutError
-
-    # --- receiving ------------------------------------------------------------------
-    def _read_message(self, timeout: float | None, step: str, wake_fd: int | None = None) -> Message | str:
-        """Read one whole message; "timeout" if none began within ``timeout``, "wake" if ``wake_fd`` fired."""
-        if wake_fd is None:
-            ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-            if not ready:
-                return "timeout"
-        else:
-            p = self._wake_polls.get(wake_fd)
-            if p is None:
-                p = self._wake_polls[wake_fd] = select.poll()
-                p.register(self._fd, _POLL_IN)
-                p.register(wake_fd, select.POLLIN)
-            ready = p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-            if any(fd == wake_fd for fd, _ev in ready):
-                return "wake"
-            if not ready:
-                return "timeout"
-        fds: list[int] = []
-        deadline = time.monotonic() + self.io_timeout
-        try:
-            head = bytearray()
-            while len(head) < HEADER_SIZE:
-                try:
-                    data, anc, mflags, _addr = self._sock.recvmsg(HEADER_SIZE - len(head), _CMSG_SPACE,
-                                                                  _MSG_CMSG_CLOEXEC)
-                except BlockingIOError:
-                    if not head:
-                        return "timeout"  # spurious readiness: nothing begun, the caller decides
-                    self._wait_readable(deadline)
-                    continue
-                fds.extend(_fds_from(anc))
-                if mflags & _MSG_CTRUNC:
-                    raise ProtocolError(step, f"message carried more than {MAX_RECV_FDS} fds (control data truncated)")
-                if not data:
-                    raise DisconnectedError(step, "peer closed the connection"
-                                            + (" in the middle of a header" if head else ""))
-                head += data
-            msg_id, command, size, flags, error = HEADER.unpack(head)
-            if size < HEADER_SIZE or size > self.max_msg_size:
-                raise ProtocolError(step, f"message size {size} outside [{HEADER_SIZE}, {self.max_msg_size}] "
-                                    f"(msg_id {msg_id}, command {command})")
-            if flags & FLAGS_TYPE_MASK not in (FLAGS_TYPE_COMMAND, FLAGS_TYPE_REPLY):  # spec 2.2: types 0 and 1
-                raise ProtocolError(step, f"unknown message type {flags & FLAGS_TYPE_MASK} in flags {flags:#x}")
-            payload = bytearray(size - HEADER_SIZE)
-            view = memoryview(payload)
-            got = 0
-            while got < len(payload):
-                try:
-                    n = self._sock.recv_into(view[got:])
-                except BlockingIOError:
-                    self._wait_readable(deadline)
-                    continue
-                if n == 0:
-                    raise DisconnectedError(step, "peer closed the connection in the middle of a message")
-                got += n
-            return Message(msg_id, command, flags, error, payload, fds)
-        except TimeoutError:
-            exc: VfioUserError = ProtocolError(step, f"peer stalled in the middle of a message for {self.io_timeout:.3g} s")
-        except OSError as e:
-            if isinstance(e, DisconnectedError):
+            except DisconnectedError as e:
                 exc = e
-            else:
-                exc = DisconnectedError(step, "receive failed: peer is gone", errno=e.errno)
-        except VfioUserError as e:
-            exc = e
-        for fd in fds:
-            _close_quietly(fd)
+        self._fail(exc)
         raise exc
 
     def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None) -> str:
         """As the reader: read at most one message, route it, give up the role, dispatch if allowed."""
         try:
-            msg = self._read_message(timeout, step, wake_fd)
+            msg = self._framing.receive(timeout, step, wake_fd)
         except VfioUserError as e:
             with self._cond:
                 self._reader = None
@@ -519,7 +380,7 @@ class Connection:
     def _service_loop(self) -> None:
         me = threading.get_ident()
         p = select.poll()
-        p.register(self._fd, _POLL_IN)
+        p.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         p.register(self._service_stop, select.POLLIN)
         step = f"vfio-user service {self.name}"
         while True:
@@ -559,7 +420,7 @@ class Connection:
             self._replies.clear()
             while self._commands:
                 self._commands.popleft().close_fds()
-        self._sock.close()
+        self._framing.close()
 
     def __enter__(self):
         return self

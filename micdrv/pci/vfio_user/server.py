@@ -34,7 +34,9 @@ import socket
 import stat
 import threading
 
-from ..device import CONFIG, REGION_MMAP, REGION_READ, REGION_WRITE, RegionInfo
+from ..device import CONFIG, REGION_MMAP, RegionInfo
+from ..device import REGION_READ as REGION_FLAG_READ  # flag bits; REGION_READ/WRITE here are commands
+from ..device import REGION_WRITE as REGION_FLAG_WRITE
 from ..errors import DisconnectedError, ProtocolError
 from ..vfio_abi import (VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_NUM_REGIONS,
                         VFIO_REGION_INFO_FLAG_CAPS, encode_region_info, region_info)
@@ -269,7 +271,7 @@ class VfioUserServer:
 
     def _region(self, index: int, offset: int, count: int, write: bool) -> Region:
         region = self.regions.get(index)
-        need = REGION_WRITE if write else REGION_READ
+        need = REGION_FLAG_WRITE if write else REGION_FLAG_READ
         if region is None or not region.flags & need:
             raise CommandError(_errno.EINVAL, f"region {index} is not {'writable' if write else 'readable'}")
         if count > self.caps.data_xfer_size or offset + count > region.size:
