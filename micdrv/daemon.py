@@ -42,7 +42,13 @@ def describe(dev: PciDevice) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="micdrv", description="User-space host driver for one Xeon Phi X100 card.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sim"]:
+        # ``micdrv sim --socket PATH ...``: run a simulated X100 card process.
+        from .sim.__main__ import main as sim_main
+        return sim_main(argv[1:])
+    p = argparse.ArgumentParser(prog="micdrv", description="User-space host driver for one Xeon Phi X100 card.",
+                                epilog="'micdrv sim --help' describes the simulated card.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--device", metavar="BDF", help="a card bound to vfio-pci, e.g. 0000:03:00.0")
     src.add_argument("--vfio-user", metavar="SOCKET", help="a vfio-user server socket (the simulated card)")
