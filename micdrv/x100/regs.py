@@ -14,6 +14,9 @@ MMIO_BAR = 4  # BAR4: the register file
 MMIO_SIZE = 0x20000  # 128 KiB: the card maps its register window with this length (spec 1.2)
 
 SBOX_BASE = 0x10000  # "SBOX+X" = MMIO+0x10000+X (spec conventions)
+# The card's own view of the same register file: card physical 0x08_007C_0000, length MMIO_SIZE,
+# same offsets as BAR4 (spec 2.3 "Card-side view", spec 9 card address map).
+CARD_MMIO_BASE = 0x08_007C_0000
 
 # --- interrupt sources (spec 1.3) -------------------------------------------
 # Bit numbers in SICR0/SICE0/SIAC0 and in MXAR: struct mic_intr_info {0, 8, 30; 4, 8, 1}.

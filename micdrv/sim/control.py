@@ -1,0 +1,221 @@
+"""The simulator's control socket: fault hooks and counters for tests and diagnostics (never the driver).
+
+A UNIX stream socket speaking JSON lines: one request object per line, one
+reply object per line, in order. Every reply has ``"ok"``; a failed request
+gets ``{"ok": false, "error": "..."}`` and the connection stays usable.
+Several clients may be connected at once. Numbers are plain JSON integers.
+
+================================================ ===================================================
+request                                           reply (besides ``"ok": true``)
+================================================ ===================================================
+``{"cmd": "ping"}``                               ``"pid"``
+``{"cmd": "status"}``                             ``"status"``: state (resetting/ready/running/hung),
+                                                  post_code, spad2, device_id, revision,
+                                                  memory_size, apic_id, download_addr, ready_delay,
+                                                  os_starts
+``{"cmd": "counters"}``                           ``"counters"``: bus (faults, recent), interrupts
+                                                  (raised per source, msix per vector, msi, intx,
+                                                  dropped, pba, mode, sicr/sice/siac), doorbells
+                                                  (host_rung per SDBIC, rung per card doorbell,
+                                                  unhandled, handlers), bootstrap (state, resets,
+                                                  resets_failed, kicks, kicks_ignored,
+                                                  last_ignored), dma (dcr, channels[8]: enabled,
+                                                  owner, stalled, dhpr, dtpr, dcherr, error_names,
+                                                  errors, last_error, descriptors, bytes), registers
+``{"cmd": "os"}``                                 ``"record"``: what the card OS published, or null
+``{"cmd": "ring", "db": 0..3}``                   the card rings host doorbell db (an SDBIC write
+                                                  through the card's register window)
+``{"cmd": "stall", "channel": 0..7,               stall (true) or release (false) a DMA channel
+  "stalled": true|false}``
+``{"cmd": "fail_next_reset"}``                    the next reset never becomes ready
+``{"cmd": "drop_interrupt", "source": 0..31,      the next ``count`` (default 1) messages of that
+  "count": n}``                                   interrupt source are lost
+``{"cmd": "card_read", "addr": A, "length": n}``  ``"data"``: hex; a card-side access as card
+                                                  software would make it (faults: ok false,
+                                                  ``"fault": true``)
+``{"cmd": "card_write", "addr": A, "data": hex}`` likewise
+================================================ ===================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+
+from micdrv.x100 import regs
+
+from .bus import CardFault
+from .card import X100Card
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+MAX_CARD_ACCESS = 1 << 20  # bytes per card_read / card_write
+
+
+class RequestError(Exception):
+    pass
+
+
+class ControlServer:
+    """Serve the control protocol for ``card`` on ``path`` from background threads."""
+
+    def __init__(self, card: X100Card, path: str):
+        self.card = card
+        self.path = path
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._commands = {
+            "ping": self._ping, "status": self._status, "counters": self._counters, "os": self._os,
+            "ring": self._ring, "stall": self._stall, "fail_next_reset": self._fail_next_reset,
+            "drop_interrupt": self._drop_interrupt, "card_read": self._card_read, "card_write": self._card_write,
+        }
+
+    def start(self) -> None:
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(self.path)
+        sock.listen(4)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        os.eventfd_write(self._stop, 1)
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if self._sock is not None:
+            self._sock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self._stop)
+
+    # --- connections -------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        p = select.poll()
+        p.register(self._sock.fileno(), select.POLLIN)
+        p.register(self._stop, select.POLLIN)
+        while True:
+            if any(fd == self._stop for fd, _ in p.poll()):
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        p = select.poll()
+        p.register(conn.fileno(), select.POLLIN)
+        p.register(self._stop, select.POLLIN)
+        with conn:
+            while True:
+                if any(fd == self._stop for fd, _ in p.poll()):
+                    return
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                if len(buf) > MAX_LINE and b"\n" not in buf:
+                    return
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        reply = self.handle_line(line)
+                        try:
+                            conn.sendall(json.dumps(reply).encode() + b"\n")
+                        except OSError:
+                            return
+
+    def handle_line(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise RequestError('a request is an object with a "cmd" string')
+            fn = self._commands.get(req["cmd"])
+            if fn is None:
+                raise RequestError(f"unknown command {req['cmd']!r}; one of {', '.join(self._commands)}")
+            return {"ok": True, **fn(req)}
+        except CardFault as e:
+            return {"ok": False, "fault": True, "error": str(e)}
+        except (RequestError, ValueError, KeyError, TypeError) as e:
+            return {"ok": False, "error": str(e) or type(e).__name__}
+        except Exception as e:  # never let a request take the simulator down
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {e}"}
+
+    # --- commands ------------------------------------------------------------------------------
+    @staticmethod
+    def _int(req: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+        value = req.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise RequestError(f'"{key}" must be an integer in {lo}..{hi}')
+        return value
+
+    def _ping(self, req: dict) -> dict:
+        return {"pid": os.getpid()}
+
+    def _status(self, req: dict) -> dict:
+        return {"status": self.card.status()}
+
+    def _counters(self, req: dict) -> dict:
+        return {"counters": self.card.counters()}
+
+    def _os(self, req: dict) -> dict:
+        with self.card.lock:
+            return {"record": self.card.os_record}
+
+    def _ring(self, req: dict) -> dict:
+        db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)
+        self.card.bus.write32(regs.CARD_MMIO_BASE + regs.sdbic(db), regs.SDBIC_DBREQ)
+        return {}
+
+    def _stall(self, req: dict) -> dict:
+        ch = self._int(req, "channel", 0, regs.DMA_NUM_CHANNELS - 1)
+        stalled = req.get("stalled", True)
+        if not isinstance(stalled, bool):
+            raise RequestError('"stalled" must be true or false')
+        self.card.dma_engine.channels[ch].stall(stalled)
+        return {}
+
+    def _fail_next_reset(self, req: dict) -> dict:
+        self.card.bootstrap.fail_next_reset()
+        return {}
+
+    def _drop_interrupt(self, req: dict) -> dict:
+        source = self._int(req, "source", 0, regs.NUM_INTR_SOURCES - 1)
+        count = self._int(req, "count", 0, 1 << 20, default=1)
+        self.card.interrupts.drop_next(source, count)
+        return {}
+
+    def _card_read(self, req: dict) -> dict:
+        addr = self._int(req, "addr", 0, (1 << 64) - 1)
+        length = self._int(req, "length", 1, MAX_CARD_ACCESS)
+        return {"data": self.card.bus.read(addr, length).hex()}
+
+    def _card_write(self, req: dict) -> dict:
+        addr = self._int(req, "addr", 0, (1 << 64) - 1)
+        data = req.get("data")
+        if not isinstance(data, str):
+            raise RequestError('"data" must be a hex string')
+        raw = bytes.fromhex(data)
+        if not 0 < len(raw) <= MAX_CARD_ACCESS:
+            raise RequestError(f"card_write of 1..{MAX_CARD_ACCESS} bytes")
+        self.card.bus.write(addr, raw)
+        return {}

@@ -1,0 +1,296 @@
+"""The DMA engine: 8 channels, their registers, DCR, and a thread per channel (spec 4.1, 4.2, 4.4).
+
+Channel ``ch`` has its registers at BAR4 0x1A000 + 0x40 * ch (spec 4.2):
+
+========= ==========================================================================
+DCAR      read/write; bit 25 IM1 masks the interrupt of a host-owned channel,
+          bit 24 IM0 that of a card-owned one. A masked STATUS interrupt sets no
+          cause bit at all [choice]
+DHPR      head: the software writes "descriptors up to here are valid". A write
+          with the current value, or >= the ring size, is a DHPR fault (DCHERR,
+          channel stopped) [choice; spec 4.4 calls it a hardware error]
+DTPR      tail, advanced by the channel after each descriptor; read-only
+DRAR_LO/HI the ring (:func:`.dma_descriptors.ring_of`). Writing either half
+          restarts the ring: DHPR = DTPR = 0 [choice; the driver reads DTPR
+          after writing DRAR and uses it as its head, spec 4.4]
+DSTAT     bits 16:0 = DTPR (the completion count the driver uses as tail);
+          bits 31:28 = 0x2 "quiesced" while the channel is disabled or in error,
+          0 while enabled [choice from spec 4.4: setup fails on the quiesce bit]
+DCHERR    error bits (:mod:`.dma_descriptors`); write-1-to-clear, and also
+          cleared when the channel is disabled in DCR -- upstream's setup
+          never writes DCHERR yet expects it 0 after disable + re-enable
+          [choice]
+DCHERRMSK read/write; error bits not masked here also raise interrupt source 30
+          (SBOX error, spec 1.3) [choice]
+others    0x0C, 0x10, 0x1C, 0x24, 0x28 (spec 10: unreferenced) read 0
+========= ==========================================================================
+
+DCR (BAR4 0x1A280): follow the code, not the comment (spec 4.2): bit 2n =
+owner (1 host, 0 card), bit 2n+1 = enable. After reset DCR = 0x55: channels
+0-3 host-owned (the host "relies on the reset/bootstrap default"), 4-7
+card-owned, all disabled [choice].
+
+Execution: each channel has a thread that sleeps until DHPR, DCR or a
+fault-hook release wakes it, then runs descriptors from DTPR up to DHPR,
+fetching them in batches from the ring (host rings through the SMPT) and
+advancing DTPR after each. The host's register write only stores and wakes,
+so a long copy never holds up the vfio-user server thread. Copies move
+directly between the GDDR memfd and the host's DMA memfd
+(:meth:`~.bus.CardBus.copy`). A STATUS descriptor with bit 59 raises source
+8 + ch after DTPR has moved past it, so the interrupt handler sees it done.
+
+A bad descriptor (or ring) sets DCHERR, stops the channel with DTPR at the
+bad descriptor, and never stops the simulator. The channel runs again after
+the host reinitialises it: disable in DCR, clear DCHERR, rewrite DRAR,
+enable.
+
+Fault hook: :meth:`DmaChannel.stall` stops a channel consuming descriptors
+(after the one in progress) until released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from micdrv.x100 import regs
+
+from .bus import CardBus
+from .dma_descriptors import ERR_DHPR, ERROR_NAMES, DescriptorError, Ring, execute, fetch, ring_of
+from .interrupts import InterruptBlock
+from .registers import RegisterFile
+
+log = logging.getLogger(__name__)
+
+DCR_RESET = sum(regs.dcr_owner_bit(ch) for ch in regs.DMA_HOST_CHANNELS)  # 0x55
+DSTAT_QUIESCED = regs.DSTAT_QUIESCED
+FETCH_BATCH = 256  # descriptors read from the ring at a time
+
+
+class DmaChannel:
+    """One channel: registers, state and its thread."""
+
+    def __init__(self, engine: "DmaEngine", ch: int):
+        self.engine = engine
+        self.ch = ch
+        self.lock = engine.lock
+        self.dcar = self.dhpr = self.dtpr = self.drar_lo = self.drar_hi = self.dcherr = self.dcherrmsk = 0
+        self.epoch = 0  # bumped whenever in-flight work must not commit (reset, new ring)
+        self.stalled = False
+        self._closing = False
+        self.descriptors = 0
+        self.bytes = 0
+        self.errors = 0
+        self.last_error = ""
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dma ch{ch}", daemon=True)
+        self._thread.start()
+
+    # --- registers ----------------------------------------------------------------------
+    def map_registers(self, rf: RegisterFile) -> None:
+        r = lambda reg: regs.dma_reg(self.ch, reg)  # noqa: E731
+        rf.map(r(regs.DCAR), lambda: self.dcar, self._write_dcar)
+        rf.map(r(regs.DHPR), lambda: self.dhpr, self._write_dhpr)
+        rf.map(r(regs.DTPR), lambda: self.dtpr, None)
+        rf.map(r(regs.DRAR_LO), lambda: self.drar_lo, self._write_drar_lo)
+        rf.map(r(regs.DRAR_HI), lambda: self.drar_hi, self._write_drar_hi)
+        rf.map(r(regs.DSTAT), self._read_dstat, None)
+        rf.map(r(regs.DCHERR), lambda: self.dcherr, self._write_dcherr)
+        rf.map(r(regs.DCHERRMSK), lambda: self.dcherrmsk, self._write_dcherrmsk)
+
+    def _write_dcar(self, value: int) -> None:
+        self.dcar = value
+
+    def _write_dhpr(self, value: int) -> None:
+        size = self.ring.size
+        if value == self.dhpr:
+            self.fail(self.epoch, ERR_DHPR, f"DHPR written with its current value {value}: the hardware would "
+                                            "take the ring as filled (spec 4.4)")
+        elif value >= size:
+            self.fail(self.epoch, ERR_DHPR, f"DHPR {value} is outside the {size}-descriptor ring")
+        else:
+            self.dhpr = value
+            self._wake.set()
+
+    def _write_drar_lo(self, value: int) -> None:
+        self.drar_lo = value
+        self._restart_ring()
+
+    def _write_drar_hi(self, value: int) -> None:
+        self.drar_hi = value
+        self._restart_ring()
+
+    def _restart_ring(self) -> None:
+        self.epoch += 1
+        self.dhpr = self.dtpr = 0
+
+    def _read_dstat(self) -> int:
+        quiesced = not self.enabled or self.dcherr
+        return (self.dtpr & regs.DSTAT_COUNT_MASK) | (DSTAT_QUIESCED if quiesced else 0)
+
+    def _write_dcherr(self, value: int) -> None:
+        self.dcherr &= ~value  # write-1-to-clear
+
+    def _write_dcherrmsk(self, value: int) -> None:
+        self.dcherrmsk = value
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def ring(self) -> Ring:
+        return ring_of(self.drar_lo, self.drar_hi)
+
+    @property
+    def enabled(self) -> bool:
+        return self.engine.enabled(self.ch)
+
+    def _runnable(self) -> bool:
+        return self.enabled and not self.dcherr and not self.stalled and not self._closing and \
+            self.dtpr != self.dhpr
+
+    def enable_changed(self, enabled: bool) -> None:
+        """DCR changed this channel's enable bit (card lock held)."""
+        if enabled:
+            self._wake.set()
+        else:
+            self.dcherr = 0
+
+    def reset(self) -> None:
+        """Card reset: registers to 0, in-flight work discarded (card lock held)."""
+        self.epoch += 1
+        self.dcar = self.dhpr = self.dtpr = self.drar_lo = self.drar_hi = self.dcherr = self.dcherrmsk = 0
+        self.stalled = False
+
+    def stall(self, stalled: bool) -> None:
+        """Fault hook: stop (True) or resume (False) consuming descriptors."""
+        with self.lock:
+            self.stalled = stalled
+        if not stalled:
+            self._wake.set()
+
+    def fail(self, epoch: int, bits: int, detail: str) -> None:
+        """Stop the channel with DCHERR |= bits (unless the work belongs to an old epoch)."""
+        with self.lock:
+            if epoch != self.epoch:
+                return
+            self.dcherr |= bits
+            self.errors += 1
+            self.last_error = f"ch{self.ch} DTPR {self.dtpr}: {detail}"
+            log.warning("DMA channel error: %s", self.last_error)
+            if bits & ~self.dcherrmsk:
+                self.engine.interrupts.raise_source(regs.INTR_ERR_START)
+
+    # --- the channel thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            try:
+                self._drain()
+            except Exception:  # a bug here must not kill the channel thread
+                log.exception("DMA channel %d: unexpected failure", self.ch)
+
+    def _drain(self) -> None:
+        engine = self.engine
+        while True:
+            with self.lock:
+                if not self._runnable():
+                    return
+                epoch, tail, head, ring = self.epoch, self.dtpr, self.dhpr, self.ring
+                host_owned = engine.host_owned(self.ch)
+            max_xfer = regs.DMA_HOST_MAX_XFER if host_owned else regs.DMA_CARD_MAX_XFER
+            try:
+                ring.check()
+                count = min((head - tail) % ring.size, FETCH_BATCH, ring.size - tail)
+                batch = fetch(engine.bus, ring, tail, count)
+            except DescriptorError as e:
+                self.fail(epoch, e.bits, str(e))
+                return
+            for i, (qw0, qw1) in enumerate(batch):
+                try:
+                    nbytes, interrupt = execute(engine.bus, qw0, qw1, max_xfer)
+                except DescriptorError as e:
+                    self.fail(epoch, e.bits, f"descriptor {tail + i}: {e}")
+                    return
+                with self.lock:
+                    if epoch != self.epoch:
+                        return
+                    self.dtpr = (tail + i + 1) % ring.size
+                    self.descriptors += 1
+                    self.bytes += nbytes
+                    if interrupt:
+                        self._interrupt(host_owned)
+                    if not self._runnable():
+                        return
+
+    def _interrupt(self, host_owned: bool) -> None:
+        """The channel interrupt, source 8 + ch (spec 1.3), unless DCAR masks it (card lock held)."""
+        if self.dcar & (regs.DCAR_IM1 if host_owned else regs.DCAR_IM0):
+            self.engine.masked_interrupts += 1
+            return
+        self.engine.interrupts.raise_source(regs.INTR_DMA_START + self.ch)
+        if not host_owned and self.engine.card_interrupt is not None:
+            self.engine.card_interrupt(self.ch)
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+
+    def counters(self) -> dict:
+        with self.lock:
+            return {"enabled": self.enabled, "owner": "host" if self.engine.host_owned(self.ch) else "card",
+                    "stalled": self.stalled, "dhpr": self.dhpr, "dtpr": self.dtpr, "dcherr": self.dcherr,
+                    "errors": self.errors, "last_error": self.last_error, "descriptors": self.descriptors,
+                    "bytes": self.bytes, "error_names": [n for b, n in ERROR_NAMES.items() if self.dcherr & b]}
+
+
+class DmaEngine:
+    """DCR and the 8 channels."""
+
+    def __init__(self, lock: threading.RLock, bus: CardBus, interrupts: InterruptBlock):
+        self.lock = lock
+        self.bus = bus
+        self.interrupts = interrupts
+        self.dcr = DCR_RESET
+        self.masked_interrupts = 0
+        #: Card software's handler for card-owned channel interrupts, ``card_interrupt(ch)`` (card lock held:
+        #: it must only note the event, e.g. set an Event).
+        self.card_interrupt: Callable[[int], None] | None = None
+        self.channels = [DmaChannel(self, ch) for ch in range(regs.DMA_NUM_CHANNELS)]
+
+    def map_registers(self, rf: RegisterFile) -> None:
+        rf.map(regs.DCR, lambda: self.dcr, self._write_dcr)
+        for c in self.channels:
+            c.map_registers(rf)
+
+    def enabled(self, ch: int) -> bool:
+        return bool(self.dcr & regs.dcr_enable_bit(ch))
+
+    def host_owned(self, ch: int) -> bool:
+        return bool(self.dcr & regs.dcr_owner_bit(ch))
+
+    def _write_dcr(self, value: int) -> None:
+        old, self.dcr = self.dcr, value
+        for c in self.channels:
+            bit = regs.dcr_enable_bit(c.ch)
+            if (old ^ value) & bit:
+                c.enable_changed(bool(value & bit))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.dcr = DCR_RESET
+            for c in self.channels:
+                c.reset()
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
+
+    def counters(self) -> dict:
+        with self.lock:
+            return {"dcr": self.dcr, "masked_interrupts": self.masked_interrupts,
+                    "channels": [c.counters() for c in self.channels]}
