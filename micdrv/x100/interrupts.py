@@ -154,12 +154,19 @@ class Interrupts:
         return tuple(self._fds)
 
     # --- MXAR routing (spec 2.3) -------------------------------------------------------
-    def _program_mxar(self, entry: int, offset: int, on: bool) -> None:
-        """``program_msi_to_src_map``: read MXAR[entry], set or clear bit ``offset``, write it back."""
+    def _program_mxar(self, entry: int, offset: int, on: bool, flush: bool = True) -> None:
+        """``program_msi_to_src_map``: read MXAR[entry], set or clear bit ``offset``, write it back.
+
+        ``flush`` reads the register again so the posted write has landed
+        when this returns: the consumer tells the card about its doorbell
+        next, through host memory, which does not wait for posted writes.
+        """
         if on:
             self.regs.set_bits(regs.mxar(entry), 1 << offset)
         else:
             self.regs.clear_bits(regs.mxar(entry), 1 << offset)
+        if flush:
+            self.regs.read(regs.mxar(entry))
 
     def read_mxar(self, entry: int) -> int:
         return self.regs.read(regs.mxar(entry))
@@ -218,7 +225,8 @@ class Interrupts:
             for entry, bitmap in enumerate(self.msi_map):
                 for offset in range(regs.NUM_INTR_SOURCES):
                     if bitmap & 1 << offset:
-                        self._program_mxar(entry, offset, True)
+                        self._program_mxar(entry, offset, True, flush=False)
+            self.regs.read(regs.mxar(0))  # one read flushes every posted write before it
 
     # --- enable / ack / workarounds (spec 2.3) ---------------------------------------------
     def enable(self) -> None:

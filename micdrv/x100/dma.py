@@ -1,0 +1,314 @@
+"""The DMA engine driver for host channels 0-3 (spec 4): copies, completions, spreading.
+
+:class:`DmaEngine` owns the four host :class:`~micdrv.x100.dma_channel.DmaChannel`\\ s
+of one card. A copy names card physical addresses on both sides -- GDDR
+offsets for card memory, system-window addresses for host memory -- or, with
+:meth:`DmaEngine.copy_to_card` / :meth:`DmaEngine.copy_from_card`, an IOVA
+in the DmaArena for the host side, converted by
+:meth:`~micdrv.x100.smpt.Smpt.to_card` (the one Iova -> CardPhys conversion).
+Host-to-host copies are refused: the engine cannot do them (spec 4.1).
+
+A copy is cut into at most four contiguous parts of near-equal size, one per
+channel (parts smaller than ``spread_min`` are not worth a channel of their
+own), and each part into MEMCPY descriptors of at most 512 KiB (spec 4.1).
+Source, destination and length must be multiples of 64 bytes (spec 4.1).
+
+Every request returns a :class:`DmaCompletion`, a
+:class:`concurrent.futures.Future` whose result is the byte count.
+Completion is found by *polling* the channels' status words in host memory;
+``result()`` and ``wait()`` poll in the calling thread (spinning for
+``spin`` seconds, then sleeping with back-off) and check DCHERR every
+``check_interval`` so a channel error ends the wait with a
+:class:`~micdrv.x100.errors.DmaChannelError`. With ``interrupt=True`` the
+last STATUS descriptor also raises the channel interrupt; when the card's
+interrupts are dispatched (MSI-X only: MSI/INTx never call DMA callbacks,
+spec 1.3) the completion finishes, and its done-callbacks run, from the
+dispatcher without anyone polling. An event loop without interrupts calls
+:meth:`DmaEngine.poll`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from ..addr import CardPhys, Iova
+from . import dma_desc, regs
+from .dma_channel import DmaChannel
+from .errors import DmaError, DmaTimeout
+from .interrupts import IntrType, IrqMode
+
+if TYPE_CHECKING:
+    from .card import X100
+
+# 4096 descriptors (64 KiB) per ring rather than the kernel's 131068 (2 MiB):
+# 4096 x 512 KiB is 2 GiB in flight per channel, more than any arena holds,
+# and four full rings would pin 8 MiB -- the whole default RLIMIT_MEMLOCK under
+# kernel VFIO -- for nothing. DRAR_HI carries the size (spec 4.2).
+DEFAULT_RING_SIZE = 4096
+SPREAD_MIN = 128 * 1024  # a part smaller than this stays with its neighbours on one channel
+SPIN = 0.02  # seconds a waiter spins on the status words before sleeping
+CHECK_INTERVAL = 0.005  # seconds between DCHERR reads while waiting
+SUBMIT_TIMEOUT = 10.0  # longest wait for ring space
+
+
+class DmaCompletion(concurrent.futures.Future):
+    """The completion of one DMA request: a Future whose result is the number of bytes moved.
+
+    ``result(timeout)``, ``exception(timeout)`` and :meth:`wait` poll the
+    channels involved while they wait; a request cannot be cancelled.
+    """
+
+    def __init__(self, engine: "DmaEngine", channels: Sequence[DmaChannel], nbytes: int, parts: int):
+        super().__init__()
+        self.set_running_or_notify_cancel()  # running: cancel() is refused, as DMA cannot be recalled
+        self._engine = engine
+        self.channels = tuple(channels)
+        self.nbytes = nbytes
+        self._remaining = parts
+        self._plock = threading.Lock()
+
+    def _part_done(self) -> None:
+        with self._plock:
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            try:
+                self.set_result(self.nbytes)
+            except concurrent.futures.InvalidStateError:
+                pass  # already failed by another part's channel error
+
+    def _fail(self, exc: BaseException) -> None:
+        try:
+            self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # first outcome wins
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Poll until done (or raise :class:`DmaTimeout`); does not raise the request's own error."""
+        if not self.done():
+            self._engine._wait(self, timeout)
+
+    def result(self, timeout: float | None = None):
+        self.wait(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None):
+        self.wait(timeout)
+        return super().exception(0)
+
+
+class DmaEngine:
+    """Host DMA channels 0-3 of ``card``. :meth:`start` after the card is reset and ready."""
+
+    def __init__(self, card: "X100", *, ring_size: int = DEFAULT_RING_SIZE,
+                 channels: Iterable[int] = regs.DMA_HOST_CHANNELS, interrupts: bool = True,
+                 spin: float = SPIN, check_interval: float = CHECK_INTERVAL, spread_min: int = SPREAD_MIN):
+        self.card = card
+        self.spin = spin
+        self.check_interval = check_interval
+        self.spread_min = spread_min
+        self.use_interrupts = interrupts
+        self._dcr_lock = threading.Lock()
+        self.channels: dict[int, DmaChannel] = {}
+        try:
+            for ch in channels:
+                self.channels[ch] = DmaChannel(card.regs, card.arena, card.smpt, ch, ring_size, self._dcr_lock)
+        except BaseException:
+            self.close()
+            raise
+        self._all = list(self.channels.values())
+        self._rr = 0
+        self._cookies: list[int] = []
+        self._card_mem = card.aperture.size
+        self._host_lo = card.smpt.to_card(card.arena.iova_base, card.arena.size)
+        self._host_hi = self._host_lo + card.arena.size
+
+    # --- lifetime --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Set up every channel (spec 4.4) and request the channel interrupts (offsets 8 + ch)."""
+        for c in self._all:
+            c.setup()
+        if self.use_interrupts and not self._cookies:
+            for c in self._all:
+                self._cookies.append(self.card.request_irq(IntrType.DMA, c.ch, c.on_interrupt, f"dma{c.ch}"))
+
+    @property
+    def interrupt_completion(self) -> bool:
+        """Whether ``interrupt=True`` requests can finish without polling (MSI-X mode only, spec 1.3)."""
+        return bool(self._cookies) and self.card.interrupts.mode is IrqMode.MSIX
+
+    def stop(self) -> None:
+        """Free the interrupts and disable the channels; work still pending fails."""
+        for cookie in self._cookies:
+            self.card.free_irq(cookie)
+        self._cookies = []
+        for c in self._all:
+            if c.ready:
+                c.shutdown()
+
+    def close(self) -> None:
+        if not self.card.dev.closed:
+            self.stop()
+        for c in self.channels.values():
+            c.close()
+        self.channels = {}
+        self._all = []
+
+    def __enter__(self) -> "DmaEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reinit(self, ch: int) -> None:
+        """Recover channel ``ch`` after a :class:`~micdrv.x100.errors.DmaChannelError`."""
+        self.channels[ch].reinit()
+
+    # --- requests --------------------------------------------------------------------------
+    def _where(self, addr: int, length: int, what: str) -> bool:
+        """True for host memory; raises when [addr, +length) is neither card memory nor the arena."""
+        if addr < regs.SYSTEM_WINDOW:
+            if addr < 0 or addr + length > self._card_mem:
+                raise DmaError(f"DMA {what} [{addr:#x}, +{length:#x})",
+                               f"outside card memory (BAR0 is {self._card_mem:#x} bytes)")
+            return False
+        if not (self._host_lo <= addr and addr + length <= self._host_hi):
+            raise DmaError(f"DMA {what} [{addr:#x}, +{length:#x})",
+                           "host address outside the DmaArena's SMPT window (nothing else is mapped for the card)")
+        return True
+
+    def _pick(self, channels: Sequence[int] | None) -> list[DmaChannel]:
+        if channels is None:
+            chans = self._all
+        else:
+            try:
+                chans = [self.channels[c] for c in channels]
+            except KeyError as e:
+                raise DmaError("DMA request", f"channel {e.args[0]} is not one of {sorted(self.channels)}") from None
+        if not chans:
+            raise DmaError("DMA request", "no channels")
+        return chans
+
+    def memcpy(self, dst: CardPhys | int, src: CardPhys | int, length: int, *,
+               channels: Sequence[int] | None = None, interrupt: bool = False,
+               callback: Callable[[DmaCompletion], None] | None = None) -> DmaCompletion:
+        """Copy ``length`` bytes between card physical addresses; returns the completion.
+
+        ``channels`` limits the channels used (default all); ``interrupt``
+        ends each part with the interrupting STATUS pair; ``callback`` is
+        added as a done-callback.
+        """
+        if length <= 0 or (dst | src | length) % dma_desc.ALIGN:
+            raise DmaError(f"DMA copy of {length:#x} bytes {src:#x} -> {dst:#x}",
+                           "source, destination and length must be positive multiples of 64 (spec 4.1)")
+        if self._where(dst, length, "destination") & self._where(src, length, "source"):
+            raise DmaError(f"DMA copy {src:#x} -> {dst:#x}", "host to host: the engine cannot do it (spec 4.1)")
+        chans = self._pick(channels)
+        start = self._rr
+        self._rr = (start + 1) % len(chans)
+        parts = dma_desc.spread(length, len(chans), self.spread_min)
+        plan = []  # (channel, descriptors, bytes): one submission each
+        for k, (off, size) in enumerate(parts):
+            ch = chans[(start + k) % len(chans)]
+            pieces = dma_desc.split(size)
+            step = ch.max_batch
+            for i in range(0, len(pieces), step):
+                batch = pieces[i:i + step]
+                plan.append((ch, [dma_desc.memcpy_desc(dst + off + o, src + off + o, n) for o, n in batch],
+                             sum(n for _o, n in batch)))
+        used = list(dict.fromkeys(ch for ch, _d, _n in plan))
+        c = DmaCompletion(self, used, length, len(plan))
+        if callback is not None:
+            c.add_done_callback(callback)
+        self._submit(c, plan, interrupt)
+        return c
+
+    def copy_to_card(self, dst: CardPhys | int, src: Iova | int, length: int, **kw) -> DmaCompletion:
+        """Host -> card: ``length`` bytes from arena IOVA ``src`` to card address ``dst``."""
+        return self.memcpy(dst, self.card.smpt.to_card(src, length), length, **kw)
+
+    def copy_from_card(self, dst: Iova | int, src: CardPhys | int, length: int, **kw) -> DmaCompletion:
+        """Card -> host: ``length`` bytes from card address ``src`` to arena IOVA ``dst``."""
+        return self.memcpy(self.card.smpt.to_card(dst, length), src, length, **kw)
+
+    def write_value(self, dst: CardPhys | int, value: int, *, channel: int = 0,
+                    interrupt: bool = False) -> DmaCompletion:
+        """Store a u64 at ``dst`` with a STATUS descriptor (``device_prep_dma_imm_data``, spec 4.4)."""
+        self._where(dst, 8, "destination")
+        return self.submit_descriptors(channel, [dma_desc.status_desc(dst, value)], interrupt=interrupt)
+
+    def submit_descriptors(self, channel: int, descs: list[tuple[int, int]], *,
+                           interrupt: bool = False) -> DmaCompletion:
+        """Queue raw (qw0, qw1) descriptors on one channel, closed by the channel's STATUS.
+
+        Nothing is checked: this is for callers that build their own
+        descriptors, and for tests that need a bad one.
+        """
+        ch = self._pick([channel])[0]
+        c = DmaCompletion(self, [ch], 0, 1)
+        self._submit(c, [(ch, list(descs), 0)], interrupt)
+        return c
+
+    def _submit(self, c: DmaCompletion, plan, interrupt: bool) -> None:
+        try:
+            for ch, batch, nbytes in plan:
+                if ch.try_submit(batch, c, interrupt, nbytes):
+                    continue
+                deadline = time.monotonic() + SUBMIT_TIMEOUT
+                while not ch.try_submit(batch, c, interrupt, nbytes):
+                    ch.poll()
+                    err = ch.check()
+                    if err is not None:
+                        raise err.again()
+                    if time.monotonic() > deadline:
+                        raise DmaTimeout(f"DMA channel {ch.ch}", f"no ring space for {len(batch) + 2} "
+                                         f"descriptors within {SUBMIT_TIMEOUT:g} s")
+                    time.sleep(0.0001)
+        except DmaError as e:
+            c._fail(e)  # parts already queued complete into a failed request; the error shows at result()
+
+    # --- completion --------------------------------------------------------------------------
+    def poll(self) -> int:
+        """Retire whatever has completed on every channel; returns how many submissions finished."""
+        return sum(c.poll() for c in self._all)
+
+    def check(self) -> list:
+        """Read DCHERR of every busy channel; returns the channel errors found."""
+        return [e for c in self._all if c.busy and (e := c.check()) is not None]
+
+    def _wait(self, c: DmaCompletion, timeout: float | None) -> None:
+        chans = c.channels
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
+        spin_end = t0 + self.spin
+        next_check = t0 + self.check_interval
+        pause = 0.0
+        while True:
+            for ch in chans:
+                ch.poll()
+            if c.done():
+                return
+            t = time.monotonic()
+            if t >= next_check:
+                for ch in chans:
+                    ch.check()
+                if c.done():
+                    return
+                next_check = t + self.check_interval
+            if deadline is not None and t >= deadline:
+                raise DmaTimeout(f"wait for DMA of {c.nbytes:#x} bytes on channel(s) "
+                                 f"{', '.join(str(ch.ch) for ch in chans)}", f"not complete after {timeout:g} s")
+            if t >= spin_end:
+                pause = min(pause * 2 or 20e-6, 1e-3)
+                if self.interrupt_completion:
+                    concurrent.futures.wait([c], pause)
+                else:
+                    time.sleep(pause)
+
+    # --- numbers for the daemon ----------------------------------------------------------------
+    def stats(self) -> dict[int, dict[str, int]]:
+        return {c.ch: {"submitted": c.submitted, "descriptors": c.descriptors, "bytes": c.bytes,
+                       "interrupts": c.interrupts, "pending": len(c._pending)} for c in self._all}
