@@ -97,7 +97,8 @@ Registers, doorbells, reset (:mod:`.registers`, :mod:`.doorbells`, :mod:`.bootst
 
 SMPT and the card bus (:mod:`.smpt`, :mod:`.bus`)
   C19. The no-snoop bit is stored and ignored. An access crossing a 16 GiB
-       SMPT page is split and translated per page.
+       SMPT page is split and translated per page (a zero-copy view of such
+       a range is a fault).
   C20. Card-side faults (outside GDDR, the register window used as memory,
        no memory at the address, SMPT translation outside every DMA map or
        against its permissions, a DMA map without an fd) are counted,
@@ -125,7 +126,8 @@ DMA engine (:mod:`.dma_descriptors`, :mod:`.dma_engine`)
        channel interrupt masked in DCAR (IM1 host-owned, IM0 card-owned)
        sets no cause at all. Card-owned channels raise SICR0 bit 8+ch too and
        call the card OS's DMA interrupt handler.
-  C28. Bits 58:46 of qw1 are reserved and ignored.
+  C28. The destination address is qw1 bits 58:0 (everything below the
+       interrupt bit); stray high bits make an address fault.
 
 Stub card OS (:mod:`.card_os`)
   C29. Its record (image size and SHA-256, command line, ramdisk header

@@ -5,14 +5,15 @@ A descriptor is two little-endian qwords (spec 4.3):
 ======== ============================================= ===========================================
 type     qw0                                           qw1
 ======== ============================================= ===========================================
-MEMCPY 1 bits 45:0 source, bits 59:46 length / 64      bits 63:60 = 1, destination in bits 45:0
+MEMCPY 1 bits 45:0 source, bits 59:46 length / 64      bits 63:60 = 1, destination in bits 58:0
 STATUS 2 the 64-bit value to store                     bits 63:60 = 2, bit 59 interrupt,
-                                                       destination in bits 45:0
+                                                       destination in bits 58:0
 ======== ============================================= ===========================================
 
 Addresses are card physical (spec 4.1): GDDR offsets or SMPT-window
-addresses; they go through :class:`~.bus.CardBus`. Bits of qw1 between 46
-and 58 are reserved and ignored [choice].
+addresses; they go through :class:`~.bus.CardBus`. The destination is all
+of qw1 below the interrupt bit [choice; spec 4.3 gives no width], so a
+destination with stray high bits is an address fault, not an alias.
 
 A descriptor the engine cannot execute stops the channel with a DCHERR bit
 set. The DCHERR encoding is not in the spec [UNK]; the simulator's
@@ -58,6 +59,7 @@ ERROR_NAMES = {ERR_TYPE: "type", ERR_ALIGN: "align", ERR_LENGTH: "length", ERR_A
 
 DESCRIPTOR = struct.Struct("<QQ")
 STATUS_ALIGN = 8
+DST_MASK = (1 << 59) - 1  # qw1 bits 58:0
 
 
 class DescriptorError(Exception):
@@ -112,7 +114,7 @@ def _in_system(addr: int) -> bool:
 def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int) -> tuple[int, bool]:
     """Run one descriptor: (bytes copied, interrupt requested). Raises DescriptorError."""
     kind = qw1 >> regs.DESC_TYPE_SHIFT
-    dst = qw1 & regs.DESC_ADDR_MASK
+    dst = qw1 & DST_MASK
     if kind == regs.DESC_MEMCPY:
         src = qw0 & regs.DESC_ADDR_MASK
         length = (qw0 >> regs.DESC_LEN_SHIFT & regs.DESC_LEN_MASK) * regs.DMA_ALIGN
