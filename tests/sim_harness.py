@@ -220,7 +220,8 @@ class Host:
         self.wr(regs.SIAC0, bits if auto_clear else 0)
 
     def pending(self) -> list[int]:
-        """Vectors with a pending eventfd count, consumed."""
+        """Vectors with a pending eventfd count, consumed, once our posted writes have landed."""
+        self.flush()
         return [v for v, fd in enumerate(self.fds) if fired(fd)]
 
     # --- SMPT and addresses (spec 2.4) --------------------------------------------------------
