@@ -99,6 +99,15 @@ def test_a_16_mib_copy_is_split_and_spread_over_four_channels(card, engine):
     assert bytes(arena.buf(src)) == back
 
 
+def test_requests_may_switch_between_channel_sets(card, engine):
+    buf = card.arena.alloc(64 * KiB, 4096)
+    for chans in (None, [0], None, [3], [1, 2], None, [2]):
+        for _ in range(3):
+            c = engine.copy_to_card(0, card.arena.iova(buf), 4 * KiB, channels=chans)
+            assert c.result(WAIT) == 4 * KiB
+            assert chans is None or c.channels[0].ch in chans
+
+
 def test_many_concurrent_requests_from_threads(card, engine):
     arena, aper = card.arena, card.aperture.view
     src = arena.alloc(8 * MiB, 4096)

@@ -48,8 +48,16 @@ if TYPE_CHECKING:
 # and four full rings would pin 8 MiB -- the whole default RLIMIT_MEMLOCK under
 # kernel VFIO -- for nothing. DRAR_HI carries the size (spec 4.2).
 DEFAULT_RING_SIZE = 4096
-SPREAD_MIN = 128 * 1024  # a part smaller than this stays with its neighbours on one channel
-SPIN = 0.02  # seconds a waiter spins on the status words before sleeping
+# A part smaller than this stays with its neighbours on one channel: each
+# channel costs a doorbell and a completion of its own, which pays only when
+# the part is long enough to hide them (benchmarks/dma.py; on the simulated
+# card a channel is a thread to wake).
+SPREAD_MIN = 1024 * 1024
+# A waiter spins on the status words this long, then sleeps with back-off
+# (20 us doubling to MAX_PAUSE). Spinning is the latency path; sleeping leaves
+# the CPU to whoever does the copy (the simulated card, on a small machine).
+SPIN = 0.0005
+MAX_PAUSE = 0.00025
 CHECK_INTERVAL = 0.005  # seconds between DCHERR reads while waiting
 SUBMIT_TIMEOUT = 10.0  # longest wait for ring space
 
@@ -63,12 +71,15 @@ class DmaCompletion(concurrent.futures.Future):
 
     def __init__(self, engine: "DmaEngine", channels: Sequence[DmaChannel], nbytes: int, parts: int):
         super().__init__()
-        self.set_running_or_notify_cancel()  # running: cancel() is refused, as DMA cannot be recalled
         self._engine = engine
-        self.channels = tuple(channels)
+        self.channels = channels
         self.nbytes = nbytes
         self._remaining = parts
         self._plock = threading.Lock()
+        self.settled = False  # set once the outcome is in: a lock-free done() for the polling loop
+
+    def cancel(self) -> bool:
+        return False  # DMA cannot be recalled once the descriptors are queued
 
     def _part_done(self) -> None:
         with self._plock:
@@ -79,16 +90,18 @@ class DmaCompletion(concurrent.futures.Future):
                 self.set_result(self.nbytes)
             except concurrent.futures.InvalidStateError:
                 pass  # already failed by another part's channel error
+            self.settled = True
 
     def _fail(self, exc: BaseException) -> None:
         try:
             self.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass  # first outcome wins
+        self.settled = True
 
     def wait(self, timeout: float | None = None) -> None:
         """Poll until done (or raise :class:`DmaTimeout`); does not raise the request's own error."""
-        if not self.done():
+        if not self.settled:
             self._engine._wait(self, timeout)
 
     def result(self, timeout: float | None = None):
@@ -201,14 +214,23 @@ class DmaEngine:
         ends each part with the interrupting STATUS pair; ``callback`` is
         added as a done-callback.
         """
-        if length <= 0 or (dst | src | length) % dma_desc.ALIGN:
+        if length <= 0 or (dst | src | length) & (dma_desc.ALIGN - 1):
             raise DmaError(f"DMA copy of {length:#x} bytes {src:#x} -> {dst:#x}",
                            "source, destination and length must be positive multiples of 64 (spec 4.1)")
         if self._where(dst, length, "destination") & self._where(src, length, "source"):
             raise DmaError(f"DMA copy {src:#x} -> {dst:#x}", "host to host: the engine cannot do it (spec 4.1)")
-        chans = self._pick(channels)
-        start = self._rr
-        self._rr = (start + 1) % len(chans)
+        chans = self._all if channels is None else self._pick(channels)
+        start = self._rr % len(chans)
+        self._rr = start + 1
+        if length <= dma_desc.MAX_XFER and (length < 2 * self.spread_min or len(chans) == 1):
+            # one descriptor on one channel: the latency path, without the planning below
+            ch = chans[start]
+            c = DmaCompletion(self, (ch,), length, 1)
+            if callback is not None:
+                c.add_done_callback(callback)
+            desc = (src | (length >> 6) << regs.DESC_LEN_SHIFT, regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT | dst)
+            self._submit(c, ((ch, (desc,), length),), interrupt)
+            return c
         parts = dma_desc.spread(length, len(chans), self.spread_min)
         plan = []  # (channel, descriptors, bytes): one submission each
         for k, (off, size) in enumerate(parts):
@@ -219,7 +241,7 @@ class DmaEngine:
                 batch = pieces[i:i + step]
                 plan.append((ch, [dma_desc.memcpy_desc(dst + off + o, src + off + o, n) for o, n in batch],
                              sum(n for _o, n in batch)))
-        used = list(dict.fromkeys(ch for ch, _d, _n in plan))
+        used = tuple(dict.fromkeys(ch for ch, _d, _n in plan))
         c = DmaCompletion(self, used, length, len(plan))
         if callback is not None:
             c.add_done_callback(callback)
@@ -248,7 +270,7 @@ class DmaEngine:
         descriptors, and for tests that need a bad one.
         """
         ch = self._pick([channel])[0]
-        c = DmaCompletion(self, [ch], 0, 1)
+        c = DmaCompletion(self, (ch,), 0, 1)
         self._submit(c, [(ch, list(descs), 0)], interrupt)
         return c
 
@@ -289,20 +311,20 @@ class DmaEngine:
         while True:
             for ch in chans:
                 ch.poll()
-            if c.done():
+            if c.settled:
                 return
             t = time.monotonic()
             if t >= next_check:
                 for ch in chans:
                     ch.check()
-                if c.done():
+                if c.settled:
                     return
                 next_check = t + self.check_interval
             if deadline is not None and t >= deadline:
                 raise DmaTimeout(f"wait for DMA of {c.nbytes:#x} bytes on channel(s) "
                                  f"{', '.join(str(ch.ch) for ch in chans)}", f"not complete after {timeout:g} s")
             if t >= spin_end:
-                pause = min(pause * 2 or 20e-6, 1e-3)
+                pause = min(pause * 2 or 20e-6, MAX_PAUSE)
                 if self.interrupt_completion:
                     concurrent.futures.wait([c], pause)
                 else:

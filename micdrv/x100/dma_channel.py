@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..pci import DmaArena
 from . import dma_desc, regs
@@ -50,8 +49,7 @@ if TYPE_CHECKING:
 STATUS_BYTES = 64  # the channel's status_dest buffer is one cache line (spec 4.4)
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     seq: int  # the value the submission's STATUS descriptor stores
     end: int  # ring index just past its last descriptor
     completion: "DmaCompletion"
@@ -77,6 +75,7 @@ class DmaChannel:
         self._status = arena.buf(self._status_alloc).cast("Q")
         self.ring_card = smpt.to_card(arena.iova(self._ring_alloc), self._ring_alloc.size)
         self.status_card = smpt.to_card(arena.iova(self._status_alloc), 8)
+        self._status_qw1 = dma_desc.status_desc(self.status_card, 0)[1]
         self._reg = {name: regs.dma_reg(ch, off) for name, off in
                      (("DCAR", regs.DCAR), ("DHPR", regs.DHPR), ("DTPR", regs.DTPR), ("DRAR_LO", regs.DRAR_LO),
                       ("DRAR_HI", regs.DRAR_HI), ("DSTAT", regs.DSTAT), ("DCHERR", regs.DCHERR),
@@ -177,17 +176,17 @@ class DmaChannel:
             head = self.head
             if size - 1 - (head - self.tail) % size < need:
                 return False
-            seq = self.seq + 1
-            st0, st1 = dma_desc.status_desc(self.status_card, seq)
             ring = self._ring
-            if interrupt:
-                descs = [*descs, (st0, st1), (st0, st1 | regs.DESC_STATUS_INTR)]
-            else:
-                descs = [*descs, (st0, st1)]
             for q0, q1 in descs:
-                # qw0 before qw1: the type lives in qw1, so a half-written slot never looks valid
                 ring[2 * head] = q0
                 ring[2 * head + 1] = q1
+                head += 1
+                if head == size:
+                    head = 0
+            seq = self.seq + 1
+            for intr in (False, True) if interrupt else (False,):
+                ring[2 * head] = seq  # STATUS: store seq at the channel's status word (spec 4.3)
+                ring[2 * head + 1] = self._status_qw1 | (regs.DESC_STATUS_INTR if intr else 0)
                 head += 1
                 if head == size:
                     head = 0
