@@ -145,6 +145,15 @@ def test_a_status_interrupt_masked_in_dcar_sets_no_cause(host):
     assert host.pending() == [] and host.rd(regs.SICR0) == 0
 
 
+def test_a_small_batch_is_done_by_the_time_the_dhpr_write_is_flushed(host):
+    status = host.arena.alloc(64).offset
+    host.setup_channel(0)
+    before = host.control.counters()["dma"]["channels"][0]["inline_batches"]
+    head = host.submit(0, [memcpy_desc(CARD_BUF, host_addr(host, status), 64), status_desc(host_addr(host, status), 8)])
+    assert host.dma(0, regs.DTPR) == head  # the read queued behind the DHPR write sees it done
+    assert host.control.counters()["dma"]["channels"][0]["inline_batches"] == before + 1
+
+
 def test_dstat_counts_completions_modulo_the_ring_size(host):
     status = host.arena.alloc(64).offset
     host.setup_channel(2, size=8)

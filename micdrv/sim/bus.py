@@ -104,6 +104,8 @@ class CardBus:
     # --- resolution ------------------------------------------------------------------------
     def _pieces(self, addr: int, length: int, write: bool) -> list[memoryview]:
         """The memory behind [addr, +length) as views, split where the backing changes."""
+        if 0 <= addr and 0 < length and addr + length <= self.memory_size:  # the common case first
+            return [self.gddr[addr:addr + length]]
         if addr < 0 or length < 0:
             raise self.fault(addr, length, write, "negative address or length")
         out: list[memoryview] = []
@@ -133,13 +135,12 @@ class CardBus:
 
     def _host_view(self, addr: int, length: int, write: bool, index: int, host: int, n: int) -> memoryview:
         dma = self._dma()
-        where = f"SMPT{index:02d} -> host {host:#x}+{n:#x}"
-        if dma is None:
-            raise self.fault(addr, length, write, f"{where}: no host DMA space")
         try:
+            if dma is None:
+                raise DmaFault(host, n, write, "no host DMA space")
             return dma.view(host, n, write=write)
         except DmaFault as e:
-            raise self.fault(addr, length, write, f"{where}: {e.detail}") from None
+            raise self.fault(addr, length, write, f"SMPT{index:02d} -> host {host:#x}+{n:#x}: {e.detail}") from None
 
     @staticmethod
     def _in_window(addr: int, length: int) -> bool:

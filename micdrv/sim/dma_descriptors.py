@@ -101,10 +101,13 @@ def ring_of(drar_lo: int, drar_hi: int) -> Ring:
 def fetch(bus: CardBus, ring: Ring, index: int, count: int) -> list[tuple[int, int]]:
     """``count`` descriptors from ``index`` on (not wrapping) as (qw0, qw1) pairs."""
     try:
-        raw = bus.read(ring.addr + index * regs.DMA_DESC_SIZE, count * regs.DMA_DESC_SIZE)
+        view = bus.view(ring.addr + index * regs.DMA_DESC_SIZE, count * regs.DMA_DESC_SIZE)
     except CardFault as e:
         raise DescriptorError(ERR_RING, f"descriptors {index}..{index + count - 1} unreadable: {e.detail}") from None
-    return list(DESCRIPTOR.iter_unpack(raw))
+    try:
+        return list(DESCRIPTOR.iter_unpack(view))
+    finally:
+        view.release()
 
 
 def _in_system(addr: int) -> bool:
