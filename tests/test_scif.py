@@ -1,7 +1,8 @@
 """SCIF: messages, rings, queue pairs and endpoints between a host and cards (spec 8).
 
-Queue pairs are built between host memory and card memory laid out as on
-real hardware: the host hands out SMPT addresses, the card GDDR offsets.
+The pair tests run a host node and card nodes in one process, wired through
+shared bytearrays exactly as the memory is laid out on real hardware (see
+:mod:`tests.scif_harness`). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -9,33 +10,20 @@ from __future__ import annotations
 import os
 import random
 import struct
+import threading
+import time
 
 import pytest
 
 from micdrv.memory import BufferMemory
-from micdrv.scif import (SCIF_ENDPT_QP_SIZE, SCIF_NODE_QP_SIZE, SCIFEP_MAGIC, SCIFMSG_SIZE, PortId, QueuePair, Ring,
-                         RingError, ScifMemory, ScifMsg, ScifProtocolError, U32Ptr, Uop)
+from micdrv.scif import (POLLHUP, POLLIN, POLLOUT, SCIF_COSM_LISTEN_PORT, SCIF_ENDPT_QP_SIZE, SCIF_NODE_QP_SIZE,
+                         SCIFEP_MAGIC, SCIFMSG_SIZE, EpState, PortId, QueuePair, Ring, RingError, ScifConnectionRefused,
+                         ScifConnectionReset, ScifMemory, ScifMsg, ScifNodeDown, ScifNotConnected, ScifProtocolError,
+                         ScifTimeout, U32Ptr, Uop)
 from micdrv.scif.qp import (QP_INBOUND_SIZE, QP_LOCAL_BUF, QP_LOCAL_QP, QP_LOCAL_READ, QP_LOCAL_WRITE, QP_REMOTE_BUF,
                             QP_REMOTE_QP, read_qp)
 from micdrv.scif.ring import circ_cnt, circ_space
-
-SMPT_BASE = 0x80_0000_0000  # host IOVA a is card address 0x80_0000_0000 + a (spec 2.4)
-
-
-class Heap:
-    """Bump allocator that counts live allocations."""
-
-    def __init__(self, start, end):
-        self.next, self.end, self.live = start, end, 0
-
-    def alloc(self, size):
-        a, self.next = self.next, self.next + -(-size // 64) * 64
-        assert self.next <= self.end
-        self.live += 1
-        return a
-
-    def free(self, addr, size):
-        self.live -= 1
+from tests.scif_harness import SMPT_BASE, WAIT, Heap, System
 
 # --- struct scifmsg (spec 8.2) ---------------------------------------------------------
 
@@ -279,3 +267,384 @@ def test_a_closed_queue_pair_gives_its_memory_back():
     host.close()
     card.close()
     assert hh.live == 0 and ch.live == 0
+
+
+# --- node queue pair bring-up through the device page (spec 8.4) -------------------------------
+
+@pytest.fixture
+def system():
+    s = System(ncards=1)
+    yield s
+    s.close()
+    assert not s.irq_errors()
+
+
+@pytest.fixture
+def booted(system):
+    system.boot(0)
+    return system
+
+
+def test_node_qp_bring_up_makes_both_nodes_alive(booted):
+    host, card = booted.host, booted.cards[0]
+    assert host.alive_peers() == [1] and card.node.alive_peers() == [0]
+    bp = card.host_bp
+    assert bp.node_id == 1 and bp.c2h_scif_db == 0 and bp.h2c_scif_db == 0
+    assert bp.scif_host_dma_addr == card.host_qp.dma_addr and bp.scif_card_dma_addr == card.card_qp.dma_addr
+    hq = read_qp(booted.host_mem, card.host_qp.qp_buf.addr)
+    assert hq["remote_qp"] == card.card_qp.dma_addr and hq["inbound_q.size"] == SCIF_NODE_QP_SIZE
+    assert card.host_qp.received == 1 and card.card_qp.received == 1  # one SCIF_INIT each way
+
+
+def test_nobody_reads_across_pcie_once_connected(booted):
+    host, card = booted.host, booted.cards[0]
+    lep = host.listen(SCIF_COSM_LISTEN_PORT)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(ep=lep.accept(timeout=WAIT)), daemon=True)
+    t.start()
+    cep = card.node.connect(0, SCIF_COSM_LISTEN_PORT, timeout=WAIT)
+    t.join(WAIT)
+    hep = box["ep"]
+    card.bar0.reads = card.smpt.reads = 0
+    payload = os.urandom(20000)
+    sender = threading.Thread(target=lambda: cep.send(payload, timeout=WAIT), daemon=True)
+    sender.start()
+    assert hep.recv(len(payload), timeout=WAIT) == payload
+    sender.join(WAIT)
+    hep.send(b"pong", timeout=WAIT)
+    assert cep.recv(4, timeout=WAIT) == b"pong"
+    assert card.bar0.reads == 0, "the host loaded card memory"
+    assert card.smpt.reads == 0, "the card loaded host memory"
+
+
+# --- endpoints (spec 8.5) --------------------------------------------------------------------
+
+def connect_pair(system, k=0, port=SCIF_COSM_LISTEN_PORT):
+    """Host listens on ``port``, card k connects: (listener, host endpoint, card endpoint)."""
+    host, card = system.host, system.cards[k]
+    lep = host.listen(port) if port not in host.listeners else host.listeners[port]
+    box = {}
+
+    def accept():
+        try:
+            box["ep"] = lep.accept(timeout=WAIT)
+        except BaseException as e:
+            box["err"] = e
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    cep = card.node.connect(0, port, timeout=WAIT)
+    t.join(WAIT)
+    assert "err" not in box, box.get("err")
+    return lep, box["ep"], cep
+
+
+def test_card_connects_to_the_host_cosm_port(booted):
+    lep, hep, cep = connect_pair(booted)
+    assert hep.state is EpState.CONNECTED and cep.state is EpState.CONNECTED
+    assert hep.port == PortId(0, 201) and cep.peer == PortId(0, 201)
+    assert hep.peer == cep.port and cep.port.node == 1 and cep.port.port > 1088  # ephemeral (scif_get_new_port)
+    assert hep.remote_ep == cep.cookie and cep.remote_ep == hep.cookie
+
+
+def test_bidirectional_streams_larger_than_the_endpoint_ring(booted):
+    _lep, hep, cep = connect_pair(booted)
+    rng = random.Random(7)
+    up = [os.urandom(rng.randint(1, 9000)) for _ in range(30)]
+    down = [os.urandom(rng.randint(1, 9000)) for _ in range(30)]
+    assert sum(map(len, up)) > 20 * SCIF_ENDPT_QP_SIZE
+    got = {"up": bytearray(), "down": bytearray()}
+
+    def pump(ep, chunks):
+        for c in chunks:
+            ep.send(c, timeout=WAIT)
+
+    def drain(ep, total, key):
+        while len(got[key]) < total:
+            got[key] += ep.recv(min(rng.randint(1, 7000), total - len(got[key])), timeout=WAIT)
+
+    ts = [threading.Thread(target=pump, args=(cep, up)), threading.Thread(target=pump, args=(hep, down)),
+          threading.Thread(target=drain, args=(hep, sum(map(len, up)), "up")),
+          threading.Thread(target=drain, args=(cep, sum(map(len, down)), "down"))]
+    for t in ts:
+        t.daemon = True
+        t.start()
+    for t in ts:
+        t.join(4 * WAIT)
+        assert not t.is_alive(), "transfer stalled"
+    assert got["up"] == b"".join(up) and got["down"] == b"".join(down)
+    assert hep.bytes_received == cep.bytes_sent == sum(map(len, up))
+
+
+def test_a_sender_blocks_while_the_ring_is_full_then_times_out(booted):
+    _lep, hep, cep = connect_pair(booted)
+    assert cep.send_nowait(bytes(10000)) == SCIF_ENDPT_QP_SIZE - 1  # one byte always free
+    assert cep.poll(POLLOUT, 0) == 0
+    with pytest.raises(ScifTimeout) as e:
+        cep.send(b"more", timeout=0.1)
+    assert e.value.sent == 0
+    assert hep.poll(POLLIN, WAIT) & POLLIN
+    hep.recv(100, timeout=WAIT)
+    assert cep.poll(POLLOUT, WAIT) & POLLOUT  # CLIENT_RCVD woke it
+    assert cep.send(b"more", timeout=WAIT) == 4
+
+
+def test_recv_timeout_loses_nothing(booted):
+    _lep, hep, cep = connect_pair(booted)
+    cep.send(b"abc", timeout=WAIT)
+    with pytest.raises(ScifTimeout):
+        hep.recv(10, timeout=0.2)
+    cep.send(b"defghij", timeout=WAIT)
+    assert hep.recv(10, timeout=WAIT) == b"abcdefghij"
+    assert hep.recv_nowait(10) == b""
+
+
+def test_on_event_fires_when_data_arrives(booted):
+    _lep, hep, cep = connect_pair(booted)
+    seen = threading.Event()
+    hep.on_event = lambda ep: seen.set()
+    cep.send(b"x", timeout=WAIT)
+    assert seen.wait(WAIT)
+    assert hep.poll(POLLIN) == POLLIN
+
+
+def test_connect_to_a_port_nobody_listens_on_is_refused(booted):
+    with pytest.raises(ScifConnectionRefused, match="CNCT_REJ"):
+        booted.cards[0].node.connect(0, 4242, timeout=WAIT)
+    assert booted.cards[0].node.endpoints() == []  # the failed endpoint was freed
+
+
+def test_a_full_backlog_rejects_further_requests(booted):
+    host, card = booted.host, booted.cards[0]
+    lep = host.listen(300, backlog=1)
+    first = card.node.open()
+    t = threading.Thread(target=lambda: pytest.raises(Exception, first.connect, 0, 300, timeout=1.0), daemon=True)
+    t.start()
+    assert lep.poll(POLLIN, WAIT) & POLLIN  # the first request is queued, not accepted
+    with pytest.raises(ScifConnectionRefused):
+        card.node.connect(0, 300, timeout=WAIT)
+    t.join(WAIT)
+
+
+def test_closing_a_listener_rejects_its_pending_requests(booted):
+    host, card = booted.host, booted.cards[0]
+    lep = host.listen(301)
+    box = {}
+
+    def connect():
+        try:
+            card.node.connect(0, 301, timeout=WAIT)
+        except BaseException as e:
+            box["err"] = e
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    assert lep.poll(POLLIN, WAIT) & POLLIN
+    lep.close()
+    t.join(WAIT)
+    assert isinstance(box.get("err"), ScifConnectionRefused)
+
+
+def test_accept_times_out_and_a_closed_listener_wakes_accept(booted):
+    lep = booted.host.listen(302)
+    with pytest.raises(ScifTimeout):
+        lep.accept(timeout=0.05)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=pytest.raises(ScifNotConnected, lep.accept, timeout=WAIT)),
+                         daemon=True)
+    t.start()
+    time.sleep(0.05)
+    lep.close()
+    t.join(WAIT)
+    assert not t.is_alive() and "r" in box
+
+
+def test_a_port_can_only_be_bound_once(booted):
+    booted.host.listen(400)
+    from micdrv.scif import ScifAddressInUse
+    with pytest.raises(ScifAddressInUse):
+        booted.host.listen(400)
+
+
+def test_connect_to_a_node_that_is_not_alive_fails_at_once(system):
+    node = system.host
+    with pytest.raises(ScifNodeDown):
+        node.connect(5, 201, timeout=WAIT)
+
+
+def test_disconnect_leaves_unread_data_readable_then_reports_reset(booted):
+    _lep, hep, cep = connect_pair(booted)
+    cep.send(b"last words", timeout=WAIT)
+    cep.close(timeout=WAIT)
+    assert cep.state is EpState.CLOSED
+    assert hep.poll(POLLIN, WAIT) & POLLHUP
+    assert hep.state is EpState.DISCONNECTED
+    assert hep.recv(100, timeout=WAIT) == b"last words"  # short read: the peer is gone
+    with pytest.raises(ScifConnectionReset):
+        hep.recv(1, timeout=WAIT)
+    with pytest.raises(ScifConnectionReset):
+        hep.send(b"x", timeout=WAIT)
+    hep.close(timeout=WAIT)
+
+
+def test_close_wakes_a_blocked_receiver(booted):
+    _lep, hep, _cep = connect_pair(booted)
+    box = {}
+
+    def reader():
+        try:
+            hep.recv(10, timeout=WAIT)
+        except BaseException as e:
+            box["err"] = e
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    time.sleep(0.05)
+    hep.close(timeout=WAIT)
+    t.join(WAIT)
+    assert isinstance(box.get("err"), ScifNotConnected)
+
+
+def test_endpoints_and_queue_memory_are_freed_after_close(booted):
+    host, card = booted.host, booted.cards[0]
+    host_live, card_live = booted.host_heap.live, card.heap.live
+    for _ in range(20):
+        _lep, hep, cep = connect_pair(booted)
+        t = threading.Thread(target=cep.send, args=(b"x" * 5000,), kwargs={"timeout": WAIT}, daemon=True)
+        t.start()
+        assert hep.recv(5000, timeout=WAIT) == b"x" * 5000
+        t.join(WAIT)
+        cep.close(timeout=WAIT)
+        hep.close(timeout=WAIT)
+    assert [e.state for e in host.endpoints()] == [EpState.LISTENING]
+    assert card.node.endpoints() == []
+    assert booted.host_heap.live == host_live and card.heap.live == card_live
+
+
+# --- hostile peers ---------------------------------------------------------------------------
+
+def test_a_bogus_cnct_req_is_rejected_and_accept_reports_it(booted):
+    host, card = booted.host, booted.cards[0]
+    lep = host.listen(500)
+    card.node.send_msg(0, ScifMsg(Uop.CNCT_REQ, PortId(1, 2000), PortId(0, 500), (1234, 0xFFFF_FFFF_0000, 0, 0)))
+    with pytest.raises(ScifProtocolError, match="not reachable"):
+        lep.accept(timeout=WAIT)
+    # The listener still works.
+    _lep, hep, cep = connect_pair(booted, port=500)
+    assert hep.state is EpState.CONNECTED
+
+
+def test_messages_naming_unknown_cookies_are_ignored(booted):
+    _lep, hep, cep = connect_pair(booted)
+    node = booted.cards[0].node
+    for uop in (Uop.CNCT_GNT, Uop.CNCT_GNTACK, Uop.CNCT_REJ, Uop.DISCNT_ACK, Uop.CLIENT_SENT, Uop.CLIENT_RCVD):
+        node.send_msg(0, ScifMsg(uop, payload=(0xBAD, 0, 0, 0)))
+    node.send_msg(0, ScifMsg(Uop.DISCNCT, payload=(0xBAD, hep.cookie, 0, 0)))  # right ep, wrong peer cookie
+    cep.send(b"still fine", timeout=WAIT)
+    assert hep.recv(10, timeout=WAIT) == b"still fine"
+    assert hep.state is EpState.CONNECTED
+
+
+def test_an_unknown_uop_in_the_node_queue_is_skipped(booted):
+    card = booted.cards[0]
+    ring = card.card_qp.outbound
+    assert ring.write(struct.pack("<HHHHI4Q", 1, 0, 0, 0, 77, 0, 0, 0, 0))
+    ring.commit()
+    card.host_irq.ring()
+    _lep, hep, _cep = connect_pair(booted)  # later messages still flow
+    assert hep.state is EpState.CONNECTED
+
+
+def test_a_corrupted_node_queue_pointer_makes_the_host_give_the_card_up(booted):
+    host, card = booted.host, booted.cards[0]
+    _lep, hep, _cep = connect_pair(booted)
+    host_qp = card.host_qp
+    # The card writes a write offset beyond the host's 64 KiB ring into the host's QP.
+    card.smpt.write_u32(SMPT_BASE + host_qp.qp_buf.addr + QP_LOCAL_WRITE, SCIF_NODE_QP_SIZE + 44)
+    card.host_irq.ring()
+    assert hep.poll(POLLIN, WAIT) & POLLHUP
+    assert host.alive_peers() == []
+
+
+# --- node teardown (spec 8.4 step 6) -----------------------------------------------------------
+
+def test_card_initiated_exit(booted):
+    host, card = booted.host, booted.cards[0]
+    _lep, hep, cep = connect_pair(booted)
+    from micdrv.scif import Side, unpublish_qp
+    unpublish_qp(card.card_bp, Side.CARD)
+    assert card.node.remove_peer(0, timeout=WAIT) is True  # SCIF_EXIT answered by SCIF_EXIT_ACK
+    assert cep.state is EpState.DISCONNECTED and hep.poll(0, WAIT) & POLLHUP
+    assert card.node.alive_peers() == [] and host.alive_peers() == []
+    peer = host.peer(1)
+    assert peer is not None and not peer.qp_ready  # the host keeps its QP and waits for the card to return
+    assert card.card_bp.h2c_scif_db == -1 and card.card_bp.scif_card_dma_addr == 0
+
+
+def test_host_initiated_exit(booted):
+    host, card = booted.host, booted.cards[0]
+    _lep, hep, cep = connect_pair(booted)
+    assert host.remove_peer(1, timeout=WAIT) is True
+    assert hep.state is EpState.DISCONNECTED
+    assert cep.poll(0, WAIT) & POLLHUP
+    assert host.peer(1) is None and card.node.alive_peers() == []
+    with pytest.raises(ScifNodeDown):
+        card.node.connect(0, SCIF_COSM_LISTEN_PORT, timeout=WAIT)
+
+
+def test_removing_an_unresponsive_card_times_out_and_still_cleans_up(booted):
+    host, card = booted.host, booted.cards[0]
+    card.card_irq.handler = None  # the card hangs
+    t0 = time.monotonic()
+    assert host.remove_peer(1, timeout=0.2) is False
+    assert time.monotonic() - t0 < 2
+    assert host.peer(1) is None
+
+
+def test_node_remove_reaches_the_other_cards():
+    s = System(ncards=2)
+    try:
+        s.boot(0)
+        s.boot(1)
+        seen = []
+        other = s.cards[1].node
+        orig = other.dispatch
+        other.dispatch = lambda n, m: (seen.append(m.uop), orig(n, m))
+        assert s.host.remove_peer(1, timeout=WAIT)
+        assert Uop.NODE_REMOVE in seen  # card 2 was told, and acknowledged (host waited for it)
+        assert s.host.alive_peers() == [2]
+        _lep, hep, cep = connect_pair(s, k=1)
+        assert hep.peer.node == 2
+        assert s.cards[1].node.get_node_info(timeout=WAIT) == (2, 2)  # maxid 2, host + one card
+    finally:
+        s.close()
+    assert not s.irq_errors()
+
+
+def test_a_card_can_come_back_after_exit(booted):
+    host, card = booted.host, booted.cards[0]
+    card.node.remove_peer(0, timeout=WAIT)
+    host.remove_peer(1, timeout=WAIT)
+    booted.boot(0)
+    _lep, hep, cep = connect_pair(booted)
+    cep.send(b"again", timeout=WAIT)
+    assert hep.recv(5, timeout=WAIT) == b"again"
+
+
+
+def test_device_page_handshake_validates_the_peer_doorbell():
+    from micdrv.bootparam import Bootparam
+    from micdrv.scif import Side, peer_qp, publish_qp, unpublish_qp
+    bp = Bootparam(BufferMemory(bytearray(64)))
+    bp.init(1)
+    assert peer_qp(bp, Side.HOST) is None and peer_qp(bp, Side.CARD) is None
+    publish_qp(bp, Side.CARD, 0x1000, db=15)
+    assert peer_qp(bp, Side.HOST) == (0x1000, 15)
+    bp.c2h_scif_db = 9  # a card->host doorbell the host does not have (spec 1.3: 0..3)
+    bp.scif_host_dma_addr = 0x80_0000_2000
+    with pytest.raises(ScifProtocolError, match="c2h_scif_db"):
+        peer_qp(bp, Side.CARD)
+    with pytest.raises(ValueError):
+        publish_qp(bp, Side.HOST, 0x2000, db=4)
+    unpublish_qp(bp, Side.CARD)
+    assert peer_qp(bp, Side.HOST) is None
