@@ -8,7 +8,6 @@ descriptor, and the channel works again after reinit.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 
@@ -16,7 +15,7 @@ import pytest
 
 from micdrv.pci import DmaArena
 from micdrv.x100 import DmaChannelError, DmaEngine, DmaError, DmaTimeout, X100, dma_desc, hwops, regs
-from tests.test_x100_card import POLL, WAIT, SimCard, ready_card, sim, wait_for  # noqa: F401  (sim: fixture)
+from tests.test_x100_card import WAIT, ready_card, sim, wait_for  # noqa: F401  (sim: the module-scoped fixture)
 
 ARENA = 48 << 20
 KiB, MiB = 1 << 10, 1 << 20
@@ -273,3 +272,20 @@ def test_work_queued_behind_a_bad_descriptor_fails_too(sim, card, engine):
         behind.result(WAIT)
     engine.reinit(0)
     assert engine.copy_to_card(0, arena.iova(buf), 4096, channels=[0]).result(WAIT) == 4096
+
+
+def test_the_engine_restarts_after_a_card_reset_and_fails_what_the_reset_lost(sim, card, engine):
+    buf = card.arena.alloc(64 * KiB, 4096)
+    sim.control("stall", channel=3, stalled=True)
+    lost = engine.copy_to_card(0, card.arena.iova(buf), 4096, channels=[3])
+    engine.stop()
+    with pytest.raises(DmaError, match="shut down"):
+        lost.result(WAIT)
+    ready_card(card)  # the reset cleared every channel register, SMPT and MXAR; the state is restored
+    engine.start()
+    for ch in range(4):
+        assert engine.copy_to_card(0, card.arena.iova(buf), 4096, channels=[ch]).result(WAIT) == 4096
+    done = threading.Event()
+    engine.copy_to_card(0, card.arena.iova(buf), 4096, channels=[3], interrupt=True, callback=lambda f: done.set())
+    assert done.wait(WAIT)
+

@@ -114,7 +114,12 @@ class DmaCompletion(concurrent.futures.Future):
 
 
 class DmaEngine:
-    """Host DMA channels 0-3 of ``card``. :meth:`start` after the card is reset and ready."""
+    """Host DMA channels 0-3 of ``card``.
+
+    :meth:`start` once the card is reset and ready and its state restored
+    (a card reset clears the channel registers: :meth:`stop` before it,
+    :meth:`start` again after). :meth:`close` before closing the card.
+    """
 
     def __init__(self, card: "X100", *, ring_size: int = DEFAULT_RING_SIZE,
                  channels: Iterable[int] = regs.DMA_HOST_CHANNELS, interrupts: bool = True,
@@ -159,8 +164,7 @@ class DmaEngine:
             self.card.free_irq(cookie)
         self._cookies = []
         for c in self._all:
-            if c.ready:
-                c.shutdown()
+            c.shutdown()
 
     def close(self) -> None:
         if not self.card.dev.closed:

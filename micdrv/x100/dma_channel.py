@@ -97,8 +97,13 @@ class DmaChannel:
 
     # --- setup (spec 4.4) -------------------------------------------------------------------
     def setup(self) -> None:
-        """``mic_dma_chan_setup`` for a host channel; :class:`DmaChannelBusy` if the engine refuses it."""
+        """``mic_dma_chan_setup`` for a host channel; :class:`DmaChannelBusy` if the engine refuses it.
+
+        Work still pending (after a card reset, say) can no longer complete
+        and fails with the channel's error, or a :class:`DmaError`.
+        """
         r, reg = self._regs, self._reg
+        self._fail_pending(self.error or DmaError(f"DMA channel {self.ch}", "channel re-programmed with work pending"))
         with self._lock:
             self._disable()
             r.set_bits(reg["DCAR"], regs.DCAR_IM1)  # mask the host-owned channel's interrupt
@@ -127,27 +132,23 @@ class DmaChannel:
         with self._dcr_lock:
             self._regs.clear_bits(regs.DCR, regs.dcr_enable_bit(self.ch))
 
+    def _fail_pending(self, exc: Exception) -> None:
+        with self._lock:
+            failed = list(self._pending)
+            self._pending.clear()
+        for p in failed:
+            p.completion._fail(exc)
+
     def shutdown(self) -> None:
         """Disable the channel and mask its interrupt; pending work fails."""
         with self._lock:
             self._disable()
             self._regs.set_bits(self._reg["DCAR"], regs.DCAR_IM1)
             self.ready = False
-            failed = list(self._pending)
-            self._pending.clear()
-        exc = DmaError(f"DMA channel {self.ch}", "channel shut down with work pending")
-        for p in failed:
-            p.completion._fail(exc)
+        self._fail_pending(DmaError(f"DMA channel {self.ch}", "channel shut down with work pending"))
 
     def reinit(self) -> None:
-        """Recover from a channel error: fail what is pending, then :meth:`setup` again."""
-        with self._lock:
-            failed = list(self._pending)
-            self._pending.clear()
-            err = self.error
-        exc = err or DmaError(f"DMA channel {self.ch}", "reinitialised with work pending")
-        for p in failed:
-            p.completion._fail(exc)
+        """Recover from a channel error: fail what is pending, then program the channel again (:meth:`setup`)."""
         self.setup()
 
     # --- submission --------------------------------------------------------------------------
