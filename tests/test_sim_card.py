@@ -237,6 +237,23 @@ def test_masked_msix_vector_pends_in_the_pba_until_unmasked(host, sim):
     assert host.pending() == []
 
 
+def test_the_msix_function_mask_pends_every_vector_until_cleared(host, sim):
+    host.enable_msix()
+    host.route(9, 1)
+    host.enable_sources(0xF)
+    cap = host.dev.find_capability(PCI_CAP_ID_MSIX)
+    ctrl = host.dev.config_read(cap + 2, 2)
+    host.dev.config_write(cap + 2, 2, ctrl | 0x8000 | 0x4000)  # enable + function mask (PCI 6.8.2)
+    ring(host, 1)
+    assert host.pending() == [] and host.rd(0x18000) == 1 << 9
+    host.dev.config_write(cap + 2, 2, ctrl | 0x8000)
+    assert host.pending() == [9]
+    host.dev.disable_irqs(MSIX)
+    assert host.control.counters()["interrupts"]["mode"] == "msix"  # the enable bit alone selects MSI-X (C5)
+    host.dev.config_write(cap + 2, 2, ctrl)
+    assert host.control.counters()["interrupts"]["mode"] == "intx"
+
+
 def test_msi_fires_for_sources_in_mxar0_and_intx_for_any_enabled_source(host, sim):
     fd = new_eventfd()
     try:
@@ -471,6 +488,24 @@ def test_bad_arguments_exit_with_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "micdrv.sim", "--socket", str(tmp_path / "s"), "--device-id", "0x1234"],
                        cwd=REPO, capture_output=True, timeout=20)
     assert r.returncode == 2 and b"0x1234" in r.stderr
+
+
+def test_sigterm_stops_a_card_with_a_client_connected_and_dma_running():
+    s = SimProcess(wait_ready=True)
+    try:
+        h = Host(s.connect(), s.control)
+        h.smpt_identity()
+        h.setup_channel(0)
+        src = h.arena.alloc(512 << 10).offset
+        h.submit(0, [(h.card_addr(src) | (512 << 10) // 64 << regs.DESC_LEN_SHIFT,
+                      regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT | (128 << 20) + i * (512 << 10)) for i in range(40)])
+        t0 = time.monotonic()
+        assert s.stop() == 0
+        assert time.monotonic() - t0 < 3.0
+        assert "Traceback" not in s.log()
+        h.close()
+    finally:
+        s.kill()
 
 
 def test_the_card_survives_a_client_that_goes_away(sim):
