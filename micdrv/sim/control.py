@@ -21,7 +21,8 @@ request                                           reply (besides ``"ok": true``)
                                                   resets_failed, kicks, kicks_ignored,
                                                   last_ignored), dma (dcr, channels[8]: enabled,
                                                   owner, stalled, dhpr, dtpr, dcherr, error_names,
-                                                  errors, last_error, descriptors, bytes), registers
+                                                  errors, last_error, descriptors, bytes,
+                                                  inline_batches), registers (unmapped_reads/writes)
 ``{"cmd": "os"}``                                 ``"record"``: what the card OS published, or null
 ``{"cmd": "ring", "db": 0..3}``                   the card rings host doorbell db (an SDBIC write
                                                   through the card's register window)
