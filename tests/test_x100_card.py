@@ -289,3 +289,27 @@ def test_fallback_modes_deliver_doorbells_through_the_shared_handler(sim, mode):
         card.close()
         dev.close()
         arena.close()
+
+
+def test_an_a0_card_gets_the_pending_bit_array_cleared_after_each_interrupt():
+    a0 = SimCard("--memory", "256M", "--ready-delay", "0.05", "--stepping", "A0")
+    try:
+        dev = a0.connect()
+        arena = DmaArena(ARENA)
+        card = X100.probe(dev, arena, reset_delay=0.0)
+        try:
+            assert card.stepping == "A0"
+            ready_card(card)
+            hits = []
+            card.request_doorbell(0, lambda: hits.append(0))
+            with card.interrupt_thread():
+                a0.control("ring", db=0)
+                wait_for(lambda: hits, what="doorbell 0 on an A0 card")
+            wait_for(lambda: a0.counters()["interrupts"]["pba_clears"] >= 1, what="MSIXPBACR write")
+        finally:
+            card.close()
+            dev.close()
+            arena.close()
+    finally:
+        a0.stop()
+
