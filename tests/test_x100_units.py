@@ -33,8 +33,10 @@ class FakeRegisters:
     def __init__(self):
         self.values: dict[int, int] = {}
         self.writes: list[tuple[int, int]] = []
+        self.reads: list[int] = []
 
     def read(self, off):
+        self.reads.append(off)
         return self.values.get(off, 0)
 
     def write(self, off, value):
@@ -42,10 +44,14 @@ class FakeRegisters:
         self.writes.append((off, value))
 
     def set_bits(self, off, bits):
-        self.write(off, self.read(off) | bits)
+        v = self.read(off) | bits
+        self.write(off, v)
+        return v
 
     def clear_bits(self, off, bits):
-        self.write(off, self.read(off) & ~bits & 0xFFFFFFFF)
+        v = self.read(off) & ~bits & 0xFFFFFFFF
+        self.write(off, v)
+        return v
 
 
 class FakeDevice:
@@ -343,6 +349,19 @@ def test_workarounds_per_stepping(stepping, pba, rearm):
     offs = [off for off, _v in r.writes]
     assert (regs.MSIXPBACR in offs) == pba
     assert (regs.SICE0 in offs and regs.SIAC0 in offs) == rearm
+    irq.close()
+
+
+def test_the_rearm_after_an_interrupt_writes_what_enable_wrote_without_reading():
+    irq, dev, r = _interrupts({MSIX: 9})
+    r.values[regs.SIAC0] |= 1 << 30  # a bit the host did not set stays set
+    irq.enable()
+    irq.request(IntrType.DB, 0, lambda: None)
+    r.reads.clear()
+    r.writes.clear()
+    irq.dispatch(dev.fire(MSIX, 0))
+    assert r.reads == []
+    assert r.writes == [(regs.SICE0, 0xFF0F), (regs.SIAC0, 0xFF0F | 1 << 30)]
     irq.close()
 
 

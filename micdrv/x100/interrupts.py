@@ -22,7 +22,9 @@ Either way the cookie is ``entry | offset << 16`` (for MSI/INTx, ``entry`` is
 the callback's id). After every interrupt the consumers in the kernel call
 ``intr_workarounds`` (A0: write 1 to MSIXPBACR; B0 and later: re-arm SICE0 and
 SIAC0); :meth:`Interrupts.dispatch` does that once per wake-up, before the
-callbacks, so callbacks never ack anything themselves.
+callbacks, so callbacks never ack anything themselves. The re-arm writes the
+values the host last wrote instead of reading the registers again
+(:meth:`Interrupts.rearm`).
 
 The daemon's event loop owns the waiting: it selects on :attr:`Interrupts.fds`
 and calls :meth:`Interrupts.dispatch` with the fd that became readable.
@@ -111,6 +113,8 @@ class Interrupts:
         self._offset_cbs: dict[int, dict[int, Callback]] = {}  # MSI/INTx: offset -> {cb_id: callback}
         self._next_cb_id = 0
         self.counts: list[int] = []  # interrupts seen per vector (debugfs msi_irq_info)
+        self._sice: int | None = None  # what enable() last wrote to SICE0 / SIAC0 (see rearm)
+        self._siac = 0
         self._setup([IrqMode(m) for m in modes])
 
     # --- setup ----------------------------------------------------------------------
@@ -230,16 +234,35 @@ class Interrupts:
 
     # --- enable / ack / workarounds (spec 2.3) ---------------------------------------------
     def enable(self) -> None:
-        """``enable_interrupts``: SICE0 |= 0xFF0F; in MSI-X mode also SIAC0 |= 0xFF0F."""
-        self.regs.set_bits(regs.SICE0, regs.INTR_ENABLE_MASK)
+        """``enable_interrupts``: SICE0 |= 0xFF0F; in MSI-X mode also SIAC0 |= 0xFF0F (read-modify-write)."""
+        self._sice = self.regs.set_bits(regs.SICE0, regs.INTR_ENABLE_MASK)
         if self.mode is IrqMode.MSIX:
-            self.regs.set_bits(regs.SIAC0, regs.INTR_ENABLE_MASK)
+            self._siac = self.regs.set_bits(regs.SIAC0, regs.INTR_ENABLE_MASK)
 
     def disable(self) -> None:
         """``disable_interrupts``: write SICE0's value to SICC0; in MSI-X mode clear 0xFF0F in SIAC0."""
         self.regs.write(regs.SICC0, self.regs.read(regs.SICE0))
+        self._sice = 0
         if self.mode is IrqMode.MSIX:
-            self.regs.clear_bits(regs.SIAC0, regs.INTR_ENABLE_MASK)
+            self._siac = self.regs.clear_bits(regs.SIAC0, regs.INTR_ENABLE_MASK)
+
+    def rearm(self) -> None:
+        """The B0+ workaround's re-enable, without the reads.
+
+        Only the host writes SICE0 and SIAC0 (the card never does upstream
+        [INF]), so the values :meth:`enable` last read and wrote are what the
+        registers hold, and writing them again with 0xFF0F ORed in is what
+        ``enable_interrupts`` writes -- minus two register reads per
+        interrupt, which cost a round trip each over vfio-user. A card reset
+        clears both registers; :meth:`enable` (in ``restore_state``) reads
+        them afresh.
+        """
+        if self._sice is None:
+            self.enable()
+            return
+        self.regs.write(regs.SICE0, self._sice | regs.INTR_ENABLE_MASK)
+        if self.mode is IrqMode.MSIX:
+            self.regs.write(regs.SIAC0, self._siac | regs.INTR_ENABLE_MASK)
 
     def ack(self) -> int:
         """``ack_interrupt`` (MSI/INTx): read SICR0, write the value back, return it."""
@@ -253,7 +276,7 @@ class Interrupts:
         if self.stepping == A0_STEPPING:
             self.regs.write(regs.MSIXPBACR, 1)
         if self.stepping >= B0_STEPPING:
-            self.enable()
+            self.rearm()
 
     # --- dispatch ------------------------------------------------------------------------
     def dispatch(self, fd: int) -> int:
