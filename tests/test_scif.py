@@ -648,3 +648,42 @@ def test_device_page_handshake_validates_the_peer_doorbell():
         publish_qp(bp, Side.HOST, 0x2000, db=4)
     unpublish_qp(bp, Side.CARD)
     assert peer_qp(bp, Side.HOST) is None
+
+
+def raw_cnct_req(card, port):
+    """A CNCT_REQ from a hand-made card endpoint QP, bypassing the card's endpoint state machine."""
+    qp = QueuePair(card.card_scif_memory, SCIF_ENDPT_QP_SIZE)
+    grants = []
+    orig = card.node.dispatch
+    card.node.dispatch = lambda n, m: grants.append(m) if m.uop == Uop.CNCT_GNT else orig(n, m)
+    card.node.send_msg(0, ScifMsg(Uop.CNCT_REQ, PortId(1, 3000), PortId(0, port), (0x5EED, qp.dma_addr, 0, 0)))
+    return qp, grants
+
+
+def test_a_grant_never_acknowledged_times_out(booted):
+    host, card = booted.host, booted.cards[0]
+    host.alive_timeout = 0.3
+    lep = host.listen(600)
+    raw_cnct_req(card, 600)
+    with pytest.raises(ScifTimeout, match="never answered CNCT_GNT"):
+        lep.accept(timeout=WAIT)
+    assert [e.state for e in host.endpoints()] == [EpState.LISTENING]  # the half-open endpoint is gone
+
+
+def test_a_nacked_grant_is_dropped_and_accept_waits_on(booted):
+    host, card = booted.host, booted.cards[0]
+    lep = host.listen(601)
+    _qp, grants = raw_cnct_req(card, 601)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=pytest.raises(ScifTimeout, lep.accept, timeout=1.0)),
+                         daemon=True)
+    t.start()
+    deadline = time.monotonic() + WAIT
+    while not grants and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gnt = grants[0]
+    assert gnt.payload[0] == 0x5EED and gnt.src == PortId(0, 601)
+    card.node.send_msg(0, ScifMsg(Uop.CNCT_GNTNACK, PortId(1, 3000), PortId(0, 601), (gnt.payload[2], 0, 0, 0)))
+    t.join(WAIT)
+    assert "r" in box  # accept went on waiting after the NACK, then timed out
+    assert [e.state for e in host.endpoints()] == [EpState.LISTENING]

@@ -182,7 +182,7 @@ class Endpoint:
             cep.qp = QueuePair.accept(peer.link.memory, SCIF_ENDPT_QP_SIZE, req.payload[1],
                                       double_publish=node.double_publish,
                                       name=f"{node.name} ep {cep.port}<-{cep.peer}")
-        except ScifProtocolError:
+        except Exception:  # a bad peer QP, or no memory for ours: refuse, as scif_accept does
             node._forget(cep)
             self._reject(peer_node, req)
             raise
@@ -196,8 +196,10 @@ class Endpoint:
                     if cep.cond.wait_for(lambda: cep.state is not EpState.CONNECTING,
                                          min(node.accept_step, max(0.0, give_up - time.monotonic()))):
                         break
-                    if not peer.alive or time.monotonic() >= give_up:
-                        raise ScifNodeDown(f"{self}: node {peer_node} never acknowledged CNCT_GNT")
+                    if not peer.alive:
+                        raise ScifNodeDown(f"{self}: node {peer_node} went away during accept")
+                    if time.monotonic() >= give_up:
+                        raise ScifTimeout(f"{self}: node {peer_node} never answered CNCT_GNT")
                 state = cep.state
             if state is EpState.CONNECTED:
                 return cep
