@@ -687,3 +687,23 @@ def test_a_nacked_grant_is_dropped_and_accept_waits_on(booted):
     t.join(WAIT)
     assert "r" in box  # accept went on waiting after the NACK, then timed out
     assert [e.state for e in host.endpoints()] == [EpState.LISTENING]
+
+
+def test_the_host_can_connect_to_a_listener_on_the_card(booted):
+    """Same code both ways: here the card accepts and the host connects."""
+    card = booted.cards[0]
+    lep = card.node.listen(700)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(ep=lep.accept(timeout=WAIT)), daemon=True)
+    t.start()
+    hep = booted.host.connect(1, 700, timeout=WAIT)
+    t.join(WAIT)
+    cep = box["ep"]
+    assert hep.peer == PortId(1, 700) and cep.peer == hep.port
+    payload = os.urandom(3 * SCIF_ENDPT_QP_SIZE)
+    t = threading.Thread(target=hep.send, args=(payload,), kwargs={"timeout": WAIT}, daemon=True)
+    t.start()
+    assert cep.recv(len(payload), timeout=WAIT) == payload
+    t.join(WAIT)
+    hep.close(timeout=WAIT)
+    assert cep.poll(POLLIN, WAIT) & POLLHUP
