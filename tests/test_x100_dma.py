@@ -98,6 +98,29 @@ def test_a_16_mib_copy_is_split_and_spread_over_four_channels(card, engine):
     assert bytes(arena.buf(src)) == back
 
 
+def test_a_batch_of_small_copies_takes_one_doorbell_per_channel(sim, card, engine):
+    rng = random.Random(6)
+    arena, aper = card.arena, card.aperture.view
+    src = arena.alloc(1 * MiB, 4096)
+    data = fill(arena.buf(src), rng)
+    copies, expect = [], {}
+    for k in range(64):
+        n = rng.randrange(1, 64) * 64
+        h = rng.randrange(0, (MiB - n) // 64) * 64
+        g = 0x200000 + k * 8 * KiB  # disjoint destinations
+        copies.append((g, card.smpt.to_card(arena.iova(src) + h), n))
+        expect[g] = data[h:h + n]
+    before = {ch: s["submitted"] for ch, s in engine.stats().items()}
+    c = engine.memcpy_batch(copies, channels=[0, 1])
+    assert c.result(WAIT) == sum(n for _g, _s, n in copies)
+    assert all(bytes(aper[g:g + len(b)]) == b for g, b in expect.items())
+    assert {ch: s["submitted"] - before[ch] for ch, s in engine.stats().items()} == {0: 1, 1: 1, 2: 0, 3: 0}
+    big = engine.memcpy_batch([(0, card.smpt.to_card(arena.iova(src)), MiB)] * 3, channels=[2])
+    assert big.result(WAIT) == 3 * MiB
+    with pytest.raises(DmaError, match="multiples of 64"):
+        engine.memcpy_batch([(0, card.smpt.to_card(arena.iova(src)), 100)])
+
+
 def test_requests_may_switch_between_channel_sets(card, engine):
     buf = card.arena.alloc(64 * KiB, 4096)
     for chans in (None, [0], None, [3], [1, 2], None, [2]):

@@ -252,6 +252,48 @@ class DmaEngine:
         self._submit(c, plan, interrupt)
         return c
 
+    def memcpy_batch(self, copies: Sequence[tuple[int, int, int]], *, channels: Sequence[int] | None = None,
+                     interrupt: bool = False,
+                     callback: Callable[[DmaCompletion], None] | None = None) -> DmaCompletion:
+        """Several ``(dst, src, length)`` copies (card physical, as :meth:`memcpy`) with one completion.
+
+        Each channel used gets its share of the copies -- whole copies, each
+        to the channel with the fewest bytes so far -- as one submission: one
+        DHPR write and one STATUS for many copies, as the kernel's
+        ``issue_pending`` after several ``tx_submit`` calls. This is the path
+        for a ring's worth of small buffers (a VOP descriptor chain).
+        """
+        if not copies:
+            raise DmaError("DMA batch", "no copies")
+        chans = self._all if channels is None else self._pick(channels)
+        start = self._rr % len(chans)
+        self._rr = start + 1
+        order = chans[start:] + chans[:start]
+        load = {ch: 0 for ch in order}
+        descs: dict[DmaChannel, list[tuple[int, int]]] = {ch: [] for ch in order}
+        total = 0
+        for dst, src, length in copies:
+            if length <= 0 or (dst | src | length) & (dma_desc.ALIGN - 1):
+                raise DmaError(f"DMA copy of {length:#x} bytes {src:#x} -> {dst:#x}",
+                               "source, destination and length must be positive multiples of 64 (spec 4.1)")
+            if self._where(dst, length, "destination") & self._where(src, length, "source"):
+                raise DmaError(f"DMA copy {src:#x} -> {dst:#x}", "host to host: the engine cannot do it (spec 4.1)")
+            ch = min(order, key=load.__getitem__)
+            load[ch] += length
+            total += length
+            descs[ch].extend(dma_desc.memcpy_desc(dst + o, src + o, n) for o, n in dma_desc.split(length))
+        plan = []
+        for ch in order:
+            d = descs[ch]
+            for i in range(0, len(d), ch.max_batch):
+                piece = d[i:i + ch.max_batch]
+                plan.append((ch, piece, sum(dma_desc.decode(q0, q1).length for q0, q1 in piece)))
+        c = DmaCompletion(self, tuple(dict.fromkeys(ch for ch, _d, _n in plan)), total, len(plan))
+        if callback is not None:
+            c.add_done_callback(callback)
+        self._submit(c, plan, interrupt)
+        return c
+
     def copy_to_card(self, dst: CardPhys | int, src: Iova | int, length: int, **kw) -> DmaCompletion:
         """Host -> card: ``length`` bytes from arena IOVA ``src`` to card address ``dst``."""
         return self.memcpy(dst, self.card.smpt.to_card(src, length), length, **kw)

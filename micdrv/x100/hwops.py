@@ -118,6 +118,11 @@ class DmaOps(Protocol):
                interrupt: bool = False, callback: Callable[[DmaCompletion], None] | None = None) -> DmaCompletion:
         """Copy between card physical addresses (64-byte aligned); returns the completion."""
 
+    def memcpy_batch(self, copies: Sequence[tuple[int, int, int]], *, channels: Sequence[int] | None = None,
+                     interrupt: bool = False,
+                     callback: Callable[[DmaCompletion], None] | None = None) -> DmaCompletion:
+        """Many ``(dst, src, length)`` copies, one doorbell and one STATUS per channel used."""
+
     def copy_to_card(self, dst: CardPhys, src: Iova, length: int, **kw) -> DmaCompletion: ...
 
     def copy_from_card(self, dst: Iova, src: CardPhys, length: int, **kw) -> DmaCompletion: ...
