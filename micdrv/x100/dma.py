@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from ..addr import CardPhys, Iova
 from . import dma_desc, regs
 from .dma_channel import DmaChannel
-from .errors import DmaError, DmaTimeout
+from .errors import DmaChannelError, DmaError, DmaTimeout
 from .interrupts import IntrType, IrqMode
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ class DmaEngine:
         """Retire whatever has completed on every channel; returns how many submissions finished."""
         return sum(c.poll() for c in self._all)
 
-    def check(self) -> list:
+    def check(self) -> list[DmaChannelError]:
         """Read DCHERR of every busy channel; returns the channel errors found."""
         return [e for c in self._all if c.busy and (e := c.check()) is not None]
 
