@@ -2,16 +2,26 @@
 
 Each check looks at the real host (sysfs, /dev, rlimits, libraries) and, when
 something is missing, says how to fix it. Nothing here changes the host.
+
+:func:`run_checks` is the host (kernel, devices, limits, libraries);
+:func:`install_checks` is what ``micctl install`` puts in place -- unit, udev
+rules, configuration, the executable -- under a root directory, so a package's
+staging directory can be checked as well as ``/``. :func:`main` is the whole
+``micctl doctor`` command.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
 import glob
 import importlib.util
+import json
 import os
 import platform
+import re
 import resource
+import sys
 from dataclasses import asdict, dataclass
 
 from .pci import bind
@@ -69,14 +79,36 @@ def _dev_vfio() -> Check:
     return Check("/dev/vfio", False, "/dev/vfio/vfio is missing", "modprobe vfio-pci")
 
 
+CAP_IPC_LOCK = 14  # linux/capability.h
+
+
+def _has_capability(cap: int) -> bool:
+    """Whether this process holds ``cap`` in its effective set (CapEff in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return False
+
+
+def memlock_check(soft_limit: int, ipc_lock: bool) -> Check:
+    """Can a process with this RLIMIT_MEMLOCK (and CAP_IPC_LOCK or not) pin one card's arena?"""
+    # VFIO type1 (and iommufd behind /dev/vfio/vfio) charges pinned pages to RLIMIT_MEMLOCK unless the
+    # process has CAP_IPC_LOCK. Root under micdrv@.service does not: its bounding set leaves it out.
+    if ipc_lock:
+        return Check("memlock", True, "CAP_IPC_LOCK: VFIO pins without the limit")
+    if soft_limit == resource.RLIM_INFINITY or soft_limit >= ARENA_BYTES:
+        shown = "unlimited" if soft_limit == resource.RLIM_INFINITY else soft_limit
+        return Check("memlock", True, f"RLIMIT_MEMLOCK {shown}")
+    return Check("memlock", False, f"RLIMIT_MEMLOCK is {soft_limit} bytes; each card pins {ARENA_BYTES} bytes",
+                 "run micdrv from micdrv@.service (its LimitMEMLOCK= covers the arena) or raise 'ulimit -l'")
+
+
 def _memlock() -> Check:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if os.geteuid() == 0:
-        return Check("memlock", True, "root: CAP_IPC_LOCK lets VFIO pin without the limit")
-    if soft == resource.RLIM_INFINITY or soft >= ARENA_BYTES:
-        return Check("memlock", True, f"RLIMIT_MEMLOCK {'unlimited' if soft == resource.RLIM_INFINITY else soft}")
-    return Check("memlock", False, f"RLIMIT_MEMLOCK is {soft} bytes; each card pins {ARENA_BYTES} bytes",
-                 "set LimitMEMLOCK=infinity (the shipped micdrv@.service does) or raise 'ulimit -l'")
+    return memlock_check(resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], _has_capability(CAP_IPC_LOCK))
 
 
 def _tun() -> Check:
@@ -130,5 +162,121 @@ def run_checks() -> list[Check]:
     return [c() for c in CHECKS]
 
 
+# --- the installation ---------------------------------------------------------------------------
+
+# Where systemd and udev look for what micctl install writes, most important first
+# (systemd.unit(5) "System Unit Search Path", udev(7) "Rules Files").
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+             "/usr/lib/systemd/system", "/lib/systemd/system")
+RULES_DIRS = ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/local/lib/udev/rules.d", "/usr/lib/udev/rules.d",
+              "/lib/udev/rules.d")
+INSTALL_FIX = "micctl install"
+
+
+def _find(root: str, dirs: tuple[str, ...], name: str) -> str | None:
+    for d in dirs:
+        p = os.path.join(root, d.lstrip("/"), name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _unit_check(root: str) -> list[Check]:
+    from . import unit
+    path = _find(root, UNIT_DIRS, unit.UNIT_NAME)
+    if path is None:
+        return [Check("unit", False, f"no {unit.UNIT_NAME} in {', '.join(UNIT_DIRS)}", INSTALL_FIX)]
+    text = open(path).read()
+    m = re.search(r"^ExecStart=(\S+)", text, re.M)
+    exe = m.group(1) if m else None
+    try:
+        current = exe is not None and text == unit.render(exe)
+    except ValueError:
+        current = False
+    checks = [Check("unit", True, f"{path}") if current else
+              Check("unit", False, f"{path} is not the unit this micdrv installs (an older version, or edited; "
+                                   f"put local changes in a drop-in: systemctl edit micdrv@.service)", INSTALL_FIX)]
+    if exe is None:
+        checks.append(Check("ExecStart", False, f"{path} has no ExecStart=", INSTALL_FIX))
+    elif not os.access(os.path.join(root, exe.lstrip("/")), os.X_OK):
+        checks.append(Check("ExecStart", False, f"the unit runs {exe}, which is not an executable",
+                            f"{INSTALL_FIX} (from the Python environment micdrv is installed in)"))
+    else:
+        checks.append(Check("ExecStart", True, exe))
+    return checks
+
+
+def _rules_check(root: str) -> Check:
+    from . import udev
+    path = _find(root, RULES_DIRS, udev.RULES_NAME)
+    if path is None:
+        return Check("udev rules", False, f"no {udev.RULES_NAME} in {', '.join(RULES_DIRS)}: cards are not "
+                                          f"handed to vfio-pci and micdrv@.service is not started", INSTALL_FIX)
+    if open(path).read() != udev.rules():
+        return Check("udev rules", False, f"{path} differs from this micdrv's rules (its PCI IDs or bindings "
+                                          f"may be out of date)", INSTALL_FIX)
+    return Check("udev rules", True, path)
+
+
+def _config_check(root: str, config_path: str) -> Check:
+    from . import config
+    path = os.path.join(root, config_path.lstrip("/"))
+    if not os.path.exists(path):
+        return Check("config", False, f"{path} is missing (the daemon runs on defaults without it)",
+                     f"{INSTALL_FIX} (writes a commented default)")
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        return Check("config", False, str(e), f"edit {e.path}" + (f" at line {e.line}" if e.line else ""))
+    cards = ", ".join(sorted(cfg.cards)) or "none configured, defaults for every card"
+    return Check("config", True, f"{path} parses; cards: {cards}")
+
+
+def _path_check(root: str, env_path: str | None = None) -> Check:
+    dirs = [d for d in (os.environ.get("PATH", "") if env_path is None else env_path).split(os.pathsep) if d]
+    for d in dirs:
+        p = os.path.join(root, d.lstrip("/"), "micdrv")
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return Check("micdrv on PATH", True, p)
+    return Check("micdrv on PATH", False, "no micdrv executable on PATH (" + ":".join(dirs) + ")",
+                 "install the micdrv package, or add its environment's bin directory to PATH")
+
+
+def install_checks(root: str = "/", config_path: str | None = None, env_path: str | None = None) -> list[Check]:
+    """Is micdrv installed under ``root``: unit, its ExecStart, udev rules, configuration, micdrv on PATH."""
+    from .config import DEFAULT_PATH
+    return [*_unit_check(root), _rules_check(root), _config_check(root, config_path or str(DEFAULT_PATH)),
+            _path_check(root, env_path)]
+
+
+def print_checks(checks: list[Check], out=None) -> None:
+    out = sys.stdout if out is None else out
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}", file=out)
+        if not c.ok and c.fix:
+            print(f"     {'':<{width}}  fix: {c.fix}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``micctl doctor [--json] [--root DIR] [--install-only]``: 0 when every check passes, else 1."""
+    p = argparse.ArgumentParser(prog="micctl doctor",
+                                description="Check that this host has what micdrv needs, with a fix for each gap.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--root", default="/", help="check the installation under this directory (a package's DESTDIR)")
+    p.add_argument("--install-only", action="store_true", help="only the installation checks, not the host's")
+    args = p.parse_args(argv)
+    checks = ([] if args.install_only or args.root != "/" else run_checks()) + install_checks(args.root)
+    if args.json:
+        print(json.dumps(as_dicts(checks), indent=2))
+    else:
+        print_checks(checks)
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def as_dicts(checks: list[Check]) -> list[dict]:
     return [asdict(c) for c in checks]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
