@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="micctl doctor",
                                 description="Check that this host has what micdrv needs, with a fix for each gap.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--root", default="/", help="check the installation under this directory (a package's DESTDIR)")
+    p.add_argument("--root", default="/", help="check the installation under this directory, a package's DESTDIR "
+                        "(the host checks are skipped: they are about this machine)")
     p.add_argument("--install-only", action="store_true", help="only the installation checks, not the host's")
     args = p.parse_args(argv)
     checks = ([] if args.install_only or args.root != "/" else run_checks()) + install_checks(args.root)

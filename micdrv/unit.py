@@ -113,6 +113,8 @@ ProtectClock=yes
 ProtectHostname=yes
 # No ProtectSystem=, ProtectHome=, PrivateTmp= or any other mount-namespace setting: mounts made
 # inside one never reach the host, and the FUSE tree under /run/micdrv must (systemd.exec(5), MountFlags=).
+# No RuntimeDirectory=: every card's daemon shares run_dir (/run/micdrv by default, configurable), and
+# systemd would remove it, with the other cards' sockets and mounts in it, when one instance stops.
 """
 
 
