@@ -1,23 +1,220 @@
 """micctl: the operator's command line.
 
-For now: ``doctor`` (is this host ready for micdrv?), ``bind``/``unbind``
-(hand a card to vfio-pci and back) and ``list`` (X100 cards on the PCI bus).
-Boot, shutdown, reset, status and the MPSS short flags arrive with the daemon.
+Cards are driven by their daemons (``micdrv``, one per card); micctl talks to
+them over their control sockets ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`).
 
-Errors print one line and exit non-zero; never a traceback for a user mistake.
+::
+
+    micctl status [CARD ...] [--json]      state and shutdown status     (micctrl -s)
+    micctl boot [CARD ...] [--wait]        boot                          (micctrl -b)
+    micctl shutdown [CARD ...] [--wait]    orderly shutdown              (micctrl -S)
+    micctl reset [CARD ...] [--wait]       reset to ready                (micctrl -r)
+    micctl reboot [CARD ...] [--wait]      shutdown, then boot again     (micctrl -R)
+    micctl wait [CARD ...] [--timeout S]   until online or ready         (micctrl -w)
+    micctl log CARD                        the card kernel's log
+    micctl info [CARD ...] [--json]        attributes and hardware facts
+    micctl set CARD ATTR VALUE             write an attribute (firmware, ramdisk, cmdline,
+                                           bootmode, heartbeat_enable, log_buf_addr, log_buf_len)
+    micctl doctor | bind BDF | unbind BDF | list
+
+CARD is ``micN`` (or the name a card has in the configuration), or ``all``;
+no CARD means every card whose daemon is running. The MPSS short flags
+``-b -S -r -R -s -w`` do what micctrl's did (``micctl -b mic0``).
+
+Exit status: 0 success; 1 the request failed (an invalid transition such as
+shutdown while ready, a boot that failed, permission denied); 2 usage; 3 no
+such card or its daemon is not running; 4 a wait timed out. Errors are one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
+from pathlib import Path
 
+from . import config as configmod
 from . import doctor
+from .jsonlines import JsonLinesClient
 from .pci import PciError, bind
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOCARD, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+REQUEST_TIMEOUT = 60.0  # a boot may reset and poll ready first; the daemon answers within this
+SHORT_FLAGS = {"-b": "boot", "-S": "shutdown", "-r": "reset", "-R": "reboot", "-s": "status", "-w": "wait"}
 
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL):
+        super().__init__(message)
+        self.code = code
+
+
+# --- finding the daemons -------------------------------------------------------------------------
+
+def run_dir(args) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if os.environ.get("MICDRV_RUN_DIR"):
+        return Path(os.environ["MICDRV_RUN_DIR"])
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    return Path(cfg.settings.run_dir)
+
+
+def running_cards(rdir: Path) -> list[str]:
+    return sorted((Path(p).stem for p in glob.glob(str(rdir / "*.sock"))), key=_card_order)
+
+
+def _card_order(name: str):
+    return (0, int(name[3:])) if name.startswith("mic") and name[3:].isdigit() else (1, name)
+
+
+def select_cards(args) -> list[tuple[str, Path]]:
+    rdir = run_dir(args)
+    names = list(getattr(args, "cards", None) or [])
+    if not names or names == ["all"]:
+        found = running_cards(rdir)
+        if not found:
+            raise CliError(f"no card daemons are running (no sockets in {rdir}); start micdrv@<pci>.service "
+                           f"or 'micdrv --simulate'", EXIT_NOCARD)
+        names = found
+    elif "all" in names:
+        raise CliError("'all' cannot be combined with card names", EXIT_USAGE)
+    return [(n, rdir / f"{n}.sock") for n in names]
+
+
+def connect(name: str, path: Path) -> JsonLinesClient:
+    try:
+        return JsonLinesClient(str(path), timeout=REQUEST_TIMEOUT)
+    except FileNotFoundError:
+        raise CliError(f"{name}: no such card, or its daemon is not running (no {path})", EXIT_NOCARD) from None
+    except ConnectionRefusedError:
+        raise CliError(f"{name}: the daemon is not running ({path} refuses connections)", EXIT_NOCARD) from None
+    except PermissionError:
+        raise CliError(f"{name}: permission denied on {path} (root or the socket group only)") from None
+    except OSError as e:
+        raise CliError(f"{name}: cannot reach the daemon at {path}: {e.strerror or e}", EXIT_NOCARD) from None
+
+
+def request(name: str, path: Path, cmd: str, io_timeout: float | None = None, **fields) -> dict:
+    with connect(name, path) as c:
+        try:
+            reply = c.call(cmd, io_timeout=io_timeout, **fields)
+        except (OSError, ConnectionError, ValueError) as e:
+            raise CliError(f"{name}: the daemon did not answer {cmd!r}: {e}", EXIT_NOCARD) from None
+    if not reply.get("ok"):
+        code = EXIT_TIMEOUT if reply.get("errno") == "ETIMEDOUT" else EXIT_FAIL
+        raise CliError(f"{name}: {cmd} failed: {reply.get('error', 'unknown error')}", code)
+    return reply
+
+
+# --- card commands -------------------------------------------------------------------------------
+
+def _each(args, fn) -> int:
+    """Run ``fn(name, path)`` for every selected card; report each failure, return the worst code."""
+    worst = EXIT_OK
+    for name, path in select_cards(args):
+        try:
+            fn(name, path)
+        except CliError as e:
+            print(f"micctl: {e}", file=sys.stderr)
+            worst = max(worst, e.code)
+    return worst
+
+
+def _status_line(r: dict) -> str:
+    line = f"{r['card']}: {r['state']}"
+    if r.get("shutdown_status", "nop") != "nop":
+        line += f" ({r['shutdown_status']})"
+    return line
+
+
+def _cmd_status(args) -> int:
+    out: list[dict] = []
+
+    def one(name, path):
+        r = request(name, path, "status")
+        r.pop("ok", None)
+        out.append(r)
+        if not args.json:
+            print(_status_line(r))
+    code = _each(args, one)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return code
+
+
+def _cmd_info(args) -> int:
+    out: list[dict] = []
+
+    def one(name, path):
+        r = request(name, path, "info")
+        r.pop("ok", None)
+        out.append(r)
+        if not args.json:
+            print(f"{r['card']}:")
+            for k, v in r.items():
+                if k != "card":
+                    print(f"  {k:<16} {v}")
+    code = _each(args, one)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return code
+
+
+def _wait_for(name: str, path: Path, states: list[str], timeout: float) -> dict:
+    return request(name, path, "wait", io_timeout=timeout + REQUEST_TIMEOUT, states=states, timeout=timeout)
+
+
+def _transition(cmd: str, wait_states: list[str]):
+    def run(args) -> int:
+        fields = {}
+        if cmd == "boot":
+            fields = {k: getattr(args, k) for k in ("firmware", "ramdisk", "cmdline") if getattr(args, k, None)}
+
+        def one(name, path):
+            r = request(name, path, cmd, **fields)
+            print(f"{name}: {r['state']}")
+            if args.wait:
+                w = _wait_for(name, path, wait_states, args.timeout)
+                print(_status_line({"card": name, **w}))
+        return _each(args, one)
+    return run
+
+
+def _cmd_wait(args) -> int:
+    states = args.state or ["online", "ready"]
+
+    def one(name, path):
+        r = _wait_for(name, path, states, args.timeout)
+        print(_status_line({"card": name, **r}))
+    return _each(args, one)
+
+
+def _cmd_log(args) -> int:
+    args.cards = [args.card]
+    (name, path), = select_cards(args)
+    r = request(name, path, "log")
+    sys.stdout.write(r["log"])
+    if r["log"] and not r["log"].endswith("\n"):
+        sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def _cmd_set(args) -> int:
+    args.cards = [args.card]
+    (name, path), = select_cards(args)
+    r = request(name, path, "set", attr=args.attr, value=args.value)
+    print(f"{name}: {r['attr']} = {r['value']}")
+    return EXIT_OK
+
+
+# --- host commands -------------------------------------------------------------------------------
 
 def _cmd_doctor(args) -> int:
     checks = doctor.run_checks()
@@ -50,15 +247,62 @@ def _cmd_list(args) -> int:
     return EXIT_OK
 
 
+# --- the parser ----------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="micctl", description="Control Intel Xeon Phi X100 cards driven by micdrv.")
+    def common_options(parser: argparse.ArgumentParser, default) -> argparse.ArgumentParser:
+        parser.add_argument("--run-dir", default=default,
+                            help="where the daemons' control sockets are (default: the configuration's run_dir, "
+                                 "/run/micdrv; or $MICDRV_RUN_DIR)")
+        parser.add_argument("--config", default=default, help="configuration file (default /etc/micdrv/micdrv.toml)")
+        return parser
+
+    # Given before or after the command; a subcommand must not reset what the top level parsed.
+    common = common_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    p = common_options(argparse.ArgumentParser(prog="micctl",
+                                description="Control Intel Xeon Phi X100 cards driven by micdrv.",
+                                epilog="MPSS short flags: -b boot, -S shutdown, -r reset, -R reboot, -s status, "
+                                       "-w wait (e.g. 'micctl -b mic0')."), None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def card_cmd(name, help_, func, *, wait=False, timeout=120.0):
+        sp = sub.add_parser(name, help=help_, parents=[common])
+        sp.add_argument("cards", nargs="*", metavar="CARD", help="micN, or all (default: every running card)")
+        if wait:
+            sp.add_argument("--wait", action="store_true", help="wait until the card is online or ready")
+        sp.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait (default {timeout:g})")
+        sp.set_defaults(func=func)
+        return sp
+
+    s = card_cmd("status", "state and shutdown status", _cmd_status)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    b = card_cmd("boot", "boot the card(s)", _transition("boot", ["online", "ready", "reset_failed"]), wait=True)
+    b.add_argument("--firmware", help="OS image, relative to the firmware directory (sets the attribute)")
+    b.add_argument("--ramdisk", help="ramdisk image (sets the attribute)")
+    b.add_argument("--cmdline", help="kernel command line (sets the attribute)")
+    card_cmd("shutdown", "orderly shutdown; the daemon then resets the card to ready",
+             _transition("shutdown", ["ready", "reset_failed"]), wait=True)
+    card_cmd("reset", "reset the card(s) to ready", _transition("reset", ["ready", "reset_failed"]), wait=True)
+    card_cmd("reboot", "shutdown and boot again", _transition("reboot", ["online"]), wait=True)
+    w = card_cmd("wait", "wait until the card(s) are online or ready", _cmd_wait)
+    w.add_argument("--state", action="append", help="wait for this state instead (repeatable)")
+    i = card_cmd("info", "attributes and hardware facts", _cmd_info)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    lg = sub.add_parser("log", help="the card kernel's log", parents=[common])
+    lg.add_argument("card")
+    lg.set_defaults(func=_cmd_log)
+    st = sub.add_parser("set", help="write a card attribute", parents=[common])
+    st.add_argument("card")
+    st.add_argument("attr", help="firmware, ramdisk, cmdline, bootmode, heartbeat_enable, log_buf_addr, log_buf_len")
+    st.add_argument("value")
+    st.set_defaults(func=_cmd_set)
+
     d = sub.add_parser("doctor", help="check that this host has what micdrv needs, with a fix for each gap")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_cmd_doctor)
-    b = sub.add_parser("bind", help="bind a PCI device to vfio-pci (driver_override + reprobe)")
-    b.add_argument("address", help="PCI address, e.g. 0000:03:00.0")
-    b.set_defaults(func=_cmd_bind)
+    bd = sub.add_parser("bind", help="bind a PCI device to vfio-pci (driver_override + reprobe)")
+    bd.add_argument("address", help="PCI address, e.g. 0000:03:00.0")
+    bd.set_defaults(func=_cmd_bind)
     u = sub.add_parser("unbind", help="give a PCI device back to its host driver")
     u.add_argument("address")
     u.set_defaults(func=_cmd_unbind)
@@ -67,14 +311,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def translate_short_flags(argv: list[str]) -> list[str]:
+    """``micctl -b mic0`` -> ``micctl boot mic0`` (micctrl's interface, spec 6.6)."""
+    out, command = [], None
+    for a in argv:
+        if a in SHORT_FLAGS:
+            if command is not None:
+                raise CliError(f"one action at a time ({command} and {SHORT_FLAGS[a]} given)", EXIT_USAGE)
+            command = SHORT_FLAGS[a]
+        else:
+            out.append(a)
+    return [command, *out] if command else argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(translate_short_flags(argv))
+    except CliError as e:
+        print(f"micctl: {e}", file=sys.stderr)
+        return e.code
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)
+    except CliError as e:
+        print(f"micctl: {e}", file=sys.stderr)
+        return e.code
     except (PciError, ValueError) as e:
         print(f"micctl: {e}", file=sys.stderr)
         return EXIT_FAIL

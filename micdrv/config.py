@@ -17,6 +17,7 @@
     cmdline = "console=hvc0"
     bootmode = "linux"               # or "flash" (spec 3.5; upstream refuses to boot it, spec 3.1)
     boot_on_start = true
+    auto_reset = true                # after a shutdown: reset to ready; after a restart: boot again
     reset_timeout = 45               # seconds of ready polling after a reset (spec 2.5)
     heartbeat = { enable = true, timeout = 40 }   # spec 7.2; or: heartbeat = false
 
@@ -115,6 +116,7 @@ class CardConfig:
     cmdline: str = ""
     bootmode: str = "linux"
     boot_on_start: bool = False
+    auto_reset: bool = True           # reset after the card shuts down, boot again after a restart (mpssd, spec 6.5)
     reset_timeout: float = RESET_TIMEOUT
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     log_buf_addr: int | None = None   # spec 3.5: card kernel virtual address of __log_buf
@@ -259,7 +261,8 @@ _GLOBAL_FIELDS: dict[str, Callable[[Any], Any]] = {
 _HEARTBEAT_FIELDS = {"enable": _bool, "timeout": _seconds}
 _CARD_FIELDS: dict[str, Callable[[Any], Any]] = {
     "firmware": _nonempty, "ramdisk": _opt_str, "cmdline": _cmdline, "bootmode": _one_of(BOOTMODES),
-    "boot_on_start": _bool, "reset_timeout": _seconds, "log_buf_addr": _u64, "log_buf_len": _u64,
+    "boot_on_start": _bool, "auto_reset": _bool, "reset_timeout": _seconds, "log_buf_addr": _u64,
+    "log_buf_len": _u64,
 }
 DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
     # kind: (dataclass, field checkers, required keys)

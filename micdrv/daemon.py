@@ -1,32 +1,46 @@
-"""micdrv: the per-card daemon.
+"""micdrv: the daemon for one card.
 
-This first version attaches to one device -- a card bound to vfio-pci
-(``--device 0000:03:00.0``) or a vfio-user server (``--vfio-user PATH``) --
-and reports what it found through the PciDevice interface. Booting, COSM,
-VOP and the control socket build on it (issues 3-6).
+::
+
+    micdrv --device 0000:03:00.0     a card bound to vfio-pci (kernel VFIO)
+    micdrv --vfio-user PATH          a device model behind a vfio-user socket
+    micdrv --simulate                start a simulated X100 (``micdrv sim``) and drive it
+    micdrv sim ...                   run only the simulated card (see ``micdrv sim --help``)
+
+Options: ``--config PATH`` (default /etc/micdrv/micdrv.toml), ``--name micN``
+(default: the configured card with that PCI address, else mic0), ``--run-dir``
+(overrides the configuration's), ``--probe`` (print what the device is and exit).
+
+The daemon probes the card (:class:`micdrv.mic.MicDevice`), serves its
+control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and runs
+until SIGTERM or SIGINT; on the way out it stops and resets a started card,
+as the kernel did when its driver was removed. Logs go to stderr (journald).
+Exit status: 0 after a clean stop, 1 when the card cannot be driven, 2 for
+a usage or configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
+import os
+import re
+import signal
 import sys
+import threading
+from pathlib import Path
 
+from . import config as configmod
 from .pci import BAR0, BAR4, PciDevice, PciError
 from .pci.device import PCI_DEVICE_ID, PCI_REVISION_ID, PCI_VENDOR_ID
 from .x100 import ids
 
 log = logging.getLogger("micdrv")
 
-
-def open_device(args) -> PciDevice:
-    """The one place that picks the PciDevice implementation."""
-    if args.device:
-        from .pci.vfio import VfioPciDevice
-        return VfioPciDevice.open(args.device)
-    from .pci.vfio_user.client import VfioUserDevice
-    return VfioUserDevice.connect(args.vfio_user)
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def describe(dev: PciDevice) -> dict:
@@ -41,27 +55,137 @@ def describe(dev: PciDevice) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["sim"]:
-        # ``micdrv sim --socket PATH ...``: run a simulated X100 card process.
-        from .sim.__main__ import main as sim_main
-        return sim_main(argv[1:])
+def mic_id(name: str) -> int:
+    """``micN`` -> N: the card's COSM id; its SCIF node is N + 1 (spec 8.1)."""
+    m = re.fullmatch(r"mic(\d+)", name)
+    if not m or int(m.group(1)) > 254:
+        raise ValueError(f"card name {name!r}: the daemon needs a name micN, N = 0..254 (SCIF node N + 1 <= 255)")
+    return int(m.group(1))
+
+
+def card_name(args, cfg: configmod.Config) -> str:
+    if args.name:
+        return args.name
+    if args.device:
+        pci = configmod.normalize_pci(args.device)
+        for c in cfg.cards.values():
+            if c.pci == pci and c.name.startswith("mic"):
+                return c.name
+    return "mic0"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="micdrv", description="User-space host driver for one Xeon Phi X100 card.",
                                 epilog="'micdrv sim --help' describes the simulated card.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--device", metavar="BDF", help="a card bound to vfio-pci, e.g. 0000:03:00.0")
-    src.add_argument("--vfio-user", metavar="SOCKET", help="a vfio-user server socket (the simulated card)")
+    src.add_argument("--vfio-user", metavar="SOCKET", help="a vfio-user server socket (a simulated card)")
+    src.add_argument("--simulate", action="store_true", help="start a simulated X100 card and drive it")
+    p.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    p.add_argument("--name", help="the card's name, micN (default: from the configuration, else mic0)")
+    p.add_argument("--run-dir", help="directory for the control socket (default: the configuration's run_dir)")
     p.add_argument("--probe", action="store_true", help="print what the device is, then exit")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="micdrv: %(message)s", stream=sys.stderr)
+    p.add_argument("--log-level", choices=configmod.LOG_LEVELS, help="default: the configuration's log_level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sim"]:
+        from .sim.__main__ import main as sim_main
+        return sim_main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
-        with open_device(args) as dev:
-            print(json.dumps(describe(dev), indent=2))
-    except PciError as e:
+        cfg = configmod.load(args.config)
+        if args.run_dir:
+            cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings,
+                                                                       run_dir=os.path.abspath(args.run_dir)))
+        name = card_name(args, cfg)
+        card = cfg.card(name)
+        mic_id(card.name)
+    except (configmod.ConfigError, ValueError) as e:
+        print(f"micdrv: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=(args.log_level or cfg.settings.log_level).upper(), stream=sys.stderr,
+                        format=f"micdrv[{card.name}] %(levelname)s %(name)s: %(message)s")
+    if args.probe:
+        return _probe(args, cfg, card)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return run_card(args, cfg, card, stop)
+
+
+@contextlib.contextmanager
+def open_device(args, cfg: configmod.Config, card: configmod.CardConfig):
+    """The one place that picks the PciDevice implementation; yields (device, simulator process or None)."""
+    sim = None
+    try:
+        if args.device:
+            from .pci.vfio import VfioPciDevice
+            dev = VfioPciDevice.open(args.device)
+        else:
+            from .pci.vfio_user.client import VfioUserDevice
+            path = args.vfio_user
+            if args.simulate:
+                from .sim.process import SimulatedCardProcess
+                sim = SimulatedCardProcess(Path(cfg.settings.run_dir) / f"{card.name}.sim")
+                path = sim.socket
+                log.info("simulated card: vfio-user %s, control %s", sim.socket, sim.control)
+            dev = VfioUserDevice.connect(path)
+        try:
+            yield dev, sim
+        finally:
+            dev.close()
+    finally:
+        if sim is not None:
+            sim.stop()
+
+
+def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: threading.Event) -> int:
+    """Drive the card until ``stop`` is set: probe, serve, then stop and reset it."""
+    from .mic import MicDevice
+    from .service import CardService
+    try:
+        with open_device(args, cfg, card) as (dev, sim):
+            hw = MicDevice.open(dev, mic_id=mic_id(card.name))
+            try:
+                service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim))
+                service.start()
+                try:
+                    log.info("%s: %s %s stepping %s ready for commands", card.name, dev.name, hw.family,
+                             hw.stepping)
+                    stop.wait()
+                finally:
+                    service.close()
+            finally:
+                hw.close()
+    except (PciError, OSError) as e:
         log.error("%s", e)
-        return 1
-    return 0
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _hardware_info(dev: PciDevice, sim) -> dict:
+    out = {"device": dev.name}
+    if sim is not None:
+        out["simulator_control"] = sim.control
+    return out
+
+
+def _probe(args, cfg, card) -> int:
+    try:
+        with open_device(args, cfg, card) as (dev, _sim):
+            print(json.dumps(describe(dev), indent=2))
+    except (PciError, OSError) as e:
+        log.error("%s", e)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 if __name__ == "__main__":

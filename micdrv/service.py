@@ -1,0 +1,364 @@
+"""One card's daemon: COSM over the card, what mpssd used to do, and the control socket.
+
+:class:`CardService` wires a :class:`~micdrv.cosm.hwops.CosmHwOps` card (a
+:class:`micdrv.mic.MicDevice` on a real or simulated X100) to
+
+* a :class:`~micdrv.cosm.host.CosmDevice` with the card's configuration as
+  its sysfs attributes, and the :class:`~micdrv.cosm.host.CosmServer` on
+  SCIF port 201;
+* the **mpssd policy** (spec 6.5), which the kernel left to user space: when
+  the card goes shutting_down, wait up to 60 s for its shutdown status, then
+  reset it to ready; if the status was restart, boot it again. Deliberate
+  difference: a card declared *crashed* (heartbeat watchdog, or its own
+  panic report) is left in shutting_down/crashed for the operator, so its
+  log can still be read (the log is readable only while booting, online or
+  shutting_down, spec 3.5) -- ``micctl reset`` then ``micctl boot``. With
+  ``auto_reset = false`` no reset happens automatically at all;
+* the **control socket** ``<run_dir>/<card>.sock`` (mode from the
+  configuration, 0660 by default), speaking JSON lines (:mod:`micdrv.jsonlines`).
+
+Control protocol (one request per line; every reply has ``"ok"``; failures
+carry ``"error"`` and ``"errno"``, the errno name the sysfs write would have
+returned):
+
+====================================================  ===============================================
+request                                               reply (besides ``"ok": true``)
+====================================================  ===============================================
+``{"cmd": "status"}``                                 ``card``, ``state``, ``shutdown_status``,
+                                                      ``post_code``, ``heartbeat_enable``, ...
+``{"cmd": "info"}``                                   ``status`` plus the attributes (family,
+                                                      stepping, firmware, ramdisk, cmdline,
+                                                      bootmode, log_buf_addr, log_buf_len), the
+                                                      daemon's pid and the card's hardware facts
+``{"cmd": "boot", ["firmware", "ramdisk",             ``state`` (booting); the attributes given are
+"cmdline", "bootmode"]}``                             set first, as micctrl -b writes them
+``{"cmd": "shutdown"}``                               ``state`` (shutting_down)
+``{"cmd": "reset"}``                                  ``state`` (resetting)
+``{"cmd": "reboot"}``                                 ``state``: shutdown and boot again once ready
+``{"cmd": "wait", "states": [...], "timeout": s}``    ``state`` once it is one of ``states``
+                                                      (default online or ready); ``errno``
+                                                      ETIMEDOUT otherwise
+``{"cmd": "set", "attr": name, "value": v}``          the attribute's new value (firmware, ramdisk,
+                                                      cmdline, bootmode, heartbeat_enable,
+                                                      log_buf_addr, log_buf_len)
+``{"cmd": "log"}``                                    ``log``: the card kernel's log (spec 3.5)
+====================================================  ===============================================
+
+Who may ask (SO_PEERCRED): root may do everything; members of the
+configured ``socket_group`` may use ``status``, ``info``, ``wait`` and
+``log``; anyone else is refused (EACCES). The socket's mode and group are
+the first line of defence, this check the second.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .config import BOOTMODES, CMDLINE_MAX, CardConfig, Config
+from .cosm.host import Attributes, CosmDevice, CosmError, CosmServer
+from .cosm.hwops import CosmHwOps
+from .cosm.msg import MicState, MicStatus
+from .jsonlines import JsonLinesServer, PeerCred, RequestError
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_STATUS_WAIT = 60.0   # mpssd waits up to 60 s for shutdown_status (spec 6.5)
+DEFAULT_WAIT = 120.0          # micctl wait's default (mpssd waits up to 120 s for ready, spec 6.5)
+READ_ONLY = frozenset({"status", "info", "wait", "log", "ping"})
+WAIT_STATES = (MicState.ONLINE, MicState.READY)
+
+
+def _errno_error(err: int, message: str) -> RequestError:
+    return RequestError(message, errno=errno.errorcode.get(err, str(err)))
+
+
+def _from_cosm(e: CosmError) -> RequestError:
+    return RequestError(str(e), errno=e.code)
+
+
+def parse_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip() in ("0", "1"):
+        return v.strip() == "1"
+    raise _errno_error(errno.EINVAL, f"heartbeat_enable takes 0 or 1, not {v!r}")
+
+
+def parse_hex(v, what: str) -> int:
+    try:
+        n = v if isinstance(v, int) and not isinstance(v, bool) else int(str(v).strip(), 16)
+    except ValueError:
+        raise _errno_error(errno.EINVAL, f"{what} takes a hexadecimal address, not {v!r}") from None
+    if not 0 <= n < 1 << 64:
+        raise _errno_error(errno.EINVAL, f"{what} {v!r} does not fit 64 bits")
+    return n
+
+
+class CardService:
+    """The daemon for one card. :meth:`start` it, then :meth:`close` it (which resets a started card)."""
+
+    def __init__(self, hw: CosmHwOps, card: CardConfig, config: Config, *,
+                 hardware_info: Callable[[], dict] | None = None,
+                 read_log: Callable[[CosmDevice], str] | None = None,
+                 reset_interval: float | None = None):
+        self.hw = hw
+        self.card = card
+        self.config = config
+        self.hardware_info = hardware_info or (lambda: {})
+        self.read_log = read_log
+        attrs = Attributes(firmware=card.firmware or "", ramdisk=card.ramdisk or "", cmdline=card.cmdline,
+                           bootmode=card.bootmode, log_buf_addr=card.log_buf_addr or 0,
+                           log_buf_len=card.log_buf_len or 0, heartbeat_enable=card.heartbeat.enable)
+        kw = {}
+        if reset_interval is not None:
+            kw["reset_interval"] = reset_interval
+        polls = max(1, round(card.reset_timeout / (reset_interval or 1.0)))
+        self.cosm = CosmDevice(hw, attributes=attrs, heartbeat_timeout=card.heartbeat.timeout, reset_polls=polls,
+                               resolve=config.firmware_path, **kw)
+        self.socket_path = str(config.socket_path(card))
+        self._server: CosmServer | None = None
+        self._control: JsonLinesServer | None = None
+        self._policy_lock = threading.Lock()
+        self._policy_busy = False
+        self._boot_when_ready = False
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.allowed_gid = self._group_id(config.settings.socket_group)
+        self._commands: dict[str, Callable[[dict], dict]] = {
+            "ping": lambda req: {"pid": os.getpid()},
+            "status": self._status, "info": self._info, "boot": self._boot, "shutdown": self._shutdown,
+            "reset": self._reset, "reboot": self._reboot, "wait": self._wait, "set": self._set, "log": self._log,
+        }
+
+    @staticmethod
+    def _group_id(name: str | None) -> int | None:
+        if not name:
+            return None
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ValueError(f"socket_group {name!r} is no group on this host") from None
+
+    # --- life ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._server = CosmServer(self.hw.scif, {self.hw.node_id: self.cosm})
+        self.cosm.subscribe(self._on_change)
+        Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
+        self._control = JsonLinesServer(self.socket_path, self.handle, mode=self.config.settings.socket_mode,
+                                        gid=self.allowed_gid, name=f"{self.card.name} control")
+        self._control.start()
+        log.info("%s: control socket %s", self.card.name, self.socket_path)
+        if self.card.boot_on_start:
+            self._spawn(self._boot_on_start, "boot on start")
+
+    def close(self) -> None:
+        """Stop serving and stop the card (``cosm_driver_remove``: a started card is reset)."""
+        self._closing.set()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self.cosm.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for t in self._threads:
+            t.join(5.0)
+
+    def _spawn(self, fn: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=fn, name=f"{self.card.name} {name}", daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _boot_on_start(self) -> None:
+        try:
+            self.cosm.start()
+        except CosmError as e:
+            log.error("%s: boot on start: %s", self.card.name, e)
+
+    # --- the mpssd policy (spec 6.5) -------------------------------------------------------------
+    def _on_change(self, dev: CosmDevice) -> None:
+        if self._closing.is_set():
+            return
+        if dev.state is MicState.SHUTTING_DOWN:
+            with self._policy_lock:
+                if self._policy_busy:
+                    return
+                self._policy_busy = True
+            self._spawn(self._handle_shutdown, "shutdown policy")
+        elif dev.state is MicState.READY and self._boot_when_ready:
+            self._boot_when_ready = False
+            self._spawn(self._boot_again, "boot again")
+
+    def _handle_shutdown(self) -> None:
+        try:
+            dev = self.cosm
+            dev.wait_for(lambda d: d.shutdown_status is not MicStatus.NOP or d.state is not MicState.SHUTTING_DOWN,
+                         SHUTDOWN_STATUS_WAIT)
+            if dev.state is not MicState.SHUTTING_DOWN or self._closing.is_set():
+                return
+            status = dev.shutdown_status
+            if status is MicStatus.CRASHED:
+                log.error("%s: the card crashed; left for the operator (micctl log, then micctl reset)",
+                          self.card.name)
+                self._boot_when_ready = False
+                return
+            if not self.card.auto_reset:
+                log.info("%s: the card is down (%s); auto_reset is off", self.card.name, status.sysfs)
+                return
+            if status is MicStatus.RESTART:
+                self._boot_when_ready = True
+            log.info("%s: the card is down (%s): resetting it", self.card.name, status.sysfs or "no status")
+            try:
+                dev.reset()
+            except CosmError as e:
+                log.error("%s: reset after shutdown: %s", self.card.name, e)
+        finally:
+            with self._policy_lock:
+                self._policy_busy = False
+
+    def _boot_again(self) -> None:
+        try:
+            self.cosm.start()
+        except CosmError as e:
+            log.error("%s: boot after restart: %s", self.card.name, e)
+
+    # --- the control socket --------------------------------------------------------------------
+    def _may(self, peer: PeerCred, cmd: str) -> bool:
+        if peer.uid == 0:
+            return True
+        if cmd not in READ_ONLY or self.allowed_gid is None:
+            return False
+        return peer.gid == self.allowed_gid or self.allowed_gid in _supplementary_groups(peer.pid)
+
+    def handle(self, req: dict, peer: PeerCred) -> dict:
+        cmd = req["cmd"]
+        fn = self._commands.get(cmd)
+        if fn is None:
+            raise RequestError(f"unknown command {cmd!r}; one of {', '.join(sorted(self._commands))}",
+                               errno="EINVAL")
+        if not self._may(peer, cmd):
+            raise _errno_error(errno.EACCES, f"{cmd}: permission denied (uid {peer.uid}); "
+                                             f"{'root only' if cmd not in READ_ONLY else 'root or socket_group'}")
+        try:
+            return fn(req)
+        except CosmError as e:
+            raise _from_cosm(e) from None
+
+    def _status(self, req: dict) -> dict:
+        out = self.cosm.snapshot()
+        try:
+            out["post_code"] = self.hw.post_code()
+        except Exception as e:
+            out["post_code"] = "??"
+            log.debug("post code: %s", e)
+        return out
+
+    def _info(self, req: dict) -> dict:
+        a = self.cosm.attrs
+        return {**self._status(req), "family": self.hw.family, "stepping": self.hw.stepping,
+                "firmware": a.firmware, "ramdisk": a.ramdisk, "cmdline": a.cmdline, "bootmode": a.bootmode,
+                "log_buf_addr": f"{a.log_buf_addr:x}", "log_buf_len": f"{a.log_buf_len:x}",
+                "node_id": self.hw.node_id, "memory_size": self.hw.memory_size, "pid": os.getpid(),
+                "socket": self.socket_path, "pci": self.card.pci, **self.hardware_info()}
+
+    def _boot(self, req: dict) -> dict:
+        for attr in ("firmware", "ramdisk", "cmdline", "bootmode"):
+            if attr in req:
+                self._set({"attr": attr, "value": req[attr]})
+        self.cosm.start()
+        return {"state": self.cosm.state.sysfs}
+
+    def _shutdown(self, req: dict) -> dict:
+        self.cosm.shutdown()
+        return {"state": self.cosm.state.sysfs}
+
+    def _reset(self, req: dict) -> dict:
+        self._boot_when_ready = False
+        self.cosm.reset()
+        return {"state": self.cosm.state.sysfs}
+
+    def _reboot(self, req: dict) -> dict:
+        """Shutdown and boot again: from online via the card's orderly power-off, from ready at once."""
+        dev = self.cosm
+        state = dev.state
+        if state is MicState.READY:
+            dev.start()
+        elif state is MicState.ONLINE:
+            self._boot_when_ready = True
+            dev.shutdown()
+        elif state in (MicState.SHUTTING_DOWN, MicState.BOOTING, MicState.RESET_FAILED):
+            self._boot_when_ready = True
+            dev.reset()
+        else:
+            raise _errno_error(errno.EBUSY, f"{self.card.name}: cannot reboot while {state.sysfs}")
+        return {"state": dev.state.sysfs}
+
+    def _wait(self, req: dict) -> dict:
+        names = req.get("states", [s.sysfs for s in WAIT_STATES])
+        if not isinstance(names, list) or not names:
+            raise _errno_error(errno.EINVAL, '"states" must be a list of state names')
+        try:
+            states = tuple(MicState.from_sysfs(n) for n in names)
+        except (ValueError, TypeError) as e:
+            raise _errno_error(errno.EINVAL, str(e)) from None
+        timeout = req.get("timeout", DEFAULT_WAIT)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise _errno_error(errno.EINVAL, '"timeout" must be a number of seconds')
+        if not self.cosm.wait_states(states, timeout):
+            raise RequestError(f"{self.card.name}: still {self.cosm.state.sysfs} after {timeout:g} s "
+                               f"(waiting for {' or '.join(names)})", errno="ETIMEDOUT",
+                               state=self.cosm.state.sysfs)
+        return {"state": self.cosm.state.sysfs, "shutdown_status": self.cosm.shutdown_status.sysfs}
+
+    def _set(self, req: dict) -> dict:
+        attr, value = req.get("attr"), req.get("value")
+        a = self.cosm.attrs
+        if attr in ("firmware", "ramdisk", "cmdline"):
+            if not isinstance(value, str):
+                raise _errno_error(errno.EINVAL, f"{attr} takes a string")
+            value = value.rstrip("\n")  # cosm_sysfs strips the trailing newline of a write
+            if attr == "cmdline" and len(value.encode()) > CMDLINE_MAX:
+                raise _errno_error(errno.EINVAL, f"cmdline longer than {CMDLINE_MAX} bytes (spec 3.1 step 6)")
+            setattr(a, attr, value)
+        elif attr == "bootmode":
+            value = str(value).rstrip("\n")
+            if value not in BOOTMODES:
+                raise _errno_error(errno.EINVAL, f"bootmode is {' or '.join(BOOTMODES)}, not {value!r} (spec 3.5)")
+            a.bootmode = value
+        elif attr == "heartbeat_enable":
+            value = parse_bool(value)
+            self.cosm.set_heartbeat_enable(value)
+            value = int(value)
+        elif attr in ("log_buf_addr", "log_buf_len"):
+            setattr(a, attr, parse_hex(value, attr))
+            value = f"{getattr(a, attr):x}"
+        else:
+            raise _errno_error(errno.EINVAL, f"no attribute {attr!r} (firmware, ramdisk, cmdline, bootmode, "
+                                             f"heartbeat_enable, log_buf_addr, log_buf_len)")
+        return {"attr": attr, "value": value}
+
+    def _log(self, req: dict) -> dict:
+        if self.read_log is None:
+            raise _errno_error(errno.ENOSYS, "this card has no log reader")
+        if self.cosm.state not in (MicState.BOOTING, MicState.ONLINE, MicState.SHUTTING_DOWN):
+            raise _errno_error(errno.EINVAL, f"{self.card.name}: the card log is readable while booting, online "
+                                             f"or shutting_down, not {self.cosm.state.sysfs} (spec 3.5)")
+        return {"log": self.read_log(self.cosm)}
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
