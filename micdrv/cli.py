@@ -15,7 +15,7 @@ them over their control sockets ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`
     micctl info [CARD ...] [--json]        attributes and hardware facts
     micctl set CARD ATTR VALUE             write an attribute (firmware, ramdisk, cmdline,
                                            bootmode, heartbeat_enable, log_buf_addr, log_buf_len)
-    micctl doctor | bind BDF | unbind BDF | list
+    micctl doctor | install | udev-rules | unit | bind BDF | unbind BDF | list
 
 CARD is ``micN`` (or the name a card has in the configuration), or ``all``;
 no CARD means every card whose daemon is running. The MPSS short flags
@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from . import config as configmod
-from . import doctor
+from . import doctor  # noqa: F401 -- list uses its checks
 from .jsonlines import JsonLinesClient
 from .pci import PciError, bind
 
@@ -216,17 +216,18 @@ def _cmd_set(args) -> int:
 
 # --- host commands -------------------------------------------------------------------------------
 
-def _cmd_doctor(args) -> int:
-    checks = doctor.run_checks()
-    if args.json:
-        print(json.dumps(doctor.as_dicts(checks), indent=2))
-    else:
-        width = max(len(c.name) for c in checks)
-        for c in checks:
-            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}")
-            if not c.ok and c.fix:
-                print(f"     {'':<{width}}  fix: {c.fix}")
-    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAIL
+# Subcommands that are whole commands of their own modules (``main(argv)``), handed their arguments as they are.
+PASSTHROUGH = {
+    "doctor": ("micdrv.doctor", "check that this host has what micdrv needs, with a fix for each gap"),
+    "install": ("micdrv.install", "install the systemd unit, udev rules and default configuration"),
+    "udev-rules": ("micdrv.udev", "print the udev rules generated from the PCI ID table"),
+    "unit": ("micdrv.unit", "print the systemd unit micdrv@.service"),
+}
+
+
+def _passthrough(name: str, argv: list[str]) -> int:
+    import importlib
+    return importlib.import_module(PASSTHROUGH[name][0]).main(argv)
 
 
 def _cmd_bind(args) -> int:
@@ -297,9 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("value")
     st.set_defaults(func=_cmd_set)
 
-    d = sub.add_parser("doctor", help="check that this host has what micdrv needs, with a fix for each gap")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
-    d.set_defaults(func=_cmd_doctor)
+    for name, (_module, help_) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_, add_help=False)  # listed in the help; main() hands them over
     bd = sub.add_parser("bind", help="bind a PCI device to vfio-pci (driver_override + reprobe)")
     bd.add_argument("address", help="PCI address, e.g. 0000:03:00.0")
     bd.set_defaults(func=_cmd_bind)
@@ -326,6 +326,8 @@ def translate_short_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _passthrough(argv[0], argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(translate_short_flags(argv))

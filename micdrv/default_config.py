@@ -48,6 +48,10 @@ TEXT = """\
 #bootmode = "linux"
 # Boot the card as soon as the daemon has attached to it.
 #boot_on_start = false
+# After the card shuts down, reset it to ready, and boot it again if it asked
+# for a restart (what mpssd did, spec 6.5). A crashed card is always left for
+# the operator (micctl log, then micctl reset).
+#auto_reset = true
 # Seconds to wait for the card to report ready after a reset (spec 2.5).
 #reset_timeout = 45
 # The COSM heartbeat watchdog (spec 7.2): a card silent for timeout seconds

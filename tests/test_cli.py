@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 
-CHECK_NAMES = {"iommu", "vfio-pci", "/dev/vfio", "memlock", "/dev/net/tun", "fuse", "cards"}
+CHECK_NAMES = {"iommu", "vfio-pci", "/dev/vfio", "memlock", "/dev/net/tun", "fuse", "cards",
+               "unit", "udev rules", "config", "micdrv on PATH"}
 
 
 def micctl(*args):
