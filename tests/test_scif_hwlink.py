@@ -141,7 +141,7 @@ def test_after_the_card_left_the_host_remove_does_not_wait(system):
     host, card, node, _, _ = pair(system)
     host.start()
     card.start()
-    assert system.host.wait_peer(1, WAIT)
+    assert system.host.wait_peer(1, WAIT) and node.wait_peer(0, WAIT)
     assert card.close(timeout=WAIT)  # card-initiated: SCIF_EXIT, answered
     wait_for_call(lambda: not host.connected)
     t0 = time.monotonic()
