@@ -105,7 +105,8 @@ def test_defaults_are_the_specs():
 
 
 def test_the_hosts_command_line_comes_after_the_builtin_one_and_wins():
-    p = params.parse("micdrv_sim.heartbeat=5 quiet", " mem=8192M micdrv_sim.heartbeat=0.25 micdrv_sim.connect_retries=3")
+    p = params.parse("micdrv_sim.heartbeat=5 quiet",
+                     " mem=8192M micdrv_sim.heartbeat=0.25 micdrv_sim.connect_retries=3")
     assert (p.heartbeat, p.connect_retries, p.mem_mib) == (0.25, 3, 8192)
     assert p.other == ["quiet"] and p.warnings == []
 

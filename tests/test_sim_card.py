@@ -477,6 +477,23 @@ def test_host_doorbells_reach_the_card_os(host, sim):
     wait_for(lambda: sim.control("os")["record"]["devices"]["scif"]["interrupts"] >= 1, "the SCIF doorbell")
 
 
+def test_a_card_waiting_for_the_host_can_still_power_off(host, sim):
+    dp = device_page(host)
+    load_and_kick(host, card_image(), "", host.card_addr(dp))
+    wait_os(sim, "running")  # no host SCIF: the card waits for the host's queue pair
+    sim.control("kernel", action="poweroff")
+    rec = wait_os(sim, "poweroff")
+    assert rec["devices"]["scif"]["connected"] is False
+    wait_for(lambda: host.post_code() == "F3", "post code F3")
+    h2c_scif_db, card_qp = struct.unpack_from("<BxxxxxxxxxQ", host.arena.view, dp + 6)
+    assert (h2c_scif_db, card_qp) == (0xFF, 0)  # the card withdrew its queue pair (spec 8.4 step 6)
+
+
+def test_the_kernel_switches_need_a_running_card_os(host, sim):
+    reply = sim.control.call("kernel", action="panic")
+    assert not reply["ok"] and "no card OS is running" in reply["error"]
+
+
 def test_reset_stops_the_card_os(host, sim):
     load_and_kick(host, card_image(), "", host.card_addr(device_page(host)))
     wait_os(sim, "running")

@@ -174,7 +174,6 @@ class CosmClient:
     def abandon(self) -> None:
         """The card was reset: the thread ends without a word to anyone (see :meth:`join`)."""
         self._stop.set()
-        self.ep = None
 
     def join(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():

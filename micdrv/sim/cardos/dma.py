@@ -61,8 +61,8 @@ class CardDma:
             s.mmio_write(self._reg(ch, regs.DCAR), s.mmio_read(self._reg(ch, regs.DCAR)) | regs.DCAR_IM0)
             s.mmio_write(self._reg(ch, regs.DCHERRMSK), 0)
             s.mmio_write(self._reg(ch, regs.DRAR_LO), ring & 0xFFFFFFFF)
-            s.mmio_write(self._reg(ch, regs.DRAR_HI), (self.ring_size & regs.DRAR_HI_SIZE_MASK) << regs.DRAR_HI_SIZE_SHIFT
-                         | (ring >> 32) & regs.DRAR_HI_CARD_ADDR_MASK)
+            size_bits = (self.ring_size & regs.DRAR_HI_SIZE_MASK) << regs.DRAR_HI_SIZE_SHIFT
+            s.mmio_write(self._reg(ch, regs.DRAR_HI), size_bits | (ring >> 32) & regs.DRAR_HI_CARD_ADDR_MASK)
             self.heads[ch] = s.mmio_read(self._reg(ch, regs.DTPR))
             s.mmio_write(self._reg(ch, regs.DCAR), s.mmio_read(self._reg(ch, regs.DCAR)) & ~regs.DCAR_IM0)
             s.mmio_write(regs.DCR, s.mmio_read(regs.DCR) | regs.dcr_enable_bit(ch))

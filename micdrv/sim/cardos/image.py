@@ -178,7 +178,8 @@ def parse_image(data: bytes | bytearray | memoryview) -> CardImage:
     if version != FORMAT_VERSION:
         raise ImageError(f"image format version {version}; this card OS runs version {FORMAT_VERSION}")
     if hdr_size != OS_HEADER.size or payload_size != hdr_size + rel_len + cmd_len or payload_size > MAX_PAYLOAD:
-        raise ImageError(f"inconsistent sizes: header {hdr_size}, payload {payload_size}, strings {rel_len} + {cmd_len}")
+        raise ImageError(f"inconsistent sizes: header {hdr_size}, payload {payload_size}, "
+                         f"strings {rel_len} + {cmd_len}")
     if len(data) < off + payload_size:
         raise ImageError(f"the payload of {payload_size} bytes at {off:#x} is cut short ({len(data)} bytes)")
     payload = bytearray(data[off:off + payload_size])

@@ -135,14 +135,14 @@ class Kernel:
 
     def _plan_memory(self) -> tuple[int, int]:
         """Check the kernel's data fit around what the host loaded; the heap is the largest gap left."""
-        img, size, mem = self.image, self.side.memory_size, self.side.memory_size
+        img, mem = self.image, self.side.memory_size
         load = self.side.download_addr
         kernel_end = max(load + img.init_size, self._cmdline_end)
         used = [(load, kernel_end)]
         log_ranges = [(img.log_buf_phys, img.log_buf_phys + img.log_buf_len),
                       (img.log_buf_len_phys, img.log_buf_len_phys + 4)]
         for start, end in log_ranges:
-            if end > size:
+            if end > mem:
                 raise BootFailure(f"the kernel's log buffer at [{start:#x}, {end:#x}) is beyond card memory "
                                   f"({mem:#x} bytes)")
             if start < self._cmdline_end and end > load:
@@ -323,7 +323,7 @@ class Kernel:
                 self.state = "running"
         self.publish()
         while not self.scif.wait_host(WAIT_SLICE):
-            if not self.alive:
+            if not self.alive or self._down_request is not None:
                 return
         self.printk("scif: the host node 0 is up")
         self.post(POST_HOST_UP)
