@@ -200,8 +200,8 @@ class ScifHwLink:
             self.peer_db = db
             self.peer.start(addr, doorbell=lambda: self.doorbells.ring(db))
         except (ScifProtocolError, MemoryAccessError) as e:
-            self.error = str(e)
             log.error("%s: the peer's node queue pair is refused, the node stays down: %s", self.name, e)
+            self.error = str(e)
             return
         log.info("%s: connected to node %d's queue pair at %#x, its doorbell %d", self.name, self.peer_node,
                  addr, db)
