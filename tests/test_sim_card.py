@@ -2,8 +2,8 @@
 
 Identity, BARs and capabilities; register semantics (spec 2); interrupt
 routing through MXAR to MSI-X eventfds, MSI and INTx (spec 1.3, 2.3);
-doorbells both ways; reset/ready and the boot kick into the stub card OS
-(spec 2.5, 3.2, 3.3); SMPT translation and card-side faults (spec 2.4, 9);
+doorbells both ways; reset/ready and the boot kick into the card OS, which
+checks its image (spec 2.5, 3.2, 3.3); SMPT translation and card-side faults (spec 2.4, 9);
 fault hooks; clean exit. DMA is in test_sim_dma.py. The choices these tests
 pin down are CHOICES C1-C29 in micdrv/sim/__init__.py.
 """
@@ -21,6 +21,7 @@ import pytest
 from micdrv.pci import BAR0, BAR4, CONFIG, INTX, MSI, MSIX, RemoteError, new_eventfd
 from micdrv.pci.device import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE
 from micdrv.x100 import regs
+from micdrv.sim.cardos.image import build_image
 from tests.sim_harness import (IOVA_BASE, MEMORY, READY_DELAY, Host, SimProcess, fired, wait_for)
 
 DOWNLOAD_ADDR = 64 << 20
@@ -338,7 +339,7 @@ def test_fail_next_reset_never_becomes_ready_and_the_next_reset_works(host, sim)
     assert sim.control.counters()["bootstrap"]["resets_failed"] >= 1
 
 
-# --- boot kick and the stub card OS (spec 3.1-3.3; C14, C29) ----------------------------------------
+# --- boot kick and the card OS (spec 3.1-3.3; C14, C18, C29) -----------------------------------------
 def load_and_kick(host: Host, image: bytes, cmdline: str, device_page_card_addr: int) -> None:
     """What _mic_start does (spec 3.1, 3.2 steps 7-10), written out."""
     spad2 = host.spad(regs.SPAD_DOWNLOAD_INFO)
@@ -356,9 +357,11 @@ def load_and_kick(host: Host, image: bytes, cmdline: str, device_page_card_addr:
     host.wr(regs.apicicr(7), regs.BSP_INTERRUPT_VECTOR | regs.APICICR_SEND)
 
 
-def fake_image(size: int = 0x4000) -> bytes:
-    img = bytearray(os.urandom(size))
-    struct.pack_into("<II", img, 0x218, 128 << 20, 0x1234)  # ramdisk_image, ramdisk_size
+def card_image(ramdisk: tuple[int, int] | None = None) -> bytes:
+    """The simulated card OS image, with the ramdisk fields patched as the host would (spec 3.1 step 7)."""
+    img = bytearray(build_image())
+    if ramdisk:
+        struct.pack_into("<II", img, 0x218, *ramdisk)
     return bytes(img)
 
 
@@ -369,60 +372,97 @@ def device_page(host: Host) -> int:
     return dp.offset
 
 
-def wait_os(sim) -> dict:
-    return wait_for(lambda: sim.control("os")["record"], "the stub card OS record")
+def wait_os(sim, state: str | None = None) -> dict:
+    return wait_for(lambda: (r := sim.control("os")["record"]) and (state is None or r["state"] == state) and r,
+                    f"the card OS record{f' in state {state}' if state else ''}")
 
 
-def test_boot_kick_starts_the_stub_os_which_finds_image_cmdline_and_device_page(host, sim):
-    image = fake_image()
+def test_boot_kick_starts_the_card_os_which_finds_image_cmdline_and_device_page(host, sim):
+    image = card_image(ramdisk=(128 << 20, 0x1234))
     dp = device_page(host)
     load_and_kick(host, image, "console=hvc0 quiet", host.card_addr(dp))
-    rec = wait_os(sim)
+    rec = wait_os(sim, "running")
     assert rec["image_size"] == len(image)
     assert rec["image_sha256"] == hashlib.sha256(image).hexdigest()
     assert rec["cmdline"] == f" mem={MEMORY >> 20}M console=hvc0 quiet"
+    assert rec["params"]["mem_mib"] == MEMORY >> 20 and rec["params"]["heartbeat"] == 30  # spec 7.2 default
     assert (rec["ramdisk_image"], rec["ramdisk_size"]) == (128 << 20, 0x1234)
     assert rec["device_page"] == regs.SYSTEM_WINDOW + IOVA_BASE + dp
     assert rec["magic_ok"] and rec["magic"] == 0xC0FFEE00
     assert rec["bootparam"]["node_id"] == 1 and rec["bootparam"]["h2c_config_db"] == -1
     assert rec["errors"] == []
-    wait_for(lambda: host.post_code() == "40", "post code 40")
+    # No host SCIF here: the card published its node QP (spec 8.4 step 2) and waits for the host's.
+    wait_for(lambda: host.post_code() == "60", "post code 60")
+    h2c_scif_db, card_qp = struct.unpack_from("<BxxxxxxxxxQ", host.arena.view, dp + 6)
+    assert h2c_scif_db == 0 and 0 < card_qp < MEMORY  # least used doorbell first; the QP in GDDR
+    assert bytes(host.gddr[card_qp:card_qp + 8]) == struct.pack("<Q", 0x5C1F000000005C1F)  # SCIFEP_MAGIC
+    assert sorted(rec["devices"]) == ["mic_x100_dma", "scif"]
+    assert rec["devices"]["mic_x100_dma"]["channels"] == [4, 5, 6, 7]
     assert sim.control.status()["state"] == "running"
+
+
+def test_the_card_takes_dma_channels_4_to_7_with_rings_in_gddr(host, sim):
+    load_and_kick(host, card_image(), "", host.card_addr(device_page(host)))
+    rec = wait_os(sim, "running")
+    channels = sim.control.counters()["dma"]["channels"]
+    for ch in range(4, 8):
+        c = channels[ch]
+        assert c["enabled"] and c["owner"] == "card" and c["dcherr"] == 0, c
+        ring = rec["devices"]["mic_x100_dma"]["rings"][str(ch)]
+        assert host.dma(ch, regs.DRAR_LO) == ring & 0xFFFFFFFF
+        assert host.dma(ch, regs.DRAR_HI) >> regs.DRAR_HI_SIZE_SHIFT & regs.DRAR_HI_SIZE_MASK == regs.DMA_RING_SIZE
+    assert not any(channels[ch]["enabled"] for ch in range(4))  # the host's stay the host's
 
 
 def test_a_wrong_device_page_is_reported_and_counted_as_a_card_fault(host, sim):
     faults = sim.control.counters()["bus"]["faults"]
-    load_and_kick(host, fake_image(0x1000), "", regs.SYSTEM_WINDOW + IOVA_BASE + (64 << 20))  # past the arena
-    rec = wait_os(sim)
+    load_and_kick(host, card_image(), "", regs.SYSTEM_WINDOW + IOVA_BASE + (64 << 20))  # past the arena
+    rec = wait_os(sim, "running")
     assert not rec["magic_ok"] and "unreachable" in rec["errors"][0]
     wait_for(lambda: host.post_code() == "4E", "post code 4E")
     assert sim.control.counters()["bus"]["faults"] == faults + 1
+    assert rec["devices"] == {}
 
 
-def test_bad_kicks_are_ignored_and_counted(host, sim):
-    before = sim.control.counters()["bootstrap"]["kicks_ignored"]
-    host.wr(regs.apicicr(7) + 4, APIC_ID + 1)  # wrong APIC ID
-    host.wr(regs.apicicr(7), regs.BSP_INTERRUPT_VECTOR | regs.APICICR_SEND)
-    host.wr(regs.apicicr(7) + 4, APIC_ID)
-    host.wr(regs.apicicr(7), 228 | regs.APICICR_SEND)  # wrong vector
-    host.wr(regs.apicicr(6), regs.BSP_INTERRUPT_VECTOR | regs.APICICR_SEND)  # wrong ICR
-    host.reset()  # not ready
-    host.wr(regs.apicicr(7) + 4, APIC_ID)
-    host.wr(regs.apicicr(7), regs.BSP_INTERRUPT_VECTOR | regs.APICICR_SEND)
-    host.wr(regs.apicicr(7), regs.BSP_INTERRUPT_VECTOR)  # no send bit: nothing at all
-    host.flush()
-    c = sim.control.counters()["bootstrap"]
-    assert c["kicks_ignored"] == before + 4
-    assert "ready" not in c["state"] or c["state"] == "resetting"
-    host.wait_ready()
-    assert sim.control.status()["state"] == "ready" and sim.control("os")["record"] is None
+def test_a_device_page_with_the_wrong_magic_brings_up_no_mic_devices(host, sim):
+    dp = device_page(host)
+    struct.pack_into("<I", host.arena.view, dp, 0xDEADBEEF)
+    load_and_kick(host, card_image(), "", host.card_addr(dp))
+    rec = wait_os(sim, "running")
+    assert not rec["magic_ok"] and rec["magic"] == 0xDEADBEEF and "magic" in rec["errors"][0]
+    wait_for(lambda: host.post_code() == "4E", "post code 4E")
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    good = build_image()
+    damaged = bytearray(good)
+    damaged[-3] ^= 0xFF
+    newer = bytearray(good)
+    struct.pack_into("<H", newer, 0xA08, 2)
+    plain = bytearray(good)
+    plain[0xA00:0xA08] = b"\x00" * 8  # an x86 kernel, not a card OS image
+    return {"garbage": (os.urandom(0x3000), "not a kernel image"), "damaged": (bytes(damaged), "CRC-32"),
+            "newer format": (bytes(newer), "version 2"), "plain x86 kernel": (bytes(plain), "cannot run")}
+
+
+@pytest.mark.parametrize("kind", list(bad_images()))
+def test_an_image_the_card_os_does_not_recognise_never_comes_up(host, sim, kind):
+    image, why = bad_images()[kind]
+    load_and_kick(host, image, "", host.card_addr(device_page(host)))
+    rec = wait_os(sim, "bad image")
+    assert why in rec["errors"][0] and rec["image_size"] == len(image)
+    wait_for(lambda: host.post_code() == "3E", "post code 3E")
+    wait_for(lambda: why in sim.log(), "the simulator's log line")
+    time.sleep(0.1)
+    assert host.spad(regs.SPAD_FW_SIZE) == len(image) and host.post_code() == "3E"  # and nothing more happens
 
 
 def test_host_doorbells_reach_the_card_os(host, sim):
-    load_and_kick(host, fake_image(0x1000), "", host.card_addr(device_page(host)))
-    wait_os(sim)
-    wait_for(lambda: len(sim.control.counters()["doorbells"]["handlers"]) == 16, "doorbell handlers")
-    before = sim.control.counters()["doorbells"]["rung"]
+    load_and_kick(host, card_image(), "", host.card_addr(device_page(host)))
+    wait_os(sim, "running")
+    wait_for(lambda: sim.control.counters()["doorbells"]["handlers"] == [0], "the SCIF doorbell handler")
+    c = sim.control.counters()["doorbells"]
+    before, unhandled = c["rung"], c["unhandled"]
     for db in (0, 3, 7):  # send_intr for db < 8: read APICICR[db], OR bit 13, write back (spec 2.3)
         host.wr(regs.apicicr(db), host.rd(regs.apicicr(db)) | regs.APICICR_SEND)
         assert not host.rd(regs.apicicr(db)) & regs.APICICR_SEND  # C13
@@ -431,13 +471,32 @@ def test_host_doorbells_reach_the_card_os(host, sim):
         host.wr(regs.rdmasr(db - 8), 0)
     want = [0] * 16
     want[0], want[3], want[7], want[8], want[15] = 1, 2, 1, 1, 1
-    wait_for(lambda: sim.control("os")["record"]["doorbells"] == want, "the card OS to count the doorbells")
-    assert sim.control.counters()["doorbells"]["rung"] == [b + w for b, w in zip(before, want)]
+    wait_for(lambda: sim.control.counters()["doorbells"]["rung"] == [b + w for b, w in zip(before, want)],
+             "the card to count the doorbells")
+    wait_for(lambda: sim.control.counters()["doorbells"]["unhandled"] == unhandled + 5, "5 unhandled doorbells")
+    wait_for(lambda: sim.control("os")["record"]["devices"]["scif"]["interrupts"] >= 1, "the SCIF doorbell")
+
+
+def test_a_card_waiting_for_the_host_can_still_power_off(host, sim):
+    dp = device_page(host)
+    load_and_kick(host, card_image(), "", host.card_addr(dp))
+    wait_os(sim, "running")  # no host SCIF: the card waits for the host's queue pair
+    sim.control("kernel", action="poweroff")
+    rec = wait_os(sim, "poweroff")
+    assert rec["devices"]["scif"]["connected"] is False
+    wait_for(lambda: host.post_code() == "F3", "post code F3")
+    h2c_scif_db, card_qp = struct.unpack_from("<BxxxxxxxxxQ", host.arena.view, dp + 6)
+    assert (h2c_scif_db, card_qp) == (0xFF, 0)  # the card withdrew its queue pair (spec 8.4 step 6)
+
+
+def test_the_kernel_switches_need_a_running_card_os(host, sim):
+    reply = sim.control.call("kernel", action="panic")
+    assert not reply["ok"] and "no card OS is running" in reply["error"]
 
 
 def test_reset_stops_the_card_os(host, sim):
-    load_and_kick(host, fake_image(0x1000), "", host.card_addr(device_page(host)))
-    wait_os(sim)
+    load_and_kick(host, card_image(), "", host.card_addr(device_page(host)))
+    wait_os(sim, "running")
     host.reset_ready()
     assert sim.control("os")["record"] is None
     unhandled = sim.control.counters()["doorbells"]["unhandled"]

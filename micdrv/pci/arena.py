@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 
 from ..addr import Iova
+from ..memory import BufferMemory
 from .device import PciDevice
 from .errors import DmaMapError, PciError
 
@@ -65,6 +66,7 @@ class DmaArena:
         self._lock = threading.Lock()
         self._mapped: list[tuple[PciDevice, Iova]] = []
         self._iova_base: Iova | None = None
+        self._memory: BufferMemory | None = None
 
     # --- DmaBacking -----------------------------------------------------------
     @property
@@ -185,7 +187,28 @@ class DmaArena:
                               f"IOVA range [{iova:#x}, +{length:#x}) is outside the arena")
         return off
 
+    def memory(self) -> BufferMemory:
+        """The whole arena as :class:`~micdrv.memory.Memory` addressed by IOVA (the arena must be mapped).
+
+        Zero-copy over the arena's mapping; aligned words are single loads and
+        stores, so the device sharing the pages never sees a torn ring pointer.
+        Host protocol code (SCIF queue pairs, the device page) reaches host
+        memory only through this window, so an IOVA a card handed back that
+        lies outside the arena raises instead of touching anything.
+        """
+        base = self.iova_base
+        if self._memory is None or self._memory.base != base:
+            self._release_memory()
+            self._memory = BufferMemory(self.view, base=base, name="DmaArena")
+        return self._memory
+
+    def _release_memory(self) -> None:
+        if self._memory is not None:
+            self._memory.release()
+            self._memory = None
+
     def close(self) -> None:
+        self._release_memory()
         for d, _base in list(self._mapped):
             try:
                 self.unmap(d)

@@ -10,12 +10,15 @@ Layers, bottom up -- none touches a register; memory is reached through
   device-page hand-shake (spec 8.4);
 * :mod:`.node` -- a SCIF node: peers, node messages, teardown (spec 8.4);
 * :mod:`.endpoint` -- endpoints: listen/accept/connect/send/recv/close (spec 8.5);
-* :mod:`.epd` -- what the connection messages do to endpoints (spec 8.5).
+* :mod:`.epd` -- what the connection messages do to endpoints (spec 8.5);
+* :mod:`.hwlink` -- the node QP with one peer over a MIC hardware device:
+  probe, device-page hand-shake, interrupt work, remove (spec 8.4).
 
 The same code runs on the host (node 0) and on the simulated card (node k+1).
 """
 
 from .endpoint import POLLERR, POLLHUP, POLLIN, POLLOUT, Endpoint, EpState
+from .hwlink import HostDoorbells, LinkDoorbells, ScifHwLink
 from .errors import (RingError, ScifAddressInUse, ScifConnectionRefused, ScifConnectionReset, ScifError,
                      ScifNodeDown, ScifNotConnected, ScifProtocolError, ScifTimeout)
 from .node import SCIF_NODE_ACCEPT_TIMEOUT, SCIF_NODE_ALIVE_TIMEOUT, NodeLink, ScifNode, ScifPeer
@@ -30,6 +33,7 @@ __all__ = [
     "ScifError", "ScifProtocolError", "RingError", "ScifTimeout", "ScifConnectionRefused", "ScifConnectionReset",
     "ScifNotConnected", "ScifNodeDown", "ScifAddressInUse",
     "ScifNode", "ScifPeer", "NodeLink", "SCIF_NODE_ALIVE_TIMEOUT", "SCIF_NODE_ACCEPT_TIMEOUT",
+    "ScifHwLink", "HostDoorbells", "LinkDoorbells",
     "NodeQueuePair", "Side", "publish_qp", "peer_qp", "unpublish_qp", "wait_peer_qp",
     "QueuePair", "ScifMemory", "LocalBuffer", "SCIF_NODE_QP_SIZE", "SCIF_ENDPT_QP_SIZE", "SCIFEP_MAGIC",
     "Ring", "U32Ptr",

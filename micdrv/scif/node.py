@@ -90,6 +90,7 @@ class ScifPeer:
         self.qp_ready = False       # our QP is connected to the peer's (spec 8.4 step 3)
         self.init_seen = False      # the peer's SCIF_INIT arrived (step 4)
         self.exiting = False        # an EXIT flow has begun: only INIT/EXIT/EXIT_ACK may be sent
+        self.removing = False       # this node is removing the peer (remove_peer): its own EXIT is out
         self.exit_acked = threading.Event()
         self.removed = False
 
@@ -274,15 +275,18 @@ class ScifNode:
         else:
             self._invalidate(peer_node)  # card-initiated: connections go first
         with self.lock:
-            peer.exiting = True
+            peer.exiting = peer.removing = True
         acked = True
         if was_alive:
             try:
                 peer.link.send_msg(ScifMsg(Uop.EXIT, PortId(self.node_id, 0), PortId(peer_node, 0)))
                 acked = peer.exit_acked.wait(max(0.0, deadline - time.monotonic()))
             except ScifError as e:
-                log.warning("%s: SCIF_EXIT to node %d: %s", self.name, peer_node, e)
-                acked = False
+                # The peer's own SCIF_EXIT may have been handled first and reset the queue pair:
+                # then it has left, which is all the acknowledgement there is to wait for.
+                acked = peer.exit_acked.is_set() or not peer.qp_ready
+                if not acked:
+                    log.warning("%s: SCIF_EXIT to node %d: %s", self.name, peer_node, e)
         self._drop_peer(peer, close_link=True)
         return acked
 
@@ -433,9 +437,19 @@ class ScifNode:
         self._peer_changed(peer)
 
     def _on_exit(self, peer: ScifPeer, msg: ScifMsg) -> None:
-        """``scif_exit``: the peer is leaving; clean up, answer SCIF_EXIT_ACK, wait for it to return."""
+        """``scif_exit``: the peer is leaving; clean up, answer SCIF_EXIT_ACK, wait for it to return.
+
+        When this node is removing the peer at the same time (both ends shut
+        down at once), the two SCIF_EXITs cross: each stands for the other's
+        SCIF_EXIT_ACK. Nothing is answered -- an answer would land in a queue
+        pair the peer is about to free -- and our own removal goes on.
+        """
         with self.lock:
+            crossing = peer.removing
             peer.exiting = True
+        if crossing:
+            peer.exit_acked.set()
+            return
         if self.is_mgmt:
             self._remove_from_others(peer.peer_node, time.monotonic() + self.alive_timeout)
         self._invalidate(peer.peer_node)

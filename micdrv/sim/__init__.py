@@ -20,7 +20,7 @@ Modules, one concept each:
 :mod:`.bootstrap`            reset, SPAD2 ready handshake, boot kick (spec 2.5, 3.2)
 :mod:`.dma_descriptors`      rings and descriptors, DCHERR bits (spec 4.2, 4.3)
 :mod:`.dma_engine`           8 channels, DCR, a thread per channel (spec 4)
-:mod:`.card_os`              the card OS interface and the stub card OS (spec 3, 9)
+:mod:`.cardos`               the card OS: image format, kernel, SCIF, COSM client (spec 3, 7-9)
 :mod:`.card`                 the device model wiring it all; CardSide, the card OS's API
 :mod:`.control`              control socket: fault hooks, counters (sim only)
 :mod:`.cli`                  the entry point
@@ -90,10 +90,14 @@ Registers, doorbells, reset (:mod:`.registers`, :mod:`.doorbells`, :mod:`.bootst
        ID << 1 | download address; APIC ID default 240 (core 60 x 4, the
        last of 61 cores), download address default 64 MiB.
   C18. Post codes (two ASCII characters, low byte first): "01" reset
-       started, "10" bootstrap ready, "20" kick accepted, "30" stub OS
-       started, "40" device page found with magic 0xC0FFEE00, "4E" device
-       page unreachable or wrong magic, "EE" card OS crashed. A failed reset
-       (fault hook) stays at "01" with SPAD2 = 0 until the next reset.
+       started, "10" bootstrap ready, "20" kick accepted, then the card OS's
+       (:data:`.cardos.kernel.POST_CODES`): "30" card OS started, "3E" image
+       not recognised, "40" device page found with magic 0xC0FFEE00, "4E"
+       device page unreachable or wrong magic, "50" DMA channels 4-7 up,
+       "60" SCIF node QP published, "70" host node alive, "80" COSM client
+       connected, "EE" kernel panic, "F2"/"F3"/"F4" halted / powered off /
+       restarting. A failed reset (fault hook) stays at "01" with SPAD2 = 0
+       until the next reset.
 
 SMPT and the card bus (:mod:`.smpt`, :mod:`.bus`)
   C19. The no-snoop bit is stored and ignored. An access crossing a 16 GiB
@@ -129,9 +133,29 @@ DMA engine (:mod:`.dma_descriptors`, :mod:`.dma_engine`)
   C28. The destination address is qw1 bits 58:0 (everything below the
        interrupt bit); stray high bits make an address fault.
 
-Stub card OS (:mod:`.card_os`)
-  C29. Its record (image size and SHA-256, command line, ramdisk header
-       fields, device page address, magic, bootparam, doorbell counts,
-       errors) is published through the control socket's ``os`` command,
-       not in card memory; a reset clears it.
+Card OS (:mod:`.cardos`)
+  C29. Its record (state, image size and SHA-256, command line and
+       parameters, ramdisk header fields, device page address, magic,
+       bootparam, heap, clock, log, each driver's status, errors) is
+       published through the control socket's ``os`` command, not in card
+       memory; a reset clears it.
+  C30. The image format is the simulator's own (:mod:`.cardos.image`): an
+       x86 boot sector and setup header ("HdrS", room for the host's
+       ramdisk fields at 0x218/0x21C), then a card OS header with a magic,
+       a format version, a CRC-32 and the log buffer's addresses. Anything
+       else gets post code 3E and never comes up.
+  C31. The kernel is never relocated: its log buffer is at the absolute
+       physical address the image names, wherever the bootstrap loaded it.
+       The heap (SCIF queues, DMA rings) is the largest free range of card
+       memory outside the first MiB, the kernel (load address + init_size,
+       image and command line), the log buffer and the ramdisk, at most
+       64 MiB. A log buffer that overlaps what the host loaded stops the
+       boot (3E).
+  C32. A panic sends the host nothing (upstream has no panic notifier):
+       "Kernel panic - not syncing" in the log, post code EE, then no
+       heartbeat, no interrupt handled, connections left open. A hang is the
+       same silence without the log line and post code. Power-off, halt and
+       reboot report poweroff (3), halted (2) and restart (4, not the
+       kernel's SYSTEM_RESTART 5, spec 7.1) before the COSM connection
+       closes and SCIF exits.
 """

@@ -1,7 +1,8 @@
-"""``python -m micdrv.sim``: see :mod:`micdrv.sim.cli`."""
+"""``python -m micdrv.sim``: see :mod:`micdrv.sim.cli` (``micdrv sim`` imports :func:`main` from here)."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

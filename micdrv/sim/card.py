@@ -10,7 +10,7 @@ the card's parts together:
   (:mod:`.bootstrap`), scratch pads SPAD0-15 and the post code (plain
   read/write registers, spec 2.1/2.2), RGCR;
 * the card's physical address space (:mod:`.bus`) and the card OS
-  (:mod:`.card_os`), which sees the hardware only through a
+  (:mod:`.cardos`), which sees the hardware only through a
   :class:`CardSide`.
 
 A card reset (RGCR bit 0, spec 2.5; also a vfio DEVICE_RESET, which adds
@@ -53,7 +53,7 @@ from . import identity
 from .bootstrap import DEFAULT_APIC_ID, DEFAULT_DOWNLOAD_ADDR, DEFAULT_READY_DELAY, Bootstrap, \
     check_download_addr, post_code_text, post_code_value
 from .bus import CardBus, CardFault
-from .card_os import CardOS, StubCardOS
+from .cardos import CardOS, SimCardOS
 from .dma_engine import DmaEngine
 from .doorbells import CardDoorbells, DoorbellRegisters
 from .interrupts import InterruptBlock
@@ -78,7 +78,7 @@ class X100Card(DeviceModel):
     def __init__(self, *, device_id: int = identity.DEFAULT_DEVICE_ID,
                  revision: int = identity.revision_of(identity.DEFAULT_STEPPING), memory_size: int = DEFAULT_MEMORY,
                  apic_id: int = DEFAULT_APIC_ID, download_addr: int = DEFAULT_DOWNLOAD_ADDR,
-                 ready_delay: float = DEFAULT_READY_DELAY, os_factory: Callable[[], CardOS] = StubCardOS):
+                 ready_delay: float = DEFAULT_READY_DELAY, os_factory: Callable[[], CardOS] = SimCardOS):
         check_download_addr(download_addr, memory_size)
         super().__init__(identity.build_config(device_id, revision, memory_size))
         self.lock = threading.RLock()
@@ -97,6 +97,7 @@ class X100Card(DeviceModel):
         self.post_code = [0]
         self.os_factory = os_factory
         self.os_record: dict | None = None
+        self.card_os: CardOS | None = None  # the OS the last accepted kick started (until a reset)
         self._side: CardSide | None = None
         self.os_starts = 0
 
@@ -134,6 +135,7 @@ class X100Card(DeviceModel):
             if side is not None:
                 side.stopped.set()
             self.os_record = None
+            self.card_os = None
             self.spads[:] = [0] * regs.SPAD_COUNT
             self.interrupts.reset(function=function)
             self.smpt.reset()
@@ -162,6 +164,7 @@ class X100Card(DeviceModel):
         self._side = side
         self.os_starts += 1
         card_os = self.os_factory()
+        self.card_os = card_os
         threading.Thread(target=self._run_os, args=(card_os, side), name="card OS", daemon=True).start()
 
     def _run_os(self, card_os: CardOS, side: "CardSide") -> None:
@@ -172,6 +175,25 @@ class X100Card(DeviceModel):
         except Exception:
             log.exception("card OS crashed")
             side.post("EE")
+
+    def os_control(self, action: str, **args) -> dict:
+        """A test switch for the running card OS (the control socket's ``kernel`` command)."""
+        with self.lock:
+            card_os = self.card_os
+        control = getattr(card_os, "control", None)
+        if control is None:
+            raise ValueError("no card OS is running" if card_os is None else "this card OS has no test switches")
+        return control(action, **args)
+
+    def os_status(self) -> dict | None:
+        """The running card OS's record as of now (its ``snapshot()``), else what it last published."""
+        with self.lock:
+            card_os, record = self.card_os, self.os_record
+        snapshot = getattr(card_os, "snapshot", None)
+        fresh = snapshot() if snapshot is not None else None
+        if fresh is not None:
+            return fresh
+        return copy.deepcopy(record)
 
     def _publish(self, side: "CardSide", record: dict) -> None:
         with self.lock:
@@ -201,7 +223,8 @@ class X100Card(DeviceModel):
                     "spad2": self.spads[regs.SPAD_DOWNLOAD_INFO], "device_id": self.config.get(2, 2),
                     "revision": self.config.get(8, 1), "memory_size": self.memory_size,
                     "apic_id": self.bootstrap.apic_id, "download_addr": self.bootstrap.download_addr,
-                    "ready_delay": self.bootstrap.ready_delay, "os_starts": self.os_starts}
+                    "ready_delay": self.bootstrap.ready_delay, "os_starts": self.os_starts,
+                    "threads": threading.active_count()}
 
     def counters(self) -> dict:
         return {"bus": self.bus.counters(), "interrupts": self.interrupts.counters(),

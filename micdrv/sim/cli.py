@@ -1,15 +1,21 @@
-"""``python -m micdrv.sim``: run one simulated X100 card in this process, served over vfio-user.
+"""``python -m micdrv.sim`` (``micdrv sim``): run one simulated X100 card, or write its card OS image.
 
 ::
 
     python -m micdrv.sim --socket PATH [--device-id 0x2250] [--stepping C0] [--memory 8G]
                          [--ready-delay 0.2] [--download-addr 64M] [--apic-id 240]
                          [--control PATH] [--log-level info]
+    python -m micdrv.sim image --output PATH [--cmdline TEXT] [--log-buf-len 128K]
 
 The card listens on ``--socket`` (vfio-user, one client at a time) and, with
 ``--control``, answers the simulator's control protocol (:mod:`.control`)
 there. Both sockets listen before the first log line "listening" goes to
 stderr. SIGTERM and SIGINT stop it cleanly (exit status 0).
+
+``image`` writes the simulated card OS image (:mod:`.cardos.image`) to
+PATH -- the firmware file the host boots, e.g. /lib/firmware/mic/uos.img --
+and ``System.map`` beside it with the ``__log_buf`` and ``log_buf_len``
+symbols mpssd-style tools read (spec 6.5).
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import logging
 import re
 import signal
 import sys
+from pathlib import Path
 
 from micdrv.pci.vfio_user import VfioUserServer
 
 from . import identity
 from .bootstrap import DEFAULT_APIC_ID, DEFAULT_DOWNLOAD_ADDR, DEFAULT_READY_DELAY
 from .card import DEFAULT_MEMORY, X100Card
+from .cardos import image as image_mod
 from .control import ControlServer
 
 log = logging.getLogger("micdrv.sim")
@@ -74,7 +82,40 @@ def _stepping(text: str) -> int:
         return identity.revision_of(int(text, 0))
 
 
+def build_image_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="micdrv sim image",
+                                description="Write the simulated card OS image and its System.map.")
+    p.add_argument("--output", "-o", required=True, help="image file to write (System.map goes beside it)")
+    p.add_argument("--cmdline", default="", help="built-in kernel command line, e.g. 'micdrv_sim.heartbeat=5' "
+                                                 "(the host's command line comes after it and wins)")
+    p.add_argument("--log-buf-len", type=parse_size, default=image_mod.DEFAULT_LOG_BUF_LEN,
+                   help="kernel log ring size, a power of two (default 128K)")
+    return p
+
+
+def image_main(argv: list[str]) -> int:
+    parser = build_image_parser()
+    args = parser.parse_args(argv)
+    try:
+        data = image_mod.build_image(builtin_cmdline=args.cmdline, log_buf_len=args.log_buf_len)
+    except ValueError as e:
+        parser.error(str(e))
+    out = Path(args.output)
+    smap = out.parent / "System.map"
+    try:
+        out.write_bytes(data)
+        smap.write_text(image_mod.system_map(image_mod.parse_image(data)))
+    except OSError as e:
+        print(f"micdrv sim image: {e}", file=sys.stderr)
+        return 1
+    print(f"{out}: {len(data)} bytes; {smap}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["image"]:
+        return image_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

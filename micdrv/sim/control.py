@@ -12,7 +12,7 @@ request                                           reply (besides ``"ok": true``)
 ``{"cmd": "status"}``                             ``"status"``: state (resetting/ready/running/hung),
                                                   post_code, spad2, device_id, revision,
                                                   memory_size, apic_id, download_addr, ready_delay,
-                                                  os_starts
+                                                  os_starts, threads
 ``{"cmd": "counters"}``                           ``"counters"``: bus (faults, recent), interrupts
                                                   (raised per source, msix per vector, msi, intx,
                                                   dropped, pba, mode, sicr/sice/siac), doorbells
@@ -23,7 +23,11 @@ request                                           reply (besides ``"ok": true``)
                                                   owner, stalled, dhpr, dtpr, dcherr, error_names,
                                                   errors, last_error, descriptors, bytes,
                                                   inline_batches), registers (unmapped_reads/writes)
-``{"cmd": "os"}``                                 ``"record"``: what the card OS published, or null
+``{"cmd": "os"}``                                 ``"record"``: the card OS's record now (or what it
+                                                  last published), or null
+``{"cmd": "kernel", "action": A,                  a test switch of the running card OS: ``panic``
+  "message": text}``                              (with ``message``), ``hang``, ``poweroff``,
+                                                  ``halt``, ``reboot``; ``"state"``: the kernel's
 ``{"cmd": "ring", "db": 0..3}``                   the card rings host doorbell db (an SDBIC write
                                                   through the card's register window)
 ``{"cmd": "stall", "channel": 0..7,               stall (true) or release (false) a DMA channel
@@ -74,6 +78,7 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._commands = {
             "ping": self._ping, "status": self._status, "counters": self._counters, "os": self._os,
+            "kernel": self._kernel,
             "ring": self._ring, "stall": self._stall, "fail_next_reset": self._fail_next_reset,
             "drop_interrupt": self._drop_interrupt, "card_read": self._card_read, "card_write": self._card_write,
         }
@@ -179,8 +184,13 @@ class ControlServer:
         return {"counters": self.card.counters()}
 
     def _os(self, req: dict) -> dict:
-        with self.card.lock:
-            return {"record": self.card.os_record}
+        return {"record": self.card.os_status()}
+
+    def _kernel(self, req: dict) -> dict:
+        action, message = req.get("action"), req.get("message", "")
+        if not isinstance(action, str) or not isinstance(message, str):
+            raise RequestError('"action" (and "message", if given) must be strings')
+        return self.card.os_control(action, **({"message": message} if message else {}))
 
     def _ring(self, req: dict) -> dict:
         db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)

@@ -18,11 +18,16 @@ arena have been made, so no explicit barrier is needed here.
 
 :class:`Aperture` is BAR0: card physical address X is BAR0 offset X (spec
 1.2), mapped whole as a memoryview (write-combined on silicon).
+:meth:`Aperture.memory` is the same window as a bounds-checked
+:class:`~micdrv.memory.Memory` addressed by card physical address, for
+protocol code (SCIF queue pairs, the card log): zero-copy over the mapping,
+or region reads and writes when BAR0 cannot be mapped.
 """
 
 from __future__ import annotations
 
 from ..addr import BarOffset, CardPhys
+from ..memory import BufferMemory, Memory, MemoryBase
 from ..pci import BAR0, BAR4, PciDevice
 from ..pci.errors import RegionError
 from . import regs
@@ -98,6 +103,7 @@ class Aperture:
             self.view: memoryview | None = dev.mmap(BAR0)
         except RegionError:
             self.view = None  # every access becomes a region read/write
+        self._memory: Memory | None = None
 
     def _check(self, addr: int, length: int, what: str) -> None:
         if addr < 0 or length < 0 or addr + length > self.size:
@@ -117,7 +123,64 @@ class Aperture:
         else:
             self.dev.write_bytes(BAR0, addr, data)
 
+    def memory(self) -> Memory:
+        """BAR0 as :class:`~micdrv.memory.Memory` by card physical address (spec 1.2: offset X = address X)."""
+        if self._memory is None:
+            if self.view is not None:
+                self._memory = BufferMemory(self.view, base=0, name="BAR0")
+            else:
+                self._memory = ApertureRegionMemory(self.dev, self.size)
+        return self._memory
+
     def release(self) -> None:
+        if isinstance(self._memory, BufferMemory):
+            self._memory.release()
+        self._memory = None
         if self.view is not None:
             self.view.release()
             self.view = None
+
+
+class ApertureRegionMemory(MemoryBase):
+    """BAR0 through region reads and writes, for a PciDevice that cannot mmap it.
+
+    Aligned 32- and 64-bit words are one sized access each (a PCIe read or
+    write of that width), as the card's own pointers need.
+    """
+
+    def __init__(self, dev: PciDevice, size: int):
+        super().__init__(0, size, "BAR0")
+        self.dev = dev
+
+    def _read(self, addr: int, n: int) -> bytes:
+        return self.dev.read_bytes(BAR0, addr, n) if n else b""
+
+    def _write(self, addr: int, data) -> None:
+        if len(data):
+            self.dev.write_bytes(BAR0, addr, data)
+
+    def read_u32(self, addr: int) -> int:
+        self.check(addr, 4, "read")
+        if addr & 3:
+            return int.from_bytes(self._read(addr, 4), "little")
+        return self.dev.read(BAR0, addr, 4)
+
+    def read_u64(self, addr: int) -> int:
+        self.check(addr, 8, "read")
+        if addr & 7:
+            return int.from_bytes(self._read(addr, 8), "little")
+        return self.dev.read(BAR0, addr, 8)
+
+    def write_u32(self, addr: int, value: int) -> None:
+        self.check(addr, 4, "write")
+        if addr & 3:
+            self._write(addr, value.to_bytes(4, "little"))
+        else:
+            self.dev.write(BAR0, addr, 4, value, posted=False)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.check(addr, 8, "write")
+        if addr & 7:
+            self._write(addr, value.to_bytes(8, "little"))
+        else:
+            self.dev.write(BAR0, addr, 8, value, posted=False)
