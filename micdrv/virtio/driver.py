@@ -209,10 +209,19 @@ class DriverRing:
         return out
 
     def disable_cb(self) -> None:
-        """Ask the device not to interrupt (NO_INTERRUPT; with EVENT_IDX used_event is just left behind)."""
+        """Ask the device not to interrupt: NO_INTERRUPT, or with EVENT_IDX a used_event just behind us.
+
+        With EVENT_IDX, v5.4 Linux writes nothing (the next completion may
+        still interrupt) and later kernels write 0; we write ``last_used - 1``,
+        which the device's window reaches only after 65535 completions, so
+        the advice is actually followed [INF: a choice, the spec only says
+        the flag / event are advice].
+        """
         if not self._cb_disabled:
             self._cb_disabled = True
-            if not self.event_idx:
+            if self.event_idx:
+                self._avail.set_u16(self._used_event, (self.last_used - 1) & 0xFFFF)
+            else:
                 self._avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
                 self._avail.set_u16(AVAIL_FLAGS, self._avail_flags)
 
