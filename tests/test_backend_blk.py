@@ -295,3 +295,14 @@ def test_an_image_that_cannot_be_opened(tmp_path):
         BlockImage("/dev/null", readonly=True)
     with pytest.raises(ImageError, match="Is a directory"):
         BlockImage(str(tmp_path))
+
+
+def test_a_backend_from_its_configuration_entry(image):
+    from micdrv.config import BlkConfig
+    be = BlkBackend.from_config(BlkConfig(path=str(image), readonly=True, serial="iso"))
+    try:
+        assert be.image.readonly and be.serial == b"iso" and be.device_features() >> B.VIRTIO_BLK_F_RO & 1
+        assert be.describe() == {"name": "blk:disk.img", "device_id": 2, "path": str(image), "readonly": True,
+                                 "capacity": 8192, "serial": "iso"}
+    finally:
+        be.close()

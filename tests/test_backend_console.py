@@ -147,3 +147,16 @@ def test_closing_removes_the_link_and_the_pty(tmp_path):
     assert not os.path.lexists(link)
     with pytest.raises(OSError):
         os.open(path, os.O_RDWR | os.O_NOCTTY)
+
+
+def test_a_console_from_its_configuration_entry(tmp_path):
+    from micdrv.config import ConsoleConfig
+    be = ConsoleBackend.from_config("mic3", ConsoleConfig(), run_dir=str(tmp_path))
+    try:
+        assert be.pty.link == str(tmp_path / "mic3" / "console") and os.readlink(be.pty.link) == be.path
+        assert be.describe()["name"] == "console:mic3"
+    finally:
+        be.close()
+    be = ConsoleBackend.from_config("mic3", ConsoleConfig(path=str(tmp_path / "elsewhere")))
+    assert be.pty.link == str(tmp_path / "elsewhere")
+    be.close()

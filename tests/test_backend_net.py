@@ -53,6 +53,14 @@ def test_tap_offloads_follow_what_the_card_acked():
     assert tap_offloads(g(N.VIRTIO_NET_F_GUEST_ECN)) == 0  # ECN alone means nothing
 
 
+def test_effective_addresses_of_a_net_entry():
+    assert link.addresses("mic2") == link.NetDefaults("mic2", "172.31.3.254/24", "172.31.3.1")
+    assert link.addresses("mic2", bridge="br0").host is None
+    assert link.addresses("mic2", bridge="br0", address="10.0.0.1/8").host == "10.0.0.1/8"
+    assert link.addresses("0000:03:00.0", tap="t0", address="10.0.0.1/8") == link.NetDefaults("t0", "10.0.0.1/8",
+                                                                                              None)
+
+
 def test_mpss_defaults_and_stable_macs():
     d = link.mpss_defaults("mic0")
     assert (d.tap, d.host, d.card) == ("mic0", "172.31.1.254/24", "172.31.1.1")
@@ -352,5 +360,18 @@ def test_offloads_follow_a_card_that_declines_them(ns):
         with Guest(be, features=1 << N.VIRTIO_NET_F_MAC):
             assert be.tap.offload == 0
             assert struct.calcsize("<BBHHHH") == 10
+    finally:
+        be.close()
+
+
+def test_a_net_device_from_its_configuration_entry(ns):
+    from micdrv.config import NetConfig
+    tap = f"mdv{os.getpid() % 100000}t{next(_taps)}"
+    be = NetBackend.from_config("mic0", NetConfig(tap=tap, netns=ns, mtu=9000, mac="02:00:00:00:00:42",
+                                                  address="10.1.2.3/16"))
+    try:
+        st = link.state(tap, ns)
+        assert st.mtu == 9000 and "10.1.2.3/16" in st.addresses and be.mac == bytes.fromhex("020000000042")
+        assert be.describe()["netns"] == ns and be.describe()["mac"] == "02:00:00:00:00:42"
     finally:
         be.close()

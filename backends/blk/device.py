@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 
+from micdrv.config import BlkConfig
 from micdrv.virtio import blk as B
 from micdrv.virtio.device import VIRTIO_ID_BLOCK
 
@@ -76,6 +77,11 @@ class BlkBackend(Backend):
              **kw) -> "BlkBackend":
         """Open ``path`` as an image and serve it."""
         return cls(BlockImage(path, readonly), name, serial, **kw)
+
+    @classmethod
+    def from_config(cls, cfg: BlkConfig, **kw) -> "BlkBackend":
+        """The device a ``[[card.<name>.blk]]`` entry describes (micdrv.config.BlkConfig)."""
+        return cls.open(cfg.path, cfg.readonly, cfg.serial, **kw)
 
     # --- description --------------------------------------------------------------------------
 

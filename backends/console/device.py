@@ -23,6 +23,7 @@ import logging
 import os
 from collections import deque
 
+from micdrv.config import ConsoleConfig
 from micdrv.virtio import console as C
 from micdrv.virtio.device import VIRTIO_ID_CONSOLE
 
@@ -58,6 +59,11 @@ class ConsoleBackend(Backend):
     def open(cls, link: str | None = None, name: str = "console", **kw) -> "ConsoleBackend":
         """A new pty (its path published at ``link``) and a console on it."""
         return cls(Pty(link), name, **kw)
+
+    @classmethod
+    def from_config(cls, card: str, cfg: ConsoleConfig, run_dir: str = "/run/micdrv", **kw) -> "ConsoleBackend":
+        """The device a ``[[card.<name>.console]]`` entry describes; the link defaults to <run_dir>/<card>/console."""
+        return cls.open(cfg.path or os.path.join(run_dir, card, "console"), name=f"console:{card}", **kw)
 
     # --- description --------------------------------------------------------------------------
 

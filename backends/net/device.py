@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 
+from micdrv.config import NetConfig
 from micdrv.virtio import net as N
 from micdrv.virtio.device import VIRTIO_ID_NET
 
@@ -111,17 +112,22 @@ class NetBackend(Backend):
         MACs: the card's (in the config space) and the host end's. With a
         ``bridge`` the tap gets no address unless one is given.
         """
-        d = link.mpss_defaults(card) if tap is None or (address is None and bridge is None) else None
+        eff = link.addresses(card, tap, address, bridge=bridge)
         ident = identity or card
-        t = Tap(tap or d.tap)
+        t = Tap(eff.tap)
         try:
-            host_addr = address if address is not None else (None if bridge else d.host)
-            link.configure(t.name, netns=netns, address=host_addr, mtu=mtu, mac=link.stable_mac(f"{ident}/host"),
+            link.configure(t.name, netns=netns, address=eff.host, mtu=mtu, mac=link.stable_mac(f"{ident}/host"),
                            bridge=bridge)
         except BaseException:
             t.close()
             raise
         return cls(t, mac or link.stable_mac(ident), mtu=mtu if offer_mtu else None, netns=netns)
+
+    @classmethod
+    def from_config(cls, card: str, cfg: NetConfig, identity: str | None = None) -> "NetBackend":
+        """The device a ``[[card.<name>.net]]`` entry describes (micdrv.config.NetConfig)."""
+        return cls.open(card, identity, tap=cfg.tap, address=cfg.address, mtu=cfg.mtu,
+                        mac=link.parse_mac(cfg.mac) if cfg.mac else None, bridge=cfg.bridge, netns=cfg.netns)
 
     # --- description --------------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ class NetDefaults:
     """MPSS's addressing for card ``micN``."""
 
     tap: str
-    host: str       # address/prefix on the host side of the tap
-    card: str       # the card's address (goes on the card's kernel command line, spec 6.5)
+    host: str | None  # address/prefix on the host side of the tap
+    card: str | None  # the card's address (goes on the card's kernel command line, spec 6.5)
 
 
 def mpss_defaults(card: str) -> NetDefaults:
@@ -43,6 +43,21 @@ def mpss_defaults(card: str) -> NetDefaults:
         raise ValueError(f"MPSS network defaults need a card named mic0..mic253, not {card!r}")
     n = int(m.group(1)) + 1
     return NetDefaults(tap=card, host=f"172.31.{n}.254/24", card=f"172.31.{n}.1")
+
+
+def addresses(card: str, tap: str | None = None, address: str | None = None, card_address: str | None = None,
+              bridge: str | None = None) -> NetDefaults:
+    """The effective tap name, host address and card address of a net entry, MPSS defaults filling the gaps.
+
+    The host address is None with a bridge and no explicit address; the card
+    address is None when not configured and ``card`` is not ``micN``.
+    """
+    def default() -> NetDefaults:
+        return mpss_defaults(card)
+
+    host = address if address is not None else (None if bridge else default().host)
+    card_ip = card_address or (default().card if _CARD_INDEX.match(card) else None)
+    return NetDefaults(tap=tap or default().tap, host=host, card=card_ip)
 
 
 def stable_mac(identity: str) -> bytes:
