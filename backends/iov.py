@@ -47,6 +47,29 @@ def split(views: Sequence[memoryview], offset: int) -> tuple[Views, Views]:
     return head, rest
 
 
+def split_tail(views: Sequence[memoryview], n: int) -> tuple[Views, Views]:
+    """``views`` cut ``n`` bytes before the end: (everything but the last ``n`` bytes, the last ``n``).
+
+    Works from the end, so finding a trailer (virtio-blk's status byte) costs
+    nothing however many views precede it.
+    """
+    front = list(views)
+    tail: Views = []
+    left = n
+    while left:
+        if not front:
+            raise ValueError(f"cannot take the last {n} bytes of {total(views)}")
+        v = front.pop()
+        if len(v) <= left:
+            tail.insert(0, v)
+            left -= len(v)
+        else:
+            front.append(v[:len(v) - left])
+            tail.insert(0, v[len(v) - left:])
+            left = 0
+    return front, tail
+
+
 def prefix(views: Sequence[memoryview], n: int) -> bytes:
     """A copy of the first ``n`` bytes (for headers, which are small)."""
     if views and len(views[0]) >= n:

@@ -78,8 +78,8 @@ def test_a_chain_round_trips_with_its_data():
     c = p.dev.pop()
     assert c.head == head and c.readable_len == 100 and c.writable_len == 300
     assert [tuple(b) for b in c.buffers] == [(out[0], 100, False), (inb[0], 300, True)]
-    assert p.mem.read(c.readable[0].addr, 8) == b"request-"
-    p.mem.write(c.writable[0].addr, b"reply")
+    assert p.mem.read(c.readable[0][0], 8) == b"request-"
+    p.mem.write(c.writable[0][0], b"reply")
     p.dev.push(c.head, 5)
     assert p.dev.needs_notify()
     assert p.drv.get_used() == ("tok", 5)
@@ -148,9 +148,9 @@ def test_random_chains_round_trip_driver_device_driver(data):
         assert len(chains) == len(posted)
         for c, (head, out, inb) in zip(chains, posted.values()):
             assert c.head == head
-            assert [(b.addr, b.len) for b in c.readable] == out
-            assert [(b.addr, b.len) for b in c.writable] == inb
-            assert all(not b.writable for b in c.readable) and all(b.writable for b in c.writable)
+            assert c.readable == out and c.writable == inb
+            assert [tuple(b) for b in c.buffers] == [(a, n, False) for a, n in out] + [(a, n, True) for a, n in inb]
+            assert (c.readable_len, c.writable_len) == (sum(n for _a, n in out), sum(n for _a, n in inb))
         # The device answers in a random order with a random number of bytes, in random batches.
         rnd.shuffle(chains)
         replies = {}
@@ -162,9 +162,9 @@ def test_random_chains_round_trip_driver_device_driver(data):
                 n = rnd.randint(0, c.writable_len)
                 stream = rnd.randbytes(n)
                 pos = 0
-                for b in c.writable:
-                    take = min(b.len, n - pos)
-                    p.mem.write(b.addr, stream[pos:pos + take])
+                for addr, length in c.writable:
+                    take = min(length, n - pos)
+                    p.mem.write(addr, stream[pos:pos + take])
                     pos += take
                 replies[c.head] = stream
                 done.append((c.head, n))
@@ -191,7 +191,7 @@ def test_indices_wrap_at_65536():
     for i in range(12):
         h = p.drv.add([p.buf(8, bytes([i]) * 8)], [p.buf(8)], token=i)
         c = p.dev.pop()
-        assert c.head == h and p.mem.read(c.readable[0].addr, 1) == bytes([i])
+        assert c.head == h and p.mem.read(c.readable[0][0], 1) == bytes([i])
         p.dev.push(c.head, 8)
         assert p.drv.get_used() == (i, 8)
     assert p.drv.avail_idx == p.dev.last_avail == (start + 12) & 0xFFFF == 6

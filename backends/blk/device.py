@@ -143,7 +143,7 @@ class BlkBackend(Backend):
             log.warning("%s: request (head %d) has no writable status byte; returned unanswered", self.name,
                         chain.head)
             return 0
-        data_in, status = iov.split(chain.writable, chain.writable_len - B.STATUS_SIZE)
+        data_in, status = iov.split_tail(chain.writable, B.STATUS_SIZE)
         chain.tail = B.STATUS_SIZE
         if chain.readable_len < B.OUTHDR_SIZE:
             c["malformed"] += 1
@@ -171,14 +171,14 @@ class BlkBackend(Backend):
         if type_ == B.VIRTIO_BLK_T_IN:
             if not self._in_range(sector, in_len):
                 return B.VIRTIO_BLK_S_IOERR, 0
-            img.preadv(data_in, sector * B.SECTOR_SIZE)
+            img.preadv(data_in, sector * B.SECTOR_SIZE, in_len)
             c["read_requests"] += 1
             c["read_bytes"] += in_len
             return B.VIRTIO_BLK_S_OK, in_len
         if type_ == B.VIRTIO_BLK_T_OUT:
             if img.readonly or not self._in_range(sector, out_len):
                 return B.VIRTIO_BLK_S_IOERR, 0
-            img.pwritev(data_out, sector * B.SECTOR_SIZE)
+            img.pwritev(data_out, sector * B.SECTOR_SIZE, out_len)
             c["write_requests"] += 1
             c["write_bytes"] += out_len
             return B.VIRTIO_BLK_S_OK, 0

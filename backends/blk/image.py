@@ -118,9 +118,9 @@ class BlockImage:
 
     # --- vectored I/O (the queue path and the host API) --------------------------------------
 
-    def preadv(self, views: Sequence[memoryview], offset: int) -> int:
-        """Fill ``views`` from ``offset``; the whole range must lie inside the image."""
-        want = iov.total(views)
+    def preadv(self, views: Sequence[memoryview], offset: int, length: int | None = None) -> int:
+        """Fill ``views`` (``length`` bytes, if the caller knows) from ``offset``, all inside the image."""
+        want = iov.total(views) if length is None else length
         with self._lock:
             fd = self._checked_fd()
             self._check(offset, want)
@@ -132,11 +132,11 @@ class BlockImage:
                 done += n
         return done
 
-    def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
-        """Write ``views`` at ``offset``; the whole range must lie inside the image."""
+    def pwritev(self, views: Sequence[memoryview], offset: int, length: int | None = None) -> int:
+        """Write ``views`` (``length`` bytes, if the caller knows) at ``offset``, all inside the image."""
         if self.readonly:
             raise ImageError(f"{self.path}: read-only image")
-        want = iov.total(views)
+        want = iov.total(views) if length is None else length
         with self._lock:
             fd = self._checked_fd()
             self._check(offset, want)

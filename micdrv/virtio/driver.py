@@ -135,10 +135,11 @@ class DriverRing:
             head = self._free.pop()
             table = self._indirect_parts
             base = head * self._indirect_entries * DESC_SIZE
-            for j, (a, n, f) in enumerate(bufs):
-                last = j == total - 1
-                table.pack(DESC, base + j * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT),
-                           0 if last else j + 1)
+            pack = DESC.pack
+            last = total - 1
+            # The whole table in one store: entries chained 0 -> 1 -> ... -> last.
+            table.write(base, b"".join([pack(a, n, f | VRING_DESC_F_NEXT, j + 1) for j, (a, n, f) in
+                                        enumerate(bufs[:last])] + [pack(*bufs[last], 0)]))
             self._desc.pack(DESC, head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
             descs = [head]
         else:

@@ -72,29 +72,26 @@ class Buffer(NamedTuple):
 
 
 class DescChain:
-    """A validated descriptor chain: its head, its buffers (readable ones first) and their totals."""
+    """A validated descriptor chain: its head, its buffers as ``(addr, len)`` pairs (readable ones first)."""
 
-    __slots__ = ("head", "buffers", "n_readable", "readable_len", "writable_len", "avail_idx")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "avail_idx")
 
-    def __init__(self, head: int, buffers: list[Buffer], n_readable: int, readable_len: int, writable_len: int,
-                 avail_idx: int):
+    def __init__(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]],
+                 readable_len: int, writable_len: int, avail_idx: int):
         self.head = head
-        self.buffers = buffers
-        self.n_readable = n_readable
+        self.readable = readable          # device-readable buffers, in chain order
+        self.writable = writable          # device-writable buffers, in chain order (all after the readable ones)
         self.readable_len = readable_len
         self.writable_len = writable_len
-        self.avail_idx = avail_idx  # the avail index this head was taken from (for abandon)
+        self.avail_idx = avail_idx        # the avail index this head was taken from (for abandon)
 
     @property
-    def readable(self) -> list[Buffer]:
-        return self.buffers[:self.n_readable]
-
-    @property
-    def writable(self) -> list[Buffer]:
-        return self.buffers[self.n_readable:]
+    def buffers(self) -> list[Buffer]:
+        """Every buffer as ``(addr, len, writable)``, in chain order."""
+        return [Buffer(a, n, False) for a, n in self.readable] + [Buffer(a, n, True) for a, n in self.writable]
 
     def __repr__(self) -> str:
-        return (f"<DescChain head={self.head} {self.n_readable}r/{len(self.buffers) - self.n_readable}w "
+        return (f"<DescChain head={self.head} {len(self.readable)}r/{len(self.writable)}w "
                 f"{self.readable_len}+{self.writable_len} bytes>")
 
 
@@ -119,6 +116,7 @@ class Vringh:
         self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         self._desc = ring_part(*desc, desc_table_size(num), DESC_ALIGN, f"{name}: descriptor table")
+        self._desc_mv = getattr(self._desc, "mv", None)
         self._avail = ring_part(*avail, avail_size(num), AVAIL_ALIGN, f"{name}: avail ring")
         self._used = ring_part(*used, used_size(num), USED_ALIGN, f"{name}: used ring")
         self._used_event = used_event_offset(num)
@@ -231,70 +229,82 @@ class Vringh:
         self.last_avail = (self.last_avail - k) & 0xFFFF
 
     def _walk(self, head: int, avail_idx: int) -> DescChain:
+        # The hot loop of the device side: one unpack and a few integer tests per descriptor.
         num = self.num
-        table = self._desc
-        raw: bytes | None = None  # an indirect table, read once
-        size = num                # entries in the table being walked
-        where = "descriptor"
-        buffers: list[Buffer] = []
-        n_readable = readable_len = writable_len = 0
+        lo, hi = self._buf_lo, self._buf_hi
+        src = self._desc_mv              # the table as a memoryview (or an indirect table as bytes) ...
+        fetch = self._desc.unpack        # ... else read through the Memory, one descriptor at a time
+        unpack_from = DESC.unpack_from
+        in_table = False
+        size = num                       # entries in the table being walked
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        readable_len = writable_len = 0
         i = head
         count = 0
         while True:
             count += 1
             if count > size:
                 raise self._fail(f"chain from head {head} has more than {size} descriptors: a loop")
-            if raw is None:
-                addr, length, flags, nxt = table.unpack(DESC, i * DESC_SIZE)
+            if src is not None:
+                addr, length, flags, nxt = unpack_from(src, i << 4)
             else:
-                addr, length, flags, nxt = DESC.unpack_from(raw, i * DESC_SIZE)
+                addr, length, flags, nxt = fetch(DESC, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
-                if raw is not None:
-                    raise self._fail(f"{where} {i} (table of head {head}): INDIRECT inside an indirect table")
-                if not self.indirect:
-                    raise self._fail(f"{where} {i}: INDIRECT but VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
-                if count != 1:
-                    raise self._fail(f"{where} {i}: INDIRECT is only allowed on the head of a chain (head {head})")
-                if flags & VRING_DESC_F_NEXT:
-                    raise self._fail(f"{where} {i}: INDIRECT together with NEXT")
-                if length == 0 or length % DESC_SIZE:
-                    raise self._fail(f"{where} {i}: indirect table of {length} bytes is not a non-zero multiple "
-                                     f"of {DESC_SIZE}")
-                if length // DESC_SIZE > num:
-                    raise self._fail(f"{where} {i}: indirect table of {length // DESC_SIZE} descriptors is "
-                                     f"longer than the ring ({num})")
-                self._check_range(addr, length, f"{where} {i}: indirect table")
-                raw = self.buffers.read(addr, length)
+                src = self._indirect_table(head, i, count, addr, length, flags, in_table)
+                in_table = True
                 size = length // DESC_SIZE
-                where = f"indirect descriptor (head {head})"
-                i = 0
-                count = 0
+                i = count = 0
                 continue
-            if length == 0:
-                raise self._fail(f"{where} {i}: zero-length buffer")
-            self._check_range(addr, length, f"{where} {i}: buffer")
+            if not length:
+                raise self._fail(f"{self._where(head, in_table)} {i}: zero-length buffer")
+            if addr < lo or addr + length > hi:
+                self._bad_range(addr, length, f"{self._where(head, in_table)} {i}: buffer")
             if flags & VRING_DESC_F_WRITE:
+                writable.append((addr, length))
                 writable_len += length
-                buffers.append(Buffer(addr, length, True))
             else:
                 if writable_len:
-                    raise self._fail(f"{where} {i}: readable buffer after a writable one")
+                    raise self._fail(f"{self._where(head, in_table)} {i}: readable buffer after a writable one")
+                readable.append((addr, length))
                 readable_len += length
-                n_readable += 1
-                buffers.append(Buffer(addr, length, False))
             if not flags & VRING_DESC_F_NEXT:
-                return DescChain(head, buffers, n_readable, readable_len, writable_len, avail_idx)
+                return DescChain(head, readable, writable, readable_len, writable_len, avail_idx)
             if nxt >= size:
-                raise self._fail(f"{where} {i}: next {nxt} out of range 0..{size - 1}")
+                raise self._fail(f"{self._where(head, in_table)} {i}: next {nxt} out of range 0..{size - 1}")
             i = nxt
 
-    def _check_range(self, addr: int, length: int, what: str) -> None:
-        end = addr + length
-        if end > 1 << 64:
+    @staticmethod
+    def _where(head: int, in_table: bool) -> str:
+        return f"indirect descriptor (head {head})" if in_table else "descriptor"
+
+    def _indirect_table(self, head: int, i: int, count: int, addr: int, length: int, flags: int,
+                        in_table: bool) -> bytes:
+        """Validate an INDIRECT descriptor and read its table once (section 6.3 check 6)."""
+        where = self._where(head, in_table)
+        if in_table:
+            raise self._fail(f"{where} {i} (table of head {head}): INDIRECT inside an indirect table")
+        if not self.indirect:
+            raise self._fail(f"{where} {i}: INDIRECT but VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
+        if count != 1:
+            raise self._fail(f"{where} {i}: INDIRECT is only allowed on the head of a chain (head {head})")
+        if flags & VRING_DESC_F_NEXT:
+            raise self._fail(f"{where} {i}: INDIRECT together with NEXT")
+        if length == 0 or length % DESC_SIZE:
+            raise self._fail(f"{where} {i}: indirect table of {length} bytes is not a non-zero multiple "
+                             f"of {DESC_SIZE}")
+        if length // DESC_SIZE > self.num:
+            raise self._fail(f"{where} {i}: indirect table of {length // DESC_SIZE} descriptors is "
+                             f"longer than the ring ({self.num})")
+        if addr < self._buf_lo or addr + length > self._buf_hi:
+            self._bad_range(addr, length, f"{where} {i}: indirect table")
+        return self.buffers.read(addr, length)
+
+    def _bad_range(self, addr: int, length: int, what: str) -> None:
+        if addr + length > 1 << 64:
             raise self._fail(f"{what} [{addr:#x}, +{length:#x}) wraps around the 64-bit address space")
-        if addr < self._buf_lo or end > self._buf_hi:
-            raise self._fail(f"{what} [{addr:#x}, +{length:#x}) lies outside the driver memory "
-                             f"[{self._buf_lo:#x}, {self._buf_hi:#x})")
+        raise self._fail(f"{what} [{addr:#x}, +{length:#x}) lies outside the driver memory "
+                         f"[{self._buf_lo:#x}, {self._buf_hi:#x})")
 
     # --- completing chains --------------------------------------------------------------------
 
