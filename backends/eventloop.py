@@ -105,24 +105,41 @@ class EventLoop:
         """Dispatch until :meth:`stop`."""
         self._running.set()
         try:
-            while True:
-                for key, ready in self._sel.select():
-                    fd = key.fd
-                    if fd == self._stop:
-                        return
-                    if fd == self._wake:
-                        self._run_calls()
-                        continue
-                    h = self._handlers.get(fd)
-                    if h is None or not h[0] & ready:
-                        continue  # unwatched or parked by an earlier handler in this round
-                    try:
-                        h[1](ready)
-                    except Exception:
-                        log.exception("%s: handler for fd %d failed", self.name, fd)
+            while self._dispatch(None) is not None:
+                pass
         finally:
             self._running.clear()
             self._run_calls()
+
+    def run_once(self, timeout: float | None = 0) -> int:
+        """Dispatch what is ready within ``timeout`` seconds, once, on the caller's thread; handlers run.
+
+        For an owner without a loop thread (single-threaded tools and
+        benchmarks); not while the loop runs on its own thread.
+        """
+        if self._running.is_set():
+            raise RuntimeError(f"event loop {self.name} runs on its own thread")
+        return self._dispatch(timeout) or 0
+
+    def _dispatch(self, timeout: float | None) -> int | None:
+        """One select round; the number of handlers run, None when the stop eventfd fired."""
+        ran = 0
+        for key, ready in self._sel.select(timeout):
+            fd = key.fd
+            if fd == self._stop:
+                return None
+            if fd == self._wake:
+                self._run_calls()
+                continue
+            h = self._handlers.get(fd)
+            if h is None or not h[0] & ready:
+                continue  # unwatched or parked by an earlier handler in this round
+            ran += 1
+            try:
+                h[1](ready)
+            except Exception:
+                log.exception("%s: handler for fd %d failed", self.name, fd)
+        return ran
 
     def _run_calls(self) -> None:
         try:

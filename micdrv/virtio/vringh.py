@@ -184,29 +184,27 @@ class Vringh:
 
     def pop(self) -> DescChain | None:
         """The next available chain, validated; None when the ring is empty."""
-        if not self.avail_pending():
-            return None
-        # Read barrier (section 1.5 step 1): program order on x86.
-        last = self.last_avail
-        slot = last & self._mask
-        head = self._avail.u16(AVAIL_RING + 2 * slot)
-        if head >= self.num:
-            raise self._fail(f"avail.ring[{slot}]: head {head} out of range 0..{self.num - 1}")
-        if head in self._inflight:
-            raise self._fail(f"avail.ring[{slot}]: head {head} is already in flight")
-        chain = self._walk(head, last)
-        self.last_avail = (last + 1) & 0xFFFF
-        self._inflight[head] = (chain.writable_len, last)
-        return chain
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
 
     def pop_many(self, limit: int) -> list[DescChain]:
-        """Up to ``limit`` available chains (fewer when the ring runs empty)."""
+        """Up to ``limit`` available chains (fewer when the ring runs empty); avail.idx is read once."""
+        n = min(limit, self.avail_pending())
         out = []
-        while len(out) < limit:
-            c = self.pop()
-            if c is None:
-                break
-            out.append(c)
+        avail, inflight, mask, num = self._avail, self._inflight, self._mask, self.num
+        # Read barrier (section 1.5 step 1): program order on x86.
+        for _ in range(n):
+            last = self.last_avail
+            slot = last & mask
+            head = avail.u16(AVAIL_RING + 2 * slot)
+            if head >= num:
+                raise self._fail(f"avail.ring[{slot}]: head {head} out of range 0..{num - 1}")
+            if head in inflight:
+                raise self._fail(f"avail.ring[{slot}]: head {head} is already in flight")
+            chain = self._walk(head, last)
+            self.last_avail = (last + 1) & 0xFFFF
+            inflight[head] = (chain.writable_len, last)
+            out.append(chain)
         return out
 
     def abandon(self, chains: list[DescChain]) -> None:
