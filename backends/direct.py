@@ -127,8 +127,9 @@ class DirectTransport:
     Call order, as a driver would: read :attr:`device_features` and
     :meth:`config_read`, :meth:`set_features`, :meth:`set_queue` for each
     queue, :meth:`start` (DRIVER_OK). :meth:`reset` returns to the
-    beginning; :meth:`close` ends it. Every method may be called from any
-    thread: it runs on the loop thread.
+    beginning; :meth:`close` ends it. Any thread may call these: whatever
+    touches the backend or the rings runs on the loop thread
+    (:meth:`EventLoop.call`).
     """
 
     def __init__(self, backend: Backend, memory: Memory, loop: EventLoop, ring_features: int = RING_FEATURES,
