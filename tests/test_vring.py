@@ -444,3 +444,45 @@ def test_a_full_ring_says_so_and_indirect_saves_descriptors():
     chains = q.dev.pop_many(8)
     assert len(chains) == 4 and all(len(c.buffers) == 4 for c in chains)
     assert RING_FEATURES == INDIRECT | EVENT_IDX
+
+
+# Descriptors mostly near-valid (inside the window, short, small next) so chains get walked deep,
+# with edges and anything at all mixed in.
+_addr = st.one_of(st.integers(BUFS_AT, BUFS_AT + 0xF00), st.integers(BUFS_AT, BUFS_AT + 0xF00),
+                  st.sampled_from([0, BUFS_AT - 1, BUFS_AT + 0x1000, T, 2**64 - 1]), st.integers(0, 2**64 - 1))
+_flags = st.one_of(st.sampled_from([0, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE]),
+                   st.integers(0, 7))
+_desc = st.tuples(_addr, st.one_of(st.integers(1, 0x100), st.integers(0, 2**32 - 1)), _flags,
+                  st.one_of(st.integers(0, 9), st.integers(0, 0xFFFF)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(descs=st.lists(_desc, min_size=8, max_size=8), table=st.lists(_desc, min_size=4, max_size=4),
+       heads=st.lists(st.integers(0, 9), min_size=8, max_size=8),
+       idx=st.one_of(st.integers(1, 8), st.integers(0, 0xFFFF)),
+       features=st.sampled_from([0, INDIRECT]))
+def test_whatever_a_hostile_driver_writes_yields_valid_chains_or_the_one_error(descs, table, heads, idx, features):
+    p = broken_pair(features)
+    for i, d in enumerate(descs):
+        p.desc(i, *d)
+    for i, d in enumerate(table):          # a possible indirect table inside the buffer window
+        p.mem.write(T + 16 * i, DESC.pack(*d))
+    for slot, h in enumerate(heads):
+        p._u16(p.lay.avail + AVAIL_RING + 2 * slot, h)
+    p._u16(p.lay.avail + AVAIL_IDX, idx)
+    p.mem.accesses.clear()
+    chains = []
+    try:
+        while (c := p.dev.pop()) is not None:
+            chains.append(c)
+    except VringError as e:
+        assert str(e).startswith("rx: ") and p.dev.broken
+    assert len(chains) <= 8
+    for c in chains:
+        assert c.head < 8 and 1 <= len(c.readable) + len(c.writable) <= 8
+        for a, n in c.readable + c.writable:
+            assert n > 0 and BUFS_AT <= a and a + n <= BUFS_AT + 0x1000
+        assert c.readable_len == sum(n for _a, n in c.readable)
+    allowed = [(RING_AT, p.lay.size), (BUFS_AT, 0x1000)]
+    for addr, n in p.mem.accesses:
+        assert any(lo <= addr and addr + n <= lo + size for lo, size in allowed), (hex(addr), n)

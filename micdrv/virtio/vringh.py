@@ -45,6 +45,13 @@ message names the ring, the descriptor and the problem, and the ring is
 The device's own mistakes (completing a head that is not in flight, a used
 length larger than the chain's writable bytes) are ``ValueError``: they are
 bugs here, not the peer's.
+
+Not validated (harmless to the host, the driver's own problem): two chains
+in flight sharing descriptors or buffers; the driver rewriting a chain's
+descriptors after it was taken (the walk copied what it needed, once);
+``used_event`` / ``avail.flags`` values (advice only). Payload is never
+touched here, so buffer *contents* are the transport's and backend's to
+check.
 """
 
 from __future__ import annotations
