@@ -23,8 +23,9 @@ Figures:
   1 MiB requests in 64 KiB segments, 32 requests per kick (indirect
   descriptors), on an image in tmpfs; limit: preadv / pwritev of the same
   file with the same segment lists and buffers, one request per syscall;
-* net card -> host (transmit queue), 64000-byte and 64-byte UDP payloads
-  as single frames, 32 chains per kick, into a UDP socket nobody reads;
+* net card -> host (transmit queue), 64000-byte UDP payloads (MB/s) and
+  64-byte ones (packets/s) as single frames, 32 chains per kick, into a UDP
+  socket nobody reads;
   limit: writev of the same [header, frame] pairs into a second tap in the
   same namespace;
 * net host -> card (receive queue): the tap's queue is filled with
@@ -310,13 +311,15 @@ def main() -> int:
     args = ap.parse_args()
     results = []
 
-    def report(figure: str, value: float, limit: float, stats: Ring) -> None:
+    def report(figure: str, value: float, limit: float, stats: Ring, frame: int | None = None) -> None:
+        """Bytes/s as MB/s; with ``frame`` (small packets) as packets/s of that frame size."""
+        unit, scale = ("pkt/s", frame) if frame else ("MB/s", 1e6)
         ratio = value / limit if limit else 0.0
-        print(f"{figure:22s} device side {value / 1e6:9.1f} MB/s  limit {limit / 1e6:9.1f} MB/s  "
-              f"ratio {ratio:5.2f}   (driver + device in one thread: {stats.e2e[figure] / 1e6:8.1f} MB/s)",
+        print(f"{figure:22s} device side {value / scale:9.1f} {unit:5s}  limit {limit / scale:9.1f} {unit:5s}  "
+              f"ratio {ratio:5.2f}   (driver + device in one thread: {stats.e2e[figure] / scale:8.1f} {unit})",
               flush=True)
-        results.append({"figure": figure, "value": round(value / 1e6, 2), "unit": "MB/s",
-                        "limit": round(limit / 1e6, 2), "ratio": round(ratio, 3)})
+        results.append({"figure": figure, "value": round(value / scale, 2), "unit": unit,
+                        "limit": round(limit / scale, 2), "ratio": round(ratio, 3)})
 
     blk = BlkBench(args.seconds)
     try:
@@ -335,10 +338,11 @@ def main() -> int:
         net = NetBench(args.seconds)
         try:
             for payload in (64000, 64):
+                frame = None if payload > 1500 else payload + 42   # Ethernet + IPv4 + UDP headers
                 v, lim = best(args.rounds, lambda: net.tx_ring(payload), lambda: net.tx_raw(payload))
-                report(f"net_tx_udp{payload}", v, lim, net.stats)
+                report(f"net_tx_udp{payload}", v, lim, net.stats, frame)
                 v, lim = best(args.rounds, lambda: net.rx_ring(payload), lambda: net.rx_raw(payload))
-                report(f"net_rx_udp{payload}", v, lim, net.stats)
+                report(f"net_rx_udp{payload}", v, lim, net.stats, frame)
             print(f"{'net CPU time':22s} {net.stats.cpu / (net.stats.bytes / 1e9):9.2f} s per GB (driver and device)")
             print(f"{'net counters':22s} {json.dumps(net.g.transport.counters())}")
         finally:
