@@ -44,6 +44,7 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import tomllib
@@ -59,8 +60,13 @@ RESET_TIMEOUT = 45.0                        # spec 2.5: 45 polls of ready, 1 s a
 DEFAULT_FIRMWARE = "mic/uos.img"            # spec 6.6: what micctrl -b writes
 CMDLINE_MAX = 2000                          # spec 3.1 step 6: 2048 bytes incl. " mem=<N>M " and NUL
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NET_MTU = 64512                             # the MPSS MTU of micN (spec 6.2)
+NET_MTU_RANGE = (68, 65521)                 # IPv4 minimum .. a tap's maximum (65535 - Ethernet header)
+BLK_SERIAL_MAX = 20                         # VIRTIO_BLK_ID_BYTES (virtio-legacy.md 3.3)
 
 _CARD_NAME = re.compile(r"^mic(0|[1-9][0-9]{0,2})$")
+_IFNAME = re.compile(r"[^/:\s]{1,15}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
 
 
@@ -85,24 +91,31 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """A virtio-net device backed by a tap (spec 6.2). Provisional: the VOP work owns these fields."""
+    """A virtio-net device backed by a tap (spec 6.2; backends.net). None means the MPSS default."""
 
     tap: str | None = None           # default: the card name, as mpssd's "mic<id>"
-    address: str | None = None       # host address/prefix on the tap, mpssd: 172.31.<id+1>.254/24
-    bridge: str | None = None
+    address: str | None = None       # host address/prefix on the tap, mpssd: 172.31.<id+1>.254/24 (none with a bridge)
+    card_address: str | None = None  # the card's address (kernel command line), MPSS: 172.31.<id+1>.1
+    bridge: str | None = None        # an existing bridge the tap joins
+    netns: str | None = None         # an existing network namespace the tap is moved into
+    mtu: int = NET_MTU               # the tap's MTU
+    mac: str | None = None           # the card's MAC; default derived from the PCI address or card name
 
 
 @dataclass(frozen=True)
 class BlkConfig:
-    """A virtio-blk device backed by an image file (spec 6.4). Provisional."""
+    """A virtio-blk device backed by an image file (spec 6.4; backends.blk)."""
 
     path: str = ""
     readonly: bool = False
+    serial: str | None = None        # GET_ID string, at most 20 ASCII bytes; default: the image's file name
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
-    """A virtio-console device on a pty (spec 6.3). Provisional."""
+    """A virtio-console device on a pty (spec 6.3; backends.console)."""
+
+    path: str | None = None          # where the pty's symlink goes; default <run_dir>/<card>/console
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,60 @@ def _cmdline(v: Any) -> str:
     return v
 
 
+def _ifname(v: Any) -> str:
+    """A Linux interface (or namespace) name: 1..15 bytes, no '/', ':' or whitespace."""
+    if not _IFNAME.fullmatch(_nonempty(v)):
+        raise _Bad(f"must be an interface name of 1..15 characters without '/', ':' or spaces, not {v!r}")
+    return v
+
+
+def _netns(v: Any) -> str:
+    if "/" in _nonempty(v) or v in (".", "..") or any(c.isspace() for c in v):
+        raise _Bad(f"must be a network namespace name (as in ip netns), not {v!r}")
+    return v
+
+
+def _ipv4_interface(v: Any) -> str:
+    try:
+        iface = ipaddress.IPv4Interface(_str(v))
+    except ValueError:
+        iface = None
+    if iface is None or "/" not in v:
+        raise _Bad(f"must be an IPv4 address with a prefix length like 172.31.1.254/24, not {v!r}")
+    return v
+
+
+def _ipv4(v: Any) -> str:
+    try:
+        ipaddress.IPv4Address(_str(v))
+    except ValueError:
+        raise _Bad(f"must be an IPv4 address like 172.31.1.1, not {v!r}") from None
+    return v
+
+
+def _mtu(v: Any) -> int:
+    lo, hi = NET_MTU_RANGE
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _Bad(f"must be an MTU of {lo}..{hi} bytes, not {v!r}")
+    return v
+
+
+def _mac(v: Any) -> str:
+    if not _MAC.fullmatch(_str(v)):
+        raise _Bad(f"must be a MAC address like 02:00:00:00:00:01, not {v!r}")
+    if int(v[:2], 16) & 1:
+        raise _Bad(f"must be a unicast MAC address (first octet even), not {v!r}")
+    return v.lower()
+
+
+def _serial(v: Any) -> str:
+    if not _str(v).isascii() or not v.isprintable():
+        raise _Bad(f"must be printable ASCII, not {v!r}")
+    if len(v) > BLK_SERIAL_MAX:
+        raise _Bad(f"is {len(v)} characters; a virtio-blk ID holds {BLK_SERIAL_MAX} (virtio-legacy.md 3.3)")
+    return v
+
+
 def _tname(v: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
             dict: "a table"}.get(type(v), type(v).__name__)
@@ -266,9 +333,10 @@ _CARD_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
     # kind: (dataclass, field checkers, required keys)
-    "net": (NetConfig, {"tap": _opt_str, "address": _opt_str, "bridge": _opt_str}, ()),
-    "blk": (BlkConfig, {"path": _nonempty, "readonly": _bool}, ("path",)),
-    "console": (ConsoleConfig, {}, ()),
+    "net": (NetConfig, {"tap": _ifname, "address": _ipv4_interface, "card_address": _ipv4, "bridge": _ifname,
+                        "netns": _netns, "mtu": _mtu, "mac": _mac}, ()),
+    "blk": (BlkConfig, {"path": _nonempty, "readonly": _bool, "serial": _serial}, ("path",)),
+    "console": (ConsoleConfig, {"path": _abs_path}, ()),
 }
 
 

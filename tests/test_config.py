@@ -225,9 +225,64 @@ def test_an_unknown_key_in_a_device_entry(tmp_path):
         [card.mic0]
         [[card.mic0.net]]
         tap = "mic0"
-        mtu = 9000
+        mtus = 9000
     """)
-    assert (e.line, e.key) == (4, "card.mic0.net[0].mtu")
+    assert (e.line, e.key) == (4, "card.mic0.net[0].mtus") and "mtu" in e.message
+
+
+def test_device_options_of_the_virtio_backends(tmp_path):
+    cfg = load(write(tmp_path, """
+        [[card.mic0.net]]
+        tap = "mic0"
+        address = "10.9.0.254/24"
+        card_address = "10.9.0.1"
+        netns = "cards"
+        mtu = 9000
+        mac = "02:AB:00:00:00:01"
+        [[card.mic0.net]]
+        bridge = "br0"
+        [[card.mic0.blk]]
+        path = "/var/lib/micdrv/root.img"
+        serial = "root-disk"
+        [[card.mic0.blk]]
+        path = "/srv/iso.img"
+        readonly = true
+        [[card.mic0.console]]
+        path = "/run/micdrv/mic0/console"
+    """))
+    mic0 = cfg.card("mic0")
+    assert mic0.net == (NetConfig(tap="mic0", address="10.9.0.254/24", card_address="10.9.0.1", netns="cards",
+                                  mtu=9000, mac="02:ab:00:00:00:01"),
+                        NetConfig(bridge="br0"))
+    assert mic0.net[1].mtu == 64512 and mic0.net[1].address is None     # the MPSS defaults come later
+    assert mic0.blk == (BlkConfig(path="/var/lib/micdrv/root.img", serial="root-disk"),
+                        BlkConfig(path="/srv/iso.img", readonly=True))
+    assert mic0.console == (C.ConsoleConfig(path="/run/micdrv/mic0/console"),)
+    assert C.ConsoleConfig().path is None
+
+
+@pytest.mark.parametrize("kind,key,value,message", [
+    ("net", "tap", '"a/b"', "interface name"),
+    ("net", "tap", '"sixteen-chars-xx"', "interface name"),
+    ("net", "bridge", '""', "must not be empty"),
+    ("net", "address", '"172.31.1.254"', "with a prefix length"),
+    ("net", "address", '"172.31.1.300/24"', "IPv4 address with a prefix"),
+    ("net", "card_address", '"mic0"', "IPv4 address like"),
+    ("net", "netns", '"../x"', "network namespace name"),
+    ("net", "mtu", "67", "MTU of 68..65521"),
+    ("net", "mtu", "65536", "MTU of 68..65521"),
+    ("net", "mtu", "true", "MTU"),
+    ("net", "mac", '"02:00:00:00:00"', "MAC address like"),
+    ("net", "mac", '"01:00:5e:00:00:01"', "unicast"),
+    ("blk", "serial", '"twenty-one-characters"', "holds 20"),
+    ("blk", "serial", '"tab\there"', "printable ASCII"),
+    ("console", "path", '"relative/console"', "absolute path"),
+])
+def test_device_options_are_checked(tmp_path, kind, key, value, message):
+    extra = 'path = "/x.img"\n' if kind == "blk" and key != "path" else ""
+    e = error(tmp_path, f"[[card.mic0.{kind}]]\n{extra}{key} = {value}\n")
+    assert e.key == f"card.mic0.{kind}[0].{key}" and message in e.message, str(e)
+    assert e.line == (3 if extra else 2)
 
 
 def test_global_settings_are_checked(tmp_path):

@@ -13,33 +13,9 @@ from __future__ import annotations
 
 import struct
 
+from ..ioctl import _IO, _IOC, _IOR, _IOW  # noqa: F401  ioctl encoding (spec 1.1), shared with the tap code
 from .device import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 from .errors import ProtocolError
-
-# --- ioctl number encoding (asm-generic/ioctl.h; spec 1.1) -------------------
-_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    return (direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
-
-
-def _IO(type_: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, type_, nr, 0)
-
-
-def _IOR(type_: int, nr: int, size: int) -> int:
-    return _IOC(_IOC_READ, type_, nr, size)
-
-
-def _IOW(type_: int, nr: int, size: int) -> int:
-    return _IOC(_IOC_WRITE, type_, nr, size)
-
 
 # Every VFIO ioctl is a plain _IO(VFIO_TYPE, VFIO_BASE + n): argsz carries the
 # size instead of the ioctl number (spec 1.1).

@@ -1,0 +1,249 @@
+"""The driver side of a split ring: what a guest's virtio driver does (Linux ``drivers/virtio/virtio_ring.c``).
+
+Used by the simulated card's virtio drivers and by tests that play the
+guest against a real device. :class:`DriverRing` owns the three parts of
+one ring (each a memory and an address, as in :mod:`.vringh`) and:
+
+* :meth:`~DriverRing.add` places a chain -- readable ("out") buffers, then
+  writable ("in") buffers, given as ``(addr, len)`` in the driver's address
+  space -- in free descriptors (or in one INDIRECT descriptor pointing at a
+  per-head table when RING_INDIRECT_DESC is negotiated), puts its head in
+  the avail ring and publishes ``avail.idx``;
+* :meth:`~DriverRing.kick_prepare` says whether the device wants a kick
+  (``used.flags`` NO_NOTIFY, or ``avail_event`` with EVENT_IDX, section 1.4);
+* :meth:`~DriverRing.get_used` returns completed chains as ``(token, len)``,
+  validating what the device wrote (an ``id`` that is not an outstanding head
+  is "BAD_RING" in Linux, section 1.7) and freeing their descriptors;
+* :meth:`~DriverRing.disable_cb` / :meth:`~DriverRing.enable_cb` suppress
+  interrupts; ``enable_cb`` returns False if completions arrived meanwhile.
+
+Barriers follow section 1.5 (see :mod:`.access`). The free list is kept in
+Python, never read back from the descriptor table, so a device that
+scribbles on the table cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..memory import Memory
+from .access import full_barrier, ring_part
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from .ring import (AVAIL_ALIGN, AVAIL_FLAGS, AVAIL_IDX, AVAIL_RING, DESC, DESC_ALIGN, DESC_SIZE, USED_ALIGN,
+                   USED_ELEM, USED_ELEM_SIZE, USED_FLAGS, USED_IDX, USED_RING, VRING_AVAIL_F_NO_INTERRUPT,
+                   VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, VringError,
+                   VringLayout, avail_event_offset, avail_size, check_num, desc_table_size, used_event_offset,
+                   used_size, vring_need_event)
+from .vringh import RingAddress
+
+
+class RingFull(Exception):
+    """Not enough free descriptors for a chain (Linux -ENOSPC): wait for completions."""
+
+
+class _Outstanding:
+    __slots__ = ("token", "descs", "writable_len")
+
+    def __init__(self, token: Any, descs: list[int], writable_len: int):
+        self.token, self.descs, self.writable_len = token, descs, writable_len
+
+
+class DriverRing:
+    """The driver side of one split ring of ``num`` entries; zeroes its parts on creation (the card does, 5.4).
+
+    ``indirect`` is where per-head indirect tables go: ``(memory, addr,
+    entries)`` reserves ``entries`` descriptors for each head at ``addr +
+    head * entries * 16`` (``num * entries * 16`` bytes), used when
+    RING_INDIRECT_DESC is in ``features`` and a chain has more than one
+    buffer but at most ``entries``.
+    """
+
+    def __init__(self, num: int, desc: RingAddress, avail: RingAddress, used: RingAddress, features: int = 0,
+                 indirect: tuple[Memory, int, int] | None = None, name: str = "vring", zero: bool = True):
+        check_num(num)
+        self.name = name
+        self.num = num
+        self._mask = num - 1
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.use_indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and indirect is not None
+        self._desc = ring_part(*desc, desc_table_size(num), DESC_ALIGN, f"{name}: descriptor table")
+        self._avail = ring_part(*avail, avail_size(num), AVAIL_ALIGN, f"{name}: avail ring")
+        self._used = ring_part(*used, used_size(num), USED_ALIGN, f"{name}: used ring")
+        self._used_event = used_event_offset(num)
+        self._avail_event = avail_event_offset(num)
+        self._indirect_parts = None
+        self._indirect_entries = 0
+        if indirect is not None:
+            mem, addr, entries = indirect
+            if entries < 1:
+                raise ValueError("indirect tables need at least one entry")
+            self._indirect_entries = entries
+            self._indirect_parts = ring_part(mem, addr, num * entries * DESC_SIZE, DESC_ALIGN,
+                                             f"{name}: indirect tables")
+        if zero:
+            for p in (self._desc, self._avail, self._used):
+                p.zero()
+        self._free = list(range(num - 1, -1, -1))  # a stack of free descriptor indices
+        self._out: dict[int, _Outstanding] = {}
+        self.avail_idx = 0      # next avail index to fill (shadow of avail.idx)
+        self.last_used = 0      # next used index to read
+        self._kicked = 0        # avail.idx at the last kick decision
+        self._added = 0         # additions since then
+        self._cb_disabled = False
+        self._avail_flags = 0
+
+    @classmethod
+    def legacy(cls, num: int, mem: Memory, addr: int, align: int, features: int = 0,
+               indirect: tuple[Memory, int, int] | None = None, name: str = "vring") -> "DriverRing":
+        """A ring in the legacy contiguous layout at ``addr`` (section 1.2)."""
+        lay = VringLayout(num, align)
+        return cls(num, (mem, addr + lay.desc), (mem, addr + lay.avail), (mem, addr + lay.used), features,
+                   indirect, name)
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors in the main table."""
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains added and not yet returned by the device."""
+        return len(self._out)
+
+    def add(self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]] = (), token: Any = None,
+            indirect: bool | None = None) -> int:
+        """Make a chain available: ``out`` readable buffers, then ``in_`` writable ones; returns its head.
+
+        ``token`` comes back from :meth:`get_used` (default: the head).
+        ``indirect`` forces (True) or forbids (False) an indirect table; by
+        default one is used whenever possible, as Linux does.
+        """
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        total = len(bufs)
+        if not total:
+            raise ValueError(f"{self.name}: a chain needs at least one buffer")
+        writable_len = sum(n for _a, n in in_)
+        want_indirect = (self.use_indirect and total > 1 and total <= self._indirect_entries
+                         if indirect is None else indirect)
+        if want_indirect:
+            if not self.use_indirect:
+                raise ValueError(f"{self.name}: indirect descriptors are not negotiated or have no table memory")
+            if total > self._indirect_entries:
+                raise ValueError(f"{self.name}: {total} buffers do not fit a {self._indirect_entries}-entry table")
+            if not self._free:
+                raise RingFull(f"{self.name}: no free descriptor")
+            head = self._free.pop()
+            table = self._indirect_parts
+            base = head * self._indirect_entries * DESC_SIZE
+            pack = DESC.pack
+            last = total - 1
+            # The whole table in one store: entries chained 0 -> 1 -> ... -> last.
+            table.write(base, b"".join([pack(a, n, f | VRING_DESC_F_NEXT, j + 1) for j, (a, n, f) in
+                                        enumerate(bufs[:last])] + [pack(*bufs[last], 0)]))
+            self._desc.pack(DESC, head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            descs = [head]
+        else:
+            if total > len(self._free):
+                raise RingFull(f"{self.name}: {total} descriptors needed, {len(self._free)} free")
+            descs = [self._free.pop() for _ in range(total)]
+            head = descs[0]
+            for j, (a, n, f) in enumerate(bufs):
+                last = j == total - 1
+                nxt = 0 if last else descs[j + 1]
+                self._desc.pack(DESC, descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
+        self._out[head] = _Outstanding(head if token is None else token, descs, writable_len)
+        slot = self.avail_idx & self._mask
+        self._avail.set_u16(AVAIL_RING + 2 * slot, head)
+        # Write barrier: the descriptors and the ring entry before avail.idx (program order on x86).
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._avail.set_u16(AVAIL_IDX, self.avail_idx)
+        self._added += 1
+        return head
+
+    def kick_prepare(self) -> bool:
+        """After adding: does the device want a kick? (``virtqueue_kick_prepare``, section 1.4.)"""
+        full_barrier()  # avail.idx store before reading used.flags / avail_event
+        old, new, n = self._kicked, self.avail_idx, self._added
+        self._kicked, self._added = new, 0
+        if not n:
+            return False
+        if self.event_idx:
+            return n > 0xFFFF or vring_need_event(self._used.u16(self._avail_event), new, old)
+        return not self._used.u16(USED_FLAGS) & VRING_USED_F_NO_NOTIFY
+
+    def used_pending(self) -> int:
+        """Completions the device published that were not read yet (validated)."""
+        used_idx = self._used.u16(USED_IDX)
+        pending = (used_idx - self.last_used) & 0xFFFF
+        if pending > len(self._out):
+            raise VringError(f"{self.name}: used.idx {used_idx} is {pending} ahead of {self.last_used}, but only "
+                             f"{len(self._out)} chains are in flight")
+        return pending
+
+    def get_used(self) -> tuple[Any, int] | None:
+        """The next completed chain as ``(token, len)``, or None (``virtqueue_get_buf``)."""
+        if not self.used_pending():
+            return None
+        # Read barrier after seeing used.idx: program order on x86.
+        slot = self.last_used & self._mask
+        id_, length = self._used.unpack(USED_ELEM, USED_RING + USED_ELEM_SIZE * slot)
+        if id_ >= self.num:
+            raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} out of range 0..{self.num - 1}")
+        o = self._out.pop(id_, None)
+        if o is None:
+            raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} is not a head in flight")
+        if length > o.writable_len:
+            self._out[id_] = o
+            raise VringError(f"{self.name}: used.ring[{slot}]: head {id_} returned with len {length}, but its "
+                             f"writable buffers hold {o.writable_len}")
+        self._free.extend(reversed(o.descs))
+        self.last_used = (self.last_used + 1) & 0xFFFF
+        if not self._cb_disabled:
+            # Linux writes used_event after every get_buf while callbacks are on (section 1.4).
+            self._avail.set_u16(self._used_event, self.last_used)
+        return o.token, length
+
+    def get_all_used(self) -> list[tuple[Any, int]]:
+        out = []
+        while (u := self.get_used()) is not None:
+            out.append(u)
+        return out
+
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt: NO_INTERRUPT, or with EVENT_IDX a used_event just behind us.
+
+        With EVENT_IDX, v5.4 Linux writes nothing (the next completion may
+        still interrupt) and later kernels write 0; we write ``last_used - 1``,
+        which the device's window reaches only after 65535 completions, so
+        the advice is actually followed [INF: a choice, the spec only says
+        the flag / event are advice].
+        """
+        if not self._cb_disabled:
+            self._cb_disabled = True
+            if self.event_idx:
+                self._avail.set_u16(self._used_event, (self.last_used - 1) & 0xFFFF)
+            else:
+                self._avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
+                self._avail.set_u16(AVAIL_FLAGS, self._avail_flags)
+
+    def enable_cb(self) -> bool:
+        """Ask for interrupts again; True if nothing is pending (safe to wait), False if completions arrived."""
+        self._cb_disabled = False
+        if not self.event_idx:
+            self._avail_flags &= ~VRING_AVAIL_F_NO_INTERRUPT
+            self._avail.set_u16(AVAIL_FLAGS, self._avail_flags)
+        self._avail.set_u16(self._used_event, self.last_used)
+        full_barrier()  # the store before re-reading used.idx
+        return self._used.u16(USED_IDX) == self.last_used
+
+    def detach_unused(self) -> list[Any]:
+        """Forget every chain still in flight (after a device reset); returns their tokens."""
+        tokens = [o.token for o in self._out.values()]
+        for o in self._out.values():
+            self._free.extend(o.descs)
+        self._out.clear()
+        return tokens
+
+    def __repr__(self) -> str:
+        return (f"<DriverRing {self.name} num={self.num} avail={self.avail_idx} last_used={self.last_used} "
+                f"in_flight={len(self._out)} free={len(self._free)}>")
