@@ -9,7 +9,8 @@
 
 Options: ``--config PATH`` (default /etc/micdrv/micdrv.toml), ``--name micN``
 (default: the configured card with that PCI address, else mic0), ``--run-dir``
-(overrides the configuration's), ``--probe`` (print what the device is and exit).
+(overrides the configuration's), ``--boot`` (boot the card once up, as
+``boot_on_start``), ``--probe`` (print what the device is and exit).
 
 The daemon probes the card (:class:`micdrv.mic.MicDevice`), serves its
 control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and runs
@@ -37,10 +38,15 @@ from . import config as configmod
 from .pci import BAR0, BAR4, PciDevice, PciError
 from .pci.device import PCI_DEVICE_ID, PCI_REVISION_ID, PCI_VENDOR_ID
 from .x100 import ids
+from .x100.card import SILICON_RESET_DELAY
 
 log = logging.getLogger("micdrv")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# --simulate: the simulated card is ready a fraction of a second after a reset, so neither the
+# silicon's 1 s pause nor 1 s between ready polls (spec 2.5) is needed.
+SIMULATED_RESET_DELAY = 0.05
+SIMULATED_RESET_INTERVAL = 0.05
 
 
 def describe(dev: PciDevice) -> dict:
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
     p.add_argument("--name", help="the card's name, micN (default: from the configuration, else mic0)")
     p.add_argument("--run-dir", help="directory for the control socket (default: the configuration's run_dir)")
+    p.add_argument("--boot", action="store_true", help="boot the card once the daemon is up (boot_on_start)")
     p.add_argument("--probe", action="store_true", help="print what the device is, then exit")
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS, help="default: the configuration's log_level")
     return p
@@ -102,14 +109,18 @@ def main(argv: list[str] | None = None) -> int:
                                                                        run_dir=os.path.abspath(args.run_dir)))
         name = card_name(args, cfg)
         card = cfg.card(name)
+        if args.boot:
+            card = dataclasses.replace(card, boot_on_start=True)
         mic_id(card.name)
     except (configmod.ConfigError, ValueError) as e:
         print(f"micdrv: {e}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=(args.log_level or cfg.settings.log_level).upper(), stream=sys.stderr,
-                        format=f"micdrv[{card.name}] %(levelname)s %(name)s: %(message)s")
+    from . import journal
+    journal.configure(args.log_level or cfg.settings.log_level)
     if args.probe:
         return _probe(args, cfg, card)
+    from .sdnotify import Notifier
+    notifier = Notifier.from_environ()  # before any child (the simulator) could inherit $NOTIFY_SOCKET
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -118,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return run_card(args, cfg, card, stop)
+    try:
+        return run_card(args, cfg, card, stop, notifier)
+    finally:
+        notifier.close()
 
 
 @contextlib.contextmanager
@@ -147,20 +161,40 @@ def open_device(args, cfg: configmod.Config, card: configmod.CardConfig):
             sim.stop()
 
 
-def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: threading.Event) -> int:
-    """Drive the card until ``stop`` is set: probe, serve, then stop and reset it."""
+def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: threading.Event,
+             notifier=None) -> int:
+    """Drive the card until ``stop`` is set: probe, serve, then stop and reset it.
+
+    systemd (``Type=notify``) hears READY once the control socket listens,
+    STATUS on every state change, WATCHDOG every half watchdog interval from
+    this loop, and STOPPING on the way out.
+    """
+    from .doctor import ARENA_BYTES
     from .mic import MicDevice
+    from .sdnotify import Notifier
     from .service import CardService
+    notifier = notifier or Notifier(None)
     try:
+        os.makedirs(cfg.settings.run_dir, exist_ok=True)
         with open_device(args, cfg, card) as (dev, sim):
-            hw = MicDevice.open(dev, mic_id=mic_id(card.name))
+            reset_delay, reset_interval = SILICON_RESET_DELAY, None
+            if sim is not None:
+                card = _simulated_firmware(cfg, card, sim)
+                reset_delay, reset_interval = SIMULATED_RESET_DELAY, SIMULATED_RESET_INTERVAL
+            hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay)
             try:
-                service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim))
+                service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim),
+                                      reset_interval=reset_interval)
+                service.cosm.subscribe(lambda d: notifier.status(f"{d.name}: {d.state.sysfs}"))
                 service.start()
                 try:
                     log.info("%s: %s %s stepping %s ready for commands", card.name, dev.name, hw.family,
                              hw.stepping)
-                    stop.wait()
+                    notifier.ready(status=f"{card.name}: {service.cosm.state.sysfs}")
+                    ping = notifier.watchdog_seconds / 2 if notifier.watchdog_seconds else None
+                    while not stop.wait(ping):
+                        notifier.watchdog()
+                    notifier.stopping(status=f"{card.name}: stopping")
                 finally:
                     service.close()
             finally:
@@ -169,6 +203,22 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
         log.error("%s", e)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _simulated_firmware(cfg: configmod.Config, card: configmod.CardConfig, sim) -> configmod.CardConfig:
+    """With --simulate and no firmware file at the configured path: the simulated card OS image, made now.
+
+    It goes beside the simulator's sockets with its System.map, so ``micctl log`` finds the card log.
+    """
+    if cfg.firmware_path(card.firmware).is_file():
+        return card
+    from .sim.cardos.image import write_files
+    image = Path(sim.dir) / "firmware" / "uos.img"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    write_files(image)
+    log.info("%s: no firmware at %s; booting the simulated card OS image %s", card.name,
+             cfg.firmware_path(card.firmware), image)
+    return dataclasses.replace(card, firmware=str(image))
 
 
 def _hardware_info(dev: PciDevice, sim) -> dict:

@@ -78,14 +78,29 @@ TEXT = """\
 #[[card.mic0.net]]
 #tap = "mic0"
 #address = "172.31.1.254/24"
+# The card's own address, passed on its kernel command line (MPSS:
+# 172.31.<N+1>.1).
+#card_address = "172.31.1.1"
 #bridge = "micbr0"
+# Move the tap into this existing network namespace.
+#netns = "mics"
+# The tap's MTU (MPSS: 64512).
+#mtu = 64512
+# The card's MAC; default: derived from the PCI address or card name,
+# locally administered, the same on every boot.
+#mac = "02:6d:69:63:00:01"
 
 # A disk backed by an image file (spec 6.4); the file must be readable (and,
 # unless readonly, writable) by root through its mode bits.
 #[[card.mic0.blk]]
 #path = "/var/lib/micdrv/mic0.img"
 #readonly = false
+# The disk's serial number (virtio-blk GET_ID, at most 20 ASCII bytes);
+# default: the image's file name.
+#serial = "mic0-disk0"
 
 # The card's console on a host pty (spec 6.3).
 #[[card.mic0.console]]
+# Where the pty's symlink goes; default <run_dir>/<card>/console.
+#path = "/run/micdrv/mic0/console"
 """

@@ -63,6 +63,7 @@ from typing import Callable
 from .config import BOOTMODES, CMDLINE_MAX, CardConfig, Config
 from .cosm.host import Attributes, CosmDevice, CosmError, CosmServer
 from .cosm.hwops import CosmHwOps
+from .cosm.klog import CardLogError, log_text, read_log_buf, system_map_symbols
 from .cosm.msg import MicState, MicStatus
 from .jsonlines import JsonLinesServer, PeerCred, RequestError
 
@@ -113,7 +114,7 @@ class CardService:
         self.card = card
         self.config = config
         self.hardware_info = hardware_info or (lambda: {})
-        self.read_log = read_log
+        self.read_log = read_log or self._read_card_log
         attrs = Attributes(firmware=card.firmware or "", ramdisk=card.ramdisk or "", cmdline=card.cmdline,
                            bootmode=card.bootmode, log_buf_addr=card.log_buf_addr or 0,
                            log_buf_len=card.log_buf_len or 0, heartbeat_enable=card.heartbeat.enable)
@@ -346,12 +347,32 @@ class CardService:
         return {"attr": attr, "value": value}
 
     def _log(self, req: dict) -> dict:
-        if self.read_log is None:
-            raise _errno_error(errno.ENOSYS, "this card has no log reader")
         if self.cosm.state not in (MicState.BOOTING, MicState.ONLINE, MicState.SHUTTING_DOWN):
             raise _errno_error(errno.EINVAL, f"{self.card.name}: the card log is readable while booting, online "
                                              f"or shutting_down, not {self.cosm.state.sysfs} (spec 3.5)")
-        return {"log": self.read_log(self.cosm)}
+        try:
+            return {"log": self.read_log(self.cosm)}
+        except CardLogError as e:
+            raise _errno_error(errno.EIO, f"{self.card.name}: cannot read the card log: {e}") from None
+
+    def _read_card_log(self, dev: CosmDevice) -> str:
+        """``log_buf_show`` (spec 3.5): the card kernel's log through BAR0, from log_buf_addr/log_buf_len.
+
+        Unset addresses come from the ``System.map`` beside the firmware image, as mpssd found them in
+        /lib/firmware/mic/System.map (spec 6.5).
+        """
+        a = dev.attrs
+        if not (a.log_buf_addr and a.log_buf_len):
+            smap = Path(self.config.firmware_path(a.firmware)).parent / "System.map" if a.firmware else None
+            try:
+                syms = system_map_symbols(smap.read_text()) if smap else {}
+            except OSError:
+                syms = {}
+            if "__log_buf" not in syms or "log_buf_len" not in syms:
+                raise _errno_error(errno.ENOENT, f"{self.card.name}: log_buf_addr/log_buf_len are not set and "
+                                                 f"no System.map beside the firmware names them")
+            a.log_buf_addr, a.log_buf_len = syms["__log_buf"], syms["log_buf_len"]
+        return log_text(read_log_buf(self.hw, a.log_buf_addr, a.log_buf_len))
 
 
 def _supplementary_groups(pid: int) -> set[int]:

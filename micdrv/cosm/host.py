@@ -268,9 +268,11 @@ class CosmDevice:
                     self.prev_state = self.state
                     self._set_state(MicState.RESETTING)
                 self.heartbeat_watchdog_enable = False
+                # A crashed card never answers the SCIF exit hand-shake: don't wait for it.
+                dead = force or self.shutdown_status is MicStatus.CRASHED
                 if call_hw_ops:
                     try:
-                        self.hw.stop(force)
+                        self.hw.stop(dead)
                     except Exception:
                         log.exception("%s: stop", self.name)
                 self._hw_reset(force)

@@ -96,19 +96,15 @@ def build_image_parser() -> argparse.ArgumentParser:
 def image_main(argv: list[str]) -> int:
     parser = build_image_parser()
     args = parser.parse_args(argv)
+    out = Path(args.output)
     try:
-        data = image_mod.build_image(builtin_cmdline=args.cmdline, log_buf_len=args.log_buf_len)
+        smap = image_mod.write_files(out, builtin_cmdline=args.cmdline, log_buf_len=args.log_buf_len)
     except ValueError as e:
         parser.error(str(e))
-    out = Path(args.output)
-    smap = out.parent / "System.map"
-    try:
-        out.write_bytes(data)
-        smap.write_text(image_mod.system_map(image_mod.parse_image(data)))
     except OSError as e:
         print(f"micdrv sim image: {e}", file=sys.stderr)
         return 1
-    print(f"{out}: {len(data)} bytes; {smap}")
+    print(f"{out}: {out.stat().st_size} bytes; {smap}")
     return 0
 
 

@@ -8,6 +8,7 @@ the sockets joins it to whoever started it (ARCHITECTURE.md "The one rule").
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -20,6 +21,16 @@ from pathlib import Path
 
 START_TIMEOUT = 30.0  # the simulator imports numpy-free stdlib code; 30 s covers a loaded 2-core machine
 STOP_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (PR_SET_PDEATHSIG).
+
+    The simulated card is the starter's private hardware; it must not outlive it as an orphan.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class SimulatorError(Exception):
@@ -45,7 +56,8 @@ class SimulatedCardProcess:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "micdrv.sim", "--socket", self.socket, "--control", self.control, *args],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, close_fds=True)
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, close_fds=True,
+                preexec_fn=_die_with_parent)
         try:
             self._wait_listening()
         except BaseException:

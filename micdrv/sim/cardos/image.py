@@ -203,3 +203,17 @@ def system_map(image: CardImage) -> str:
             (image.log_buf_len_addr, "d", "log_buf_len"),
             (image.log_buf_addr, "b", "__log_buf")]
     return "".join(f"{addr:016x} {kind} {name}\n" for addr, kind, name in sorted(syms))
+
+
+def write_files(path, *, builtin_cmdline: str = "", log_buf_len: int = DEFAULT_LOG_BUF_LEN):
+    """Write the image to ``path`` and its ``System.map`` beside it, as a card's firmware directory holds them.
+
+    Returns the System.map path. ``micdrv sim image`` and ``micdrv --simulate`` both come here.
+    """
+    from pathlib import Path
+    out = Path(path)
+    data = build_image(builtin_cmdline=builtin_cmdline, log_buf_len=log_buf_len)
+    smap = out.parent / "System.map"
+    out.write_bytes(data)
+    smap.write_text(system_map(parse_image(data)))
+    return smap
