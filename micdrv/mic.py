@@ -22,8 +22,12 @@ mic_device`` with :class:`~micdrv.cosm.hwops.CosmHwOps` on top:
 * :meth:`MicDevice.close` releases everything it made (not the PciDevice,
   which the caller opened).
 
-VOP (spec 3.2 step 6) arrives in issue 5: :meth:`MicDevice.start_vop` and
-:meth:`MicDevice.stop_vop` are the places it plugs in.
+VOP (spec 3.2 step 6, 5): :attr:`MicDevice.vop` is the card's
+:class:`~micdrv.vop.host.VopHost` (its event loop runs from open to close);
+:meth:`MicDevice.start_vop` gives it an empty device list before the card
+boots and :meth:`MicDevice.stop_vop` removes every device, first thing in
+``_mic_stop``. Devices are added by whoever owns them
+(:class:`micdrv.vop.devices.CardDevices`) once the card is booting.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .scif import SCIF_NODE_ALIVE_TIMEOUT, HostDoorbells, ScifHwLink, ScifMemory
 from .scif.nodeqp import QP_POLL_INTERVAL
 from .x100 import DmaEngine, IrqMode, X100, X100Error
 from .x100.card import SILICON_RESET_DELAY
+from .vop.host import VopHost, VopOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class MicDevice:
         self.dma: DmaEngine | None = None
         self.scif_link: ScifHwLink | None = None
         self._irq_thread = None
+        self.vop: VopHost | None = None
         self._scif_allocs: dict[int, Allocation] = {}
         self._scif = ScifNode(SCIF_HOST_NODE, alive_timeout=scif_timeout, name="scif0")
         self._scif_memory = ScifMemory(arena.memory(), card.aperture.memory(), self._scif_alloc, self._scif_free,
@@ -80,13 +86,14 @@ class MicDevice:
              reset_delay: float = SILICON_RESET_DELAY, iova_base: int = 0,
              irq_modes: tuple[IrqMode | str, ...] = (IrqMode.MSIX, IrqMode.MSI, IrqMode.INTX),
              scif_poll_interval: float = QP_POLL_INTERVAL,
-             scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT) -> "MicDevice":
+             scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT, vop: VopOptions | None = None) -> "MicDevice":
         """``mic_probe`` (spec 1.4) on ``dev``; the card is not reset.
 
         ``reset_delay`` is the pause after RGCR (1 s on silicon, spec 2.5);
         ``scif_poll_interval`` how often the device page is polled for the
         card's queue pair (1 s, spec 8.4); ``scif_timeout`` how long an
-        orderly SCIF teardown waits for the card (30 s, spec 8.4 step 6).
+        orderly SCIF teardown waits for the card (30 s, spec 8.4 step 6);
+        ``vop`` the VOP choices (:class:`~micdrv.vop.host.VopOptions`).
         """
         if not 0 <= mic_id < 255:
             raise ValueError(f"mic id {mic_id} must be 0..254 (the card's SCIF node id mic id + 1 is a u8)")
@@ -100,6 +107,7 @@ class MicDevice:
             card.write_dp_address(self.device_page.card_addr)   # spec 1.4 step 7
             self.device_page.init(self.node_id)                  # spec 1.4 step 8
             self.dma = DmaEngine(card)
+            self.vop = VopHost(card, arena, self.device_page, self.dma, vop, name=self.name).open()
             self._irq_thread = card.interrupt_thread()
             log.info("%s: %s %s stepping %s, %d MiB, interrupts %s", self.name, dev.name, card.family,
                      card.stepping, card.aperture.size >> 20, card.interrupts.mode.value)
@@ -209,10 +217,13 @@ class MicDevice:
 
     # --- VOP (spec 3.2 step 6; issue 5) -------------------------------------------------------------
     def start_vop(self) -> None:
-        """Register the VOP device (spec 3.2 step 6, 5.3): where issue 5's virtio devices attach."""
+        """Register the VOP device (spec 3.2 step 6): an empty device list; devices are added once booting."""
+        self.vop.start()
 
-    def stop_vop(self) -> None:
-        """Unregister the VOP device (first thing ``_mic_stop`` does)."""
+    def stop_vop(self, force: bool = False) -> None:
+        """Unregister the VOP device (first thing ``_mic_stop`` does): every device removed (spec 5.5)."""
+        if self.vop is not None:
+            self.vop.stop(force=force)
 
     # --- stop ----------------------------------------------------------------------------------------
     def stop(self, force: bool = False) -> None:
@@ -227,7 +238,7 @@ class MicDevice:
 
     def _stop(self, force: bool) -> None:
         try:
-            self.stop_vop()
+            self.stop_vop(force)
         except Exception:
             log.exception("%s: VOP teardown", self.name)
         link, self.scif_link = self.scif_link, None
@@ -253,6 +264,9 @@ class MicDevice:
             if self._started or self.scif_link is not None:
                 self._stop(force=True)
             self._scif.shutdown(timeout=0)
+            if self.vop is not None:
+                self.vop.close()
+                self.vop = None
             if self._irq_thread is not None:
                 self._irq_thread.stop()
                 self._irq_thread = None
@@ -278,7 +292,8 @@ class MicDevice:
         return {"name": self.name, "pci": self.dev.name, "family": c.family, "stepping": c.stepping,
                 "memory_size": self.memory_size, "post_code": c.post_code(), "ready": c.ready(),
                 "started": self._started, "interrupts": c.interrupts.mode.value,
-                "scif": self.scif_link.status() if self.scif_link is not None else None}
+                "scif": self.scif_link.status() if self.scif_link is not None else None,
+                "vop": {"started": self.vop.started, "devices": len(self.vop.devices)} if self.vop else None}
 
 
 __all__ = ["MicDevice", "DEFAULT_ARENA_SIZE"]

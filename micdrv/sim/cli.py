@@ -21,7 +21,9 @@ symbols mpssd-style tools read (spec 6.5).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"APIC ID of the bootstrap CPU, 0..511 (default {DEFAULT_APIC_ID})")
     p.add_argument("--control", help="control socket path (fault hooks, counters; tests and diagnostics)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE into the card OS before it runs, e.g. virtio drivers a test brings "
+                        "(repeatable; also $MICDRV_SIM_IMPORT, comma separated)")
     return p
 
 
@@ -116,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s micdrv.sim[%(process)d] %(levelname)s %(name)s: %(message)s")
+    for name in args.imports + [m for m in os.environ.get("MICDRV_SIM_IMPORT", "").split(",") if m.strip()]:
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as e:
+            parser.error(f"--import {name}: {e}")
     try:
         card = X100Card(device_id=args.device_id, revision=_stepping(args.stepping), memory_size=args.memory,
                         apic_id=args.apic_id, download_addr=args.download_addr, ready_delay=args.ready_delay)

@@ -28,6 +28,9 @@ request                                           reply (besides ``"ok": true``)
 ``{"cmd": "kernel", "action": A,                  a test switch of the running card OS: ``panic``
   "message": text}``                              (with ``message``), ``hang``, ``poweroff``,
                                                   ``halt``, ``reboot``; ``"state"``: the kernel's
+``{"cmd": "vop", "switch": S, "device": D,       a test switch of the card's VOP driver
+  ...}``                                          (micdrv.sim.cardos.vop): ``storm``, ``bad_desc``,
+                                                  ``used_address``, ``h2c_db``, ``driver``, ``rescan``
 ``{"cmd": "ring", "db": 0..3}``                   the card rings host doorbell db (an SDBIC write
                                                   through the card's register window)
 ``{"cmd": "stall", "channel": 0..7,               stall (true) or release (false) a DMA channel
@@ -78,7 +81,7 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._commands = {
             "ping": self._ping, "status": self._status, "counters": self._counters, "os": self._os,
-            "kernel": self._kernel,
+            "kernel": self._kernel, "vop": self._vop,
             "ring": self._ring, "stall": self._stall, "fail_next_reset": self._fail_next_reset,
             "drop_interrupt": self._drop_interrupt, "card_read": self._card_read, "card_write": self._card_write,
         }
@@ -191,6 +194,12 @@ class ControlServer:
         if not isinstance(action, str) or not isinstance(message, str):
             raise RequestError('"action" (and "message", if given) must be strings')
         return self.card.os_control(action, **({"message": message} if message else {}))
+
+    def _vop(self, req: dict) -> dict:
+        args = {k: v for k, v in req.items() if k != "cmd"}
+        if not isinstance(args.get("switch"), str):
+            raise RequestError('"switch" must be a string')
+        return self.card.os_control("vop", **args) or {}
 
     def _ring(self, req: dict) -> dict:
         db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)

@@ -62,6 +62,7 @@ from .image import CardImage
 from .klog import KernelLog
 from .memory import HEAP_MAX, CardHeap, CardMemory, free_ranges
 from .scif import CardScif
+from .vop import CardVop
 
 if TYPE_CHECKING:
     from ..card import CardSide
@@ -112,6 +113,7 @@ class Kernel:
         self.bootparam: Bootparam | None = None
         self.scif: CardScif | None = None
         self.cosm: CosmClient | None = None
+        self.vop: CardVop | None = None
         self._down_request: MicStatus | None = None
         self._notifiers: list[Callable[[MicStatus], None]] = []
         self._lock = threading.RLock()
@@ -253,13 +255,17 @@ class Kernel:
         self.publish()
         self._wake.set()
 
-    def control(self, action: str, message: str = "") -> dict:
-        """The control socket's ``kernel`` command (test switches)."""
+    def control(self, action: str, message: str = "", **args) -> dict:
+        """The control socket's ``kernel`` command (test switches); ``vop`` goes to the VOP driver's."""
+        if action == "vop":
+            if self.vop is None:
+                raise ValueError("the card OS has no VOP driver (no device page)")
+            return self.vop.control(**args)
         actions = {"panic": lambda: self.panic(message or "simulated panic (control socket)"),
                    "hang": self.hang, "poweroff": self.poweroff, "halt": self.halt, "reboot": self.reboot}
         fn = actions.get(action)
         if fn is None:
-            raise ValueError(f"unknown kernel action {action!r}; one of {', '.join(actions)}")
+            raise ValueError(f"unknown kernel action {action!r}; one of {', '.join(actions)}, vop")
         fn()
         return {"state": self.state}
 
@@ -366,7 +372,17 @@ class Kernel:
         return False
 
     def probe_vop(self, bootparam: Bootparam) -> None:
-        """The card VOP driver (spec 5.2, 5.4): issue 5 registers it here, between DMA and SCIF."""
+        """The card VOP driver (spec 5.2, 5.4), between DMA and SCIF: finds the host's virtio devices."""
+        vop = CardVop(self, bootparam)
+        self.vop = vop
+        self.devices.append(vop)
+        try:
+            vop.probe()
+        except (CardFault, MemoryAccessError) as e:
+            if self.side.stopped.is_set():
+                raise
+            self.errors.append(f"vop: {e}")
+            self.printk(f"vop: probe failed: {e}")
 
     def _go_down(self, status: MicStatus) -> None:
         """``kernel_power_off`` / ``kernel_halt`` / ``kernel_restart``: notifiers, driver shutdown, dead."""

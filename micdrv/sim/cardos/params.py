@@ -15,6 +15,9 @@ micdrv_sim.connect_retries=N       10      COSM_SCIF_MAX_RETRIES (spec 7.2)
 micdrv_sim.connect_interval=SEC    1       msleep(1000) between tries (spec 7.2)
 micdrv_sim.scif_poll=SECONDS       1       the device-page poll (spec 8.4 steps 1-2)
 micdrv_sim.scif_timeout=SECONDS    30      SCIF_NODE_ALIVE_TIMEOUT (spec 8.4 step 6)
+micdrv_sim.vring_info=PLACEMENT    rounded where the VOP driver looks for
+                                           ``_mic_vring_info``: ``rounded`` or
+                                           ``legacy`` (spec 5.6; must match the host)
 =================================  ======  ==========================================
 
 ``mem=<n>M`` is read too (the memory the host says the card has). Unknown
@@ -51,8 +54,14 @@ def _count(text: str) -> int:
     return v
 
 
+def _placement(text: str) -> str:
+    if text not in ("rounded", "legacy"):
+        raise ValueError(f"{text!r} is not rounded or legacy")
+    return text
+
+
 _PARAMS = {"heartbeat": _seconds, "connect_retries": _count, "connect_interval": _seconds, "scif_poll": _seconds,
-           "scif_timeout": _seconds}
+           "scif_timeout": _seconds, "vring_info": _placement}
 
 
 @dataclass
@@ -62,6 +71,7 @@ class CardParams:
     connect_interval: float = COSM_CONNECT_RETRY_SEC
     scif_poll: float = QP_POLL_INTERVAL
     scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT
+    vring_info: str = "rounded"
     mem_mib: int | None = None
     other: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -69,7 +79,7 @@ class CardParams:
     def as_dict(self) -> dict:
         return {"heartbeat": self.heartbeat, "connect_retries": self.connect_retries,
                 "connect_interval": self.connect_interval, "scif_poll": self.scif_poll,
-                "scif_timeout": self.scif_timeout, "mem_mib": self.mem_mib}
+                "scif_timeout": self.scif_timeout, "vring_info": self.vring_info, "mem_mib": self.mem_mib}
 
 
 def parse(*cmdlines: str) -> CardParams:

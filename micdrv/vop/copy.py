@@ -1,0 +1,156 @@
+"""The copy engine: chain payload between card memory and the host's staging memory (spec 5.7).
+
+Every buffer address in a VOP descriptor is a card physical address (spec
+5.7); the host reaches card memory two ways, and picks per copy:
+
+* **DMA** (host channels 0-3, :class:`~micdrv.x100.dma.DmaEngine`):
+  source, destination and length multiples of 64 bytes (spec 4.1);
+* **BAR0**: loads and stores through the card-memory mapping
+  (:meth:`~micdrv.x100.mmio.Aperture.memory`). On silicon BAR0 is
+  write-combined: stores are cheap, loads are uncached PCIe reads.
+
+Card -> host (the card's readable buffers, before a backend sees them):
+always DMA, as upstream does whenever a channel exists. A buffer at card
+address ``a`` of ``n`` bytes is widened to the 64-byte grid: ``h = a % 64``,
+``ALIGN(n + h, 64)`` bytes from ``a - h`` into a 64-aligned staging slot, and
+the backend's view starts ``h`` bytes into the slot. The whole buffer is one
+copy into one slot, so upstream's bug -- the user pointer advanced by the
+whole first 64 KiB chunk including ``h``, leaving every later chunk ``h``
+bytes off (spec 5.7) -- cannot happen here. The widened range never leaves
+card memory: ``a`` and ``a + n`` are inside it (the ring checked), and card
+memory is a whole number of 64-byte lines.
+
+Host -> card (what a backend wrote into a chain's writable buffers, at
+completion): DMA when the card address is 64-byte aligned **and**
+``ALIGN(len, 64)`` fits in what is left of that descriptor (upstream's rule,
+spec 5.7: the DMA may write up to 63 bytes past ``len``, into the same
+device-writable buffer); otherwise through BAR0, exactly ``len`` bytes.
+
+Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
+every copy of a whole pop or completion batch and issue one
+:meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
+doorbell and one completion per channel used), then wait for it.
+
+:class:`CopyPolicy` can turn either DMA direction off (BAR0 only) or send
+short host -> card pieces through BAR0; the defaults are upstream's rules.
+:attr:`CopyEngine.counters` are upstream's debugfs counters (in/out bytes,
+DMA bytes, unaligned-length and unaligned-destination bytes) split by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..memory import Memory
+from ..x100.errors import DmaError
+from .staging import align64
+
+DMA_TIMEOUT = 10.0   # the longest a batch may take before the device is declared broken
+
+
+class VopCopyError(Exception):
+    """A copy that could not be done (the DMA engine refused or failed it)."""
+
+
+@dataclass(frozen=True)
+class CopyPolicy:
+    """Which path each direction takes (spec 5.7); the defaults are upstream's."""
+
+    c2h_dma: bool = True      # card -> host by DMA (else BAR0 reads: slow on silicon)
+    h2c_dma: bool = True      # host -> card by DMA where aligned and roundable (else always BAR0)
+    h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream)
+
+    def describe(self) -> dict:
+        return {"c2h_dma": self.c2h_dma, "h2c_dma": self.h2c_dma, "h2c_dma_min": self.h2c_dma_min}
+
+
+COUNTERS = ("c2h_bytes", "c2h_dma_bytes", "c2h_bar0_bytes", "h2c_bytes", "h2c_dma_bytes", "h2c_bar0_bytes",
+            "h2c_unaligned_dst_bytes", "h2c_unaligned_len_bytes", "dma_batches", "dma_copies")
+
+# One card -> host copy: (card address, length, staging card address, staging view of the widened slot).
+ReadCopy = tuple[int, int, int, memoryview]
+# One host -> card piece: (card address, length, room left in the descriptor, staging card address,
+# staging view of exactly length bytes).
+WritePiece = tuple[int, int, int, int, memoryview]
+
+
+class CopyEngine:
+    """The two copy paths of one device; ``card`` is BAR0 as Memory, ``dma`` the host channels (or None)."""
+
+    def __init__(self, card: Memory, dma, policy: CopyPolicy = CopyPolicy(), name: str = "vop"):
+        self.card = card
+        self.dma = dma
+        self.policy = policy
+        self.name = name
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._card_view = card.view(card.base, card.size)  # None when BAR0 cannot be mapped
+
+    # --- card -> host ----------------------------------------------------------------------------
+    def read_in(self, copies: Sequence[ReadCopy]) -> None:
+        """Bring ``copies`` into staging: one DMA batch, or BAR0 reads."""
+        if not copies:
+            return
+        c = self.counters
+        if self.dma is not None and self.policy.c2h_dma:
+            batch = []
+            total = moved = 0
+            for addr, n, stage_card, _view in copies:
+                h = addr & 63
+                m = align64(n + h)
+                batch.append((stage_card, addr - h, m))
+                total += n
+                moved += m
+            self._dma(batch)
+            c["c2h_dma_bytes"] += moved
+        else:
+            cv = self._card_view
+            total = 0
+            for addr, n, _stage_card, view in copies:
+                h = addr & 63
+                if cv is not None:
+                    view[h:h + n] = cv[addr:addr + n]
+                else:
+                    view[h:h + n] = self.card.read(addr, n)
+                total += n
+            c["c2h_bar0_bytes"] += total
+        c["c2h_bytes"] += total
+
+    # --- host -> card ----------------------------------------------------------------------------
+    def write_out(self, pieces: Sequence[WritePiece]) -> None:
+        """Copy ``pieces`` to the card: the DMA-able ones in one batch, the rest through BAR0; waits."""
+        if not pieces:
+            return
+        c = self.counters
+        pol = self.policy
+        use_dma = self.dma is not None and pol.h2c_dma
+        batch = []
+        cv = self._card_view
+        total = 0
+        for addr, n, room, stage_card, view in pieces:
+            total += n
+            m = align64(n)
+            if use_dma and not (addr | stage_card) & 63 and m <= room and n >= pol.h2c_dma_min:
+                batch.append((addr, stage_card, m))
+                c["h2c_dma_bytes"] += n
+                continue
+            if addr & 63:
+                c["h2c_unaligned_dst_bytes"] += n
+            elif m > room:
+                c["h2c_unaligned_len_bytes"] += n
+            c["h2c_bar0_bytes"] += n
+            if cv is not None:
+                cv[addr:addr + n] = view
+            else:
+                self.card.write(addr, view)
+        if batch:
+            self._dma(batch)
+        c["h2c_bytes"] += total
+
+    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+        try:
+            self.dma.memcpy_batch(batch).result(DMA_TIMEOUT)
+        except DmaError as e:
+            raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
+        self.counters["dma_batches"] += 1
+        self.counters["dma_copies"] += len(batch)

@@ -1,0 +1,222 @@
+"""The MIC virtqueue: a :class:`~backends.virtqueue.Virtqueue` over a VOP vring, staging payload (spec 5.5-5.7).
+
+Where the parts of a VOP ring live (spec 5.4, 5.5): descriptors and avail in
+host memory (the vring the host allocated in the DmaArena), the used ring in
+card memory once the card moved it there (reached through BAR0). Every
+descriptor's buffer is a card physical address; :class:`~micdrv.virtio.Vringh`
+checks each against card memory (its ``buffers`` window is BAR0) before
+anything is copied.
+
+:meth:`VopQueue.pop_many` takes the chains, gives each a contiguous piece
+of the queue's staging area (:mod:`.staging`), DMAs *all* their readable
+buffers in with one batch (:meth:`~.copy.CopyEngine.read_in`) and hands the
+backend views of staging -- the DMA destinations themselves, so nothing is
+copied again. :meth:`VopQueue.complete_many` copies what the backends wrote
+(the first ``written`` bytes of each chain's writable stream and the last
+``tail``) to the card in one batch (:meth:`~.copy.CopyEngine.write_out`),
+waits for it, then publishes the used entries with one ``used.idx`` store,
+records the consumed index in ``_mic_vring_info.avail_idx`` (spec 5.6), and
+rings the card once if it wants an interrupt.
+
+A chain bigger than the staging area gets an arena allocation of its own
+(up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+from backends.virtqueue import Chain, Virtqueue
+from micdrv.virtio import DescChain, VringError, Vringh
+
+from ..pci import Allocation, DmaArena
+from .copy import CopyEngine
+from .staging import StagingRing, align64
+
+MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest (126 x 64 KiB) is ~8 MiB
+
+
+class _Staged:
+    """A chain's staging: its DescChain, where its piece is, and where each writable buffer sits."""
+
+    __slots__ = ("desc", "offset", "own", "writable")
+
+    def __init__(self, desc: DescChain, offset: int, own: Allocation | None, writable: list[tuple[int, int, int]]):
+        self.desc = desc
+        self.offset = offset          # arena offset of the piece
+        self.own = own                # an allocation of its own (oversize chain), else None
+        self.writable = writable      # (card address, length, arena offset of its slot)
+
+
+class StagingArea:
+    """One queue's staging: an arena allocation and the FIFO allocator over it."""
+
+    def __init__(self, arena: DmaArena, size: int, arena_card: int):
+        self.arena = arena
+        self.alloc_ = arena.alloc(size, 64)
+        self.base = self.alloc_.offset
+        self.ring = StagingRing(self.alloc_.size)
+        self.arena_card = arena_card   # card address of arena offset 0 (the one Iova -> CardPhys conversion)
+        self.view = arena.view
+
+    def close(self) -> None:
+        if self.alloc_ is not None:
+            self.arena.free(self.alloc_)
+            self.alloc_ = None
+
+
+class VopQueue(Virtqueue):
+    """One queue of a VOP device as its backend sees it."""
+
+    def __init__(self, index: int, vring: Vringh, engine: CopyEngine, staging: StagingArea,
+                 info_avail_idx: memoryview, notify: Callable[[], None], name: str = ""):
+        self.index = index
+        self.size = vring.num
+        self.name = name or vring.name
+        self.vring = vring
+        self.engine = engine
+        self.staging = staging
+        self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
+        self._notify = notify
+        self._staged: dict[int, _Staged] = {}
+        self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
+                                       "staging_full", "oversize"), 0)
+
+    # --- taking chains -----------------------------------------------------------------------------
+    def pop_many(self, limit: int) -> list[Chain]:
+        descs = self.vring.pop_many(limit)
+        if not descs:
+            return []
+        st = self.staging
+        view, card0 = st.view, st.arena_card
+        out: list[Chain] = []
+        copies = []
+        taken = 0
+        try:
+            for d in descs:
+                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64)
+                total = 0
+                for a, n in d.readable:
+                    total += align64((a & 63) + n)
+                for _a, n in d.writable:
+                    total += align64(n)
+                own = None
+                off = st.ring.alloc(total)
+                if off is None:
+                    if out and total <= st.ring.size:
+                        self.counters["staging_full"] += 1
+                        break                            # no room now: the rest waits for the next batch
+                    if total > MAX_CHAIN_BYTES:
+                        raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
+                                         f"than the {MAX_CHAIN_BYTES} a chain may stage")
+                    own = st.arena.alloc(total, 64)
+                    base = own.offset
+                    self.counters["oversize"] += 1
+                else:
+                    base = st.base + off
+                pos = base
+                readable = []
+                for a, n in d.readable:
+                    h = a & 63
+                    m = align64(h + n)
+                    copies.append((a, n, card0 + pos, view[pos:pos + m]))
+                    readable.append(view[pos + h:pos + h + n])
+                    pos += m
+                writable = []
+                wslots = []
+                for a, n in d.writable:
+                    writable.append(view[pos:pos + n])
+                    wslots.append((a, n, pos))
+                    pos += align64(n)
+                s = _Staged(d, base, own, wslots)
+                self._staged[d.head] = s
+                out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
+                taken += 1
+            if taken < len(descs):
+                self.vring.abandon(descs[taken:])
+            self.engine.read_in(copies)
+        except BaseException:
+            for c in reversed(out):
+                self._release(c.ctx)
+            raise
+        n = len(out)
+        c = self.counters
+        c["batches"] += 1
+        c["chains"] += n
+        if n > c["max_batch"]:
+            c["max_batch"] = n
+        return out
+
+    # --- returning chains --------------------------------------------------------------------------
+    def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
+        done = list(done)
+        if not done:
+            return
+        st = self.staging
+        view, card0 = st.view, st.arena_card
+        pieces = []
+        used = []
+        for chain, written in done:
+            s: _Staged = chain.ctx
+            tail = chain.tail
+            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
+                raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
+                                 f"its writable buffers hold {s.desc.writable_len}")
+            left = written
+            for a, n, pos in s.writable:
+                if left <= 0:
+                    break
+                k = n if n < left else left
+                pieces.append((a, k, n, card0 + pos, view[pos:pos + k]))
+                left -= k
+            left = tail
+            for a, n, pos in reversed(s.writable):
+                if left <= 0:
+                    break
+                k = n if n < left else left
+                skip = n - k
+                pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))
+                left -= k
+            used.append((chain.head, written + tail))
+        self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
+        self.vring.push_many(used)
+        self._info[0] = self.vring.last_avail
+        for chain, _w in done:
+            self._release(chain.ctx)
+        if self.vring.needs_notify():
+            self.counters["interrupts"] += 1
+            self._notify()
+        else:
+            self.counters["interrupts_suppressed"] += 1
+
+    def abandon(self, chains: Sequence[Chain]) -> None:
+        self.vring.abandon([c.ctx.desc for c in chains])
+        for c in reversed(chains):
+            self._release(c.ctx)
+
+    def _release(self, s: _Staged) -> None:
+        if self._staged.pop(s.desc.head, None) is None:
+            return
+        if s.own is not None:
+            self.staging.arena.free(s.own)
+        else:
+            self.staging.ring.free(s.offset - self.staging.base)
+
+    def release_all(self) -> None:
+        """Forget every chain in flight (the device was reset or broken): their staging is free again."""
+        for s in list(self._staged.values()):
+            self._release(s)
+
+    # --- kicks ----------------------------------------------------------------------------------
+    def disable_notify(self) -> None:
+        self.vring.disable_notify()
+
+    def enable_notify(self) -> bool:
+        return self.vring.enable_notify()
+
+    def status(self) -> dict:
+        v = self.vring
+        return {"index": self.index, "size": self.size, "last_avail": v.last_avail, "used_idx": v.used_idx,
+                "in_flight": v.in_flight, "event_idx": v.event_idx, "indirect": v.indirect,
+                "staging": {"size": self.staging.ring.size, "allocated": self.staging.ring.allocated,
+                            "high_water": self.staging.ring.high_water}, **self.counters}
