@@ -15,6 +15,11 @@ them over their control sockets ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`
     micctl info [CARD ...] [--json]        attributes and hardware facts
     micctl set CARD ATTR VALUE             write an attribute (firmware, ramdisk, cmdline,
                                            bootmode, heartbeat_enable, log_buf_addr, log_buf_len)
+    micctl console CARD                    attach to the card's console (Ctrl-] then q detaches)
+    micctl devices CARD [--json]           the card's virtio devices and their counters
+    micctl blk list CARD [--json]          block devices
+    micctl blk add CARD PATH [--readonly] [--serial S]   serve an image file to the card, now
+    micctl blk remove CARD NAME            take a block device away (the card lets go first)
     micctl doctor | install | udev-rules | unit | bind BDF | unbind BDF | list
 
 CARD is ``micN`` (or the name a card has in the configuration), or ``all``;
@@ -101,7 +106,7 @@ def connect(name: str, path: Path) -> JsonLinesClient:
         raise CliError(f"{name}: cannot reach the daemon at {path}: {e.strerror or e}", EXIT_NOCARD) from None
 
 
-def request(name: str, path: Path, cmd: str, io_timeout: float | None = None, **fields) -> dict:
+def request(name: str, path: Path, cmd: str, /, io_timeout: float | None = None, **fields) -> dict:
     with connect(name, path) as c:
         try:
             reply = c.call(cmd, io_timeout=io_timeout, **fields)
@@ -214,6 +219,57 @@ def _cmd_set(args) -> int:
     return EXIT_OK
 
 
+def _one_card(args) -> tuple[str, Path]:
+    args.cards = [args.card]
+    (name, path), = select_cards(args)
+    return name, path
+
+
+def _cmd_console(args) -> int:
+    from .attach import AttachError, attach
+    name, path = _one_card(args)
+    console = request(name, path, "console")["path"]
+    try:
+        attach(console, name)
+    except AttachError as e:
+        raise CliError(str(e)) from None
+    return EXIT_OK
+
+
+def _cmd_devices(args) -> int:
+    name, path = _one_card(args)
+    r = request(name, path, "devices")
+    if args.json:
+        print(json.dumps(r["devices"], indent=2))
+        return EXIT_OK
+    for d in r["devices"]:
+        extra = f" ({d['broken']})" if d.get("broken") else ""
+        print(f"{name} {d['name']:<10} {d['kind']:<8} {d['state']}{extra}")
+    for e in r.get("errors", []):
+        print(f"{name} error: {e}")
+    return EXIT_OK
+
+
+def _cmd_blk(args) -> int:
+    name, path = _one_card(args)
+    if args.blk_command == "add":
+        r = request(name, path, "blk-add", path=os.path.abspath(args.path), readonly=args.readonly,
+                    **({"serial": args.serial} if args.serial else {}))
+        print(f"{name}: {r['name']} {r['path']} ({r['state']})")
+    elif args.blk_command == "remove":
+        request(name, path, "blk-remove", name=args.name)
+        print(f"{name}: {args.name} removed")
+    else:
+        rows = request(name, path, "blk-list")["blk"]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        for r in rows:
+            print(f"{r['name']:<6} {r['state']:<9} {'ro' if r['readonly'] else 'rw'} {r['capacity'] * 512:>14} "
+                  f"{r['serial']:<20} {r['path']}")
+    return EXIT_OK
+
+
 # --- host commands -------------------------------------------------------------------------------
 
 # Subcommands that are whole commands of their own modules (``main(argv)``), handed their arguments as they are.
@@ -297,6 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("attr", help="firmware, ramdisk, cmdline, bootmode, heartbeat_enable, log_buf_addr, log_buf_len")
     st.add_argument("value")
     st.set_defaults(func=_cmd_set)
+    co = sub.add_parser("console", help="attach to the card's console; Ctrl-] then q detaches", parents=[common])
+    co.add_argument("card")
+    co.set_defaults(func=_cmd_console)
+    dv = sub.add_parser("devices", help="the card's virtio devices", parents=[common])
+    dv.add_argument("card")
+    dv.add_argument("--json", action="store_true", help="machine-readable output, with every counter")
+    dv.set_defaults(func=_cmd_devices)
+    bk = sub.add_parser("blk", help="block devices: list, add, remove (also while the card is online)",
+                        parents=[common])
+    bsub = bk.add_subparsers(dest="blk_command", metavar="ACTION", required=True)
+    bl = bsub.add_parser("list", help="the card's block devices", parents=[common])
+    bl.add_argument("card")
+    bl.add_argument("--json", action="store_true")
+    ba = bsub.add_parser("add", help="serve an image file to the card", parents=[common])
+    ba.add_argument("card")
+    ba.add_argument("path", help="raw image file (or block device)")
+    ba.add_argument("--readonly", action="store_true", help="the card may only read it")
+    ba.add_argument("--serial", help="the disk's ID (virtio-blk GET_ID), at most 20 ASCII characters")
+    br = bsub.add_parser("remove", help="take a block device away from the card", parents=[common])
+    br.add_argument("card")
+    br.add_argument("name", help="as micctl blk list shows it (blk0, ...), or the image's path")
+    bk.set_defaults(func=_cmd_blk)
 
     for name, (_module, help_) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_, add_help=False)  # listed in the help; main() hands them over

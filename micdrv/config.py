@@ -63,6 +63,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NET_MTU = 64512                             # the MPSS MTU of micN (spec 6.2)
 NET_MTU_RANGE = (68, 65521)                 # IPv4 minimum .. a tap's maximum (65535 - Ethernet header)
 BLK_SERIAL_MAX = 20                         # VIRTIO_BLK_ID_BYTES (virtio-legacy.md 3.3)
+VRING_INFO = ("rounded", "legacy")          # spec 5.6: the _mic_vring_info placements (micdrv.vop.layout)
 
 _CARD_NAME = re.compile(r"^mic(0|[1-9][0-9]{0,2})$")
 _IFNAME = re.compile(r"[^/:\s]{1,15}")
@@ -134,6 +135,7 @@ class CardConfig:
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     log_buf_addr: int | None = None   # spec 3.5: card kernel virtual address of __log_buf
     log_buf_len: int | None = None    # spec 3.5: ... of log_buf_len
+    vring_info: str = "rounded"       # spec 5.6: where _mic_vring_info sits, "rounded" or "legacy" (card alike)
     net: tuple[NetConfig, ...] = ()
     blk: tuple[BlkConfig, ...] = ()
     console: tuple[ConsoleConfig, ...] = ()
@@ -329,7 +331,7 @@ _HEARTBEAT_FIELDS = {"enable": _bool, "timeout": _seconds}
 _CARD_FIELDS: dict[str, Callable[[Any], Any]] = {
     "firmware": _nonempty, "ramdisk": _opt_str, "cmdline": _cmdline, "bootmode": _one_of(BOOTMODES),
     "boot_on_start": _bool, "auto_reset": _bool, "reset_timeout": _seconds, "log_buf_addr": _u64,
-    "log_buf_len": _u64,
+    "log_buf_len": _u64, "vring_info": _one_of(VRING_INFO),
 }
 DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
     # kind: (dataclass, field checkers, required keys)

@@ -173,6 +173,9 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     from .mic import MicDevice
     from .sdnotify import Notifier
     from .service import CardService
+    from .vop.devices import CardDevices
+    from .vop.host import VopOptions
+    from .vop.layout import VringInfoPlacement
     notifier = notifier or Notifier(None)
     try:
         os.makedirs(cfg.settings.run_dir, exist_ok=True)
@@ -181,10 +184,13 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
             if sim is not None:
                 card = _simulated_firmware(cfg, card, sim)
                 reset_delay, reset_interval = SIMULATED_RESET_DELAY, SIMULATED_RESET_INTERVAL
-            hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay)
+            hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
+                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)))
             try:
+                devices = CardDevices.open(card, cfg, hw.vop)
+                card = dataclasses.replace(card, cmdline=devices.kernel_cmdline(card.cmdline))
                 service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim),
-                                      reset_interval=reset_interval)
+                                      reset_interval=reset_interval, devices=devices)
                 service.cosm.subscribe(lambda d: notifier.status(f"{d.name}: {d.state.sysfs}"))
                 service.start()
                 try:

@@ -62,6 +62,11 @@ TEXT = """\
 # they let micdrv read the card's kernel log. Default: none.
 #log_buf_addr = 0xffffffff81f6ee20
 #log_buf_len = 0xffffffff81f6ee18
+# Where the card's kernel expects _mic_vring_info after each vring (spec 5.6):
+# "rounded" (Linux 5.10 and the stable kernels since 4.9.241 / 4.19.154 /
+# 5.4.73) or "legacy" (v5.4-v5.9 releases before those fixes). Host and card
+# must agree; the simulated card reads micdrv_sim.vring_info= on its command line.
+#vring_info = "rounded"
 
 # --- one card ----------------------------------------------------------------
 # A card is named micN and tied to its PCI address, or named by the address

@@ -42,6 +42,8 @@ request                                               reply (besides ``"ok": tru
                                                       cmdline, bootmode, heartbeat_enable,
                                                       log_buf_addr, log_buf_len)
 ``{"cmd": "log"}``                                    ``log``: the card kernel's log (spec 3.5)
+``{"cmd": "devices"}``, ``"blk-add"``,                the card's virtio devices and block hot-plug
+``"blk-remove"``, ``"blk-list"``, ``"console"``       (:mod:`micdrv.vop.devices`)
 ====================================================  ===============================================
 
 Who may ask (SO_PEERCRED): root may do everything; members of the
@@ -109,8 +111,9 @@ class CardService:
     def __init__(self, hw: CosmHwOps, card: CardConfig, config: Config, *,
                  hardware_info: Callable[[], dict] | None = None,
                  read_log: Callable[[CosmDevice], str] | None = None,
-                 reset_interval: float | None = None):
+                 reset_interval: float | None = None, devices=None):
         self.hw = hw
+        self.devices = devices   # micdrv.vop.devices.CardDevices: the card's virtio devices, or None
         self.card = card
         self.config = config
         self.hardware_info = hardware_info or (lambda: {})
@@ -138,6 +141,11 @@ class CardService:
             "status": self._status, "info": self._info, "boot": self._boot, "shutdown": self._shutdown,
             "reset": self._reset, "reboot": self._reboot, "wait": self._wait, "set": self._set, "log": self._log,
         }
+        self._read_only = READ_ONLY
+        if devices is not None:
+            from .vop.devices import READ_ONLY_COMMANDS
+            self._commands.update(devices.commands())
+            self._read_only = READ_ONLY | READ_ONLY_COMMANDS
 
     @staticmethod
     def _group_id(name: str | None) -> int | None:
@@ -152,6 +160,8 @@ class CardService:
     def start(self) -> None:
         self._server = CosmServer(self.hw.scif, {self.hw.node_id: self.cosm})
         self.cosm.subscribe(self._on_change)
+        if self.devices is not None:
+            self.cosm.subscribe(self.devices.on_state)   # devices added once the card is booting (spec 6.1)
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         self._control = JsonLinesServer(self.socket_path, self.handle, mode=self.config.settings.socket_mode,
                                         gid=self.allowed_gid, name=f"{self.card.name} control")
@@ -170,6 +180,8 @@ class CardService:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self.devices is not None:
+            self.devices.close()   # the card is stopped: its VOP devices are gone, their tap, pty, images go
         for t in self._threads:
             t.join(5.0)
 
@@ -235,7 +247,7 @@ class CardService:
     def _may(self, peer: PeerCred, cmd: str) -> bool:
         if peer.uid == 0:
             return True
-        if cmd not in READ_ONLY or self.allowed_gid is None:
+        if cmd not in self._read_only or self.allowed_gid is None:
             return False
         return peer.gid == self.allowed_gid or self.allowed_gid in _supplementary_groups(peer.pid)
 
@@ -247,7 +259,7 @@ class CardService:
                                errno="EINVAL")
         if not self._may(peer, cmd):
             raise _errno_error(errno.EACCES, f"{cmd}: permission denied (uid {peer.uid}); "
-                                             f"{'root only' if cmd not in READ_ONLY else 'root or socket_group'}")
+                                             f"{'root only' if cmd not in self._read_only else 'root or socket_group'}")
         try:
             return fn(req)
         except CosmError as e:

@@ -257,10 +257,10 @@ class VopDevice:
     def _break(self, message: str) -> None:
         if self.broken is not None:
             return
-        self.broken = message
-        self.counters["breaks"] += 1
         log.error("%s: device broken, its backend parked until the card resets the device: %s", self.name, message)
+        self.counters["breaks"] += 1
         self._deactivate()
+        self.broken = message   # last: whoever sees it set sees the backend parked
 
     def _deactivate(self) -> None:
         self._fds.unwatch_all()

@@ -260,14 +260,14 @@ class VopHost:
             if dev.removed:
                 return
             db = self.loop.call(self._begin_remove, dev)
-            acked = True
+            how = "acknowledged" if db != -1 and not force else "without waiting"
             if db != -1 and not force:
-                acked = self._wait_ack(dev, REMOVE_TRIES * REMOVE_WAIT)
-                if not acked:
+                how = self._wait_ack(dev, REMOVE_TRIES * REMOVE_WAIT)
+                if how == "timed out":
                     log.warning("%s: the card did not acknowledge the removal of %s within %g s", self.name,
                                 dev.name, REMOVE_TRIES * REMOVE_WAIT)
             self.loop.call(self._finish_remove, dev)
-        log.info("%s: removed %s%s", self.name, dev.name, "" if acked else " (not acknowledged)")
+        log.info("%s: removed %s (%s)", self.name, dev.name, how)
 
     def _begin_remove(self, dev: VopDevice) -> int:
         dev.entry.set_ctrl_u8(CTRL_CONFIG_CHANGE, MIC_VIRTIO_PARAM_DEV_REMOVE)
@@ -291,13 +291,17 @@ class VopHost:
             if dev in self.devices:
                 self.devices.remove(dev)
 
-    def _wait_ack(self, dev: VopDevice, timeout: float) -> bool:
+    def _wait_ack(self, dev: VopDevice, timeout: float) -> str:
+        """Wait for ``guest_ack``: "acknowledged", "timed out", or "the card stopped listening" -- its VOP
+        driver withdrew ``h2c_config_db`` (it shuts down) and will answer nothing more."""
         deadline = time.monotonic() + timeout
         while not dev.entry.ctrl_u8(CTRL_GUEST_ACK):
+            if self.page.bootparam.h2c_config_db == -1:
+                return "the card stopped listening"
             if time.monotonic() > deadline:
-                return False
+                return "timed out"
             time.sleep(ACK_POLL)
-        return True
+        return "acknowledged"
 
     # --- config change (spec 5.5) -------------------------------------------------------------------------
     def config_change(self, dev: VopDevice) -> None:
@@ -311,11 +315,11 @@ class VopHost:
             if db == -1:
                 self.loop.call(self._end_config_change, dev)
                 raise VopError(f"{dev.name}: the card has no config doorbell (h2c_config_db is -1)", "EIO")
-            acked = self._wait_ack(dev, CONFIG_TRIES * CONFIG_WAIT)
+            how = self._wait_ack(dev, CONFIG_TRIES * CONFIG_WAIT)
             self.loop.call(self._end_config_change, dev)
-        if not acked:
-            raise VopError(f"{dev.name}: the card did not acknowledge the config change within "
-                           f"{CONFIG_TRIES * CONFIG_WAIT:g} s", "ETIMEDOUT")
+        if how != "acknowledged":
+            raise VopError(f"{dev.name}: the card did not acknowledge the config change "
+                           f"({how}; {CONFIG_TRIES * CONFIG_WAIT:g} s at most)", "ETIMEDOUT")
         log.info("%s: config change of %s acknowledged", self.name, dev.name)
 
     def _begin_config_change(self, dev: VopDevice) -> int:

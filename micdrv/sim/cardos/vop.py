@@ -263,6 +263,8 @@ class CardVop:
                 dev.entry.status = 0
             e = dev.entry
             e.set_ctrl_u8(L.CTRL_H2C_VDEV_DB, 0xFF)
+            if not hot and e.ctrl_u8(L.CTRL_CONFIG_CHANGE) == L.MIC_VIRTIO_PARAM_DEV_REMOVE:
+                hot = True          # the host asked for it meanwhile: answer as a hot remove
             if hot:
                 e.set_ctrl_u8(L.CTRL_GUEST_ACK, 1)
                 e.type = L.TYPE_REMOVED
