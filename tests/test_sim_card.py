@@ -389,14 +389,17 @@ def test_boot_kick_starts_the_card_os_which_finds_image_cmdline_and_device_page(
     assert (rec["ramdisk_image"], rec["ramdisk_size"]) == (128 << 20, 0x1234)
     assert rec["device_page"] == regs.SYSTEM_WINDOW + IOVA_BASE + dp
     assert rec["magic_ok"] and rec["magic"] == 0xC0FFEE00
-    assert rec["bootparam"]["node_id"] == 1 and rec["bootparam"]["h2c_config_db"] == -1
+    # The card's VOP driver probes before SCIF and takes the least used doorbell, 0, for its config doorbell
+    # (spec 5.2); SCIF gets the next one.
+    assert rec["bootparam"]["node_id"] == 1 and rec["bootparam"]["h2c_config_db"] == 0
+    assert rec["devices"]["vop"]["config_db"] == 0 and rec["devices"]["vop"]["devices"] == []
     assert rec["errors"] == []
     # No host SCIF here: the card published its node QP (spec 8.4 step 2) and waits for the host's.
     wait_for(lambda: host.post_code() == "60", "post code 60")
     h2c_scif_db, card_qp = struct.unpack_from("<BxxxxxxxxxQ", host.arena.view, dp + 6)
-    assert h2c_scif_db == 0 and 0 < card_qp < MEMORY  # least used doorbell first; the QP in GDDR
+    assert h2c_scif_db == 1 and 0 < card_qp < MEMORY  # least used doorbell first; the QP in GDDR
     assert bytes(host.gddr[card_qp:card_qp + 8]) == struct.pack("<Q", 0x5C1F000000005C1F)  # SCIFEP_MAGIC
-    assert sorted(rec["devices"]) == ["mic_x100_dma", "scif"]
+    assert sorted(rec["devices"]) == ["mic_x100_dma", "scif", "vop"]
     assert rec["devices"]["mic_x100_dma"]["channels"] == [4, 5, 6, 7]
     assert sim.control.status()["state"] == "running"
 
@@ -460,17 +463,18 @@ def test_an_image_the_card_os_does_not_recognise_never_comes_up(host, sim, kind)
 def test_host_doorbells_reach_the_card_os(host, sim):
     load_and_kick(host, card_image(), "", host.card_addr(device_page(host)))
     wait_os(sim, "running")
-    wait_for(lambda: sim.control.counters()["doorbells"]["handlers"] == [0], "the SCIF doorbell handler")
+    # VOP's config doorbell took 0 (it probes first), SCIF's is 1
+    wait_for(lambda: sim.control.counters()["doorbells"]["handlers"] == [0, 1], "the VOP and SCIF doorbell handlers")
     c = sim.control.counters()["doorbells"]
     before, unhandled = c["rung"], c["unhandled"]
-    for db in (0, 3, 7):  # send_intr for db < 8: read APICICR[db], OR bit 13, write back (spec 2.3)
+    for db in (1, 3, 7):  # send_intr for db < 8: read APICICR[db], OR bit 13, write back (spec 2.3)
         host.wr(regs.apicicr(db), host.rd(regs.apicicr(db)) | regs.APICICR_SEND)
         assert not host.rd(regs.apicicr(db)) & regs.APICICR_SEND  # C13
     host.wr(regs.apicicr(3), host.rd(regs.apicicr(3)) | regs.APICICR_SEND)
     for db in (8, 15):  # db >= 8: write 0 to RDMASR[db - 8]
         host.wr(regs.rdmasr(db - 8), 0)
     want = [0] * 16
-    want[0], want[3], want[7], want[8], want[15] = 1, 2, 1, 1, 1
+    want[1], want[3], want[7], want[8], want[15] = 1, 2, 1, 1, 1
     wait_for(lambda: sim.control.counters()["doorbells"]["rung"] == [b + w for b, w in zip(before, want)],
              "the card to count the doorbells")
     wait_for(lambda: sim.control.counters()["doorbells"]["unhandled"] == unhandled + 5, "5 unhandled doorbells")

@@ -125,7 +125,10 @@ class ControlServer:
         args = {k: v for k, v in req.items() if k != "cmd"}
         if not isinstance(args.get("switch"), str):
             raise RequestError('"switch" must be a string')
-        return self.card.os_control("vop", **args) or {}
+        try:
+            return self.card.os_control("vop", **args) or {}
+        except (ValueError, KeyError, TypeError, IndexError) as e:   # a switch asked for what is not there
+            raise RequestError(f"vop switch {args['switch']}: {e}") from None
 
     def _ring(self, req: dict) -> dict:
         db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)
