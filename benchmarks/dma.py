@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the driver side; print the top functions")
     ap.add_argument("--spin", type=float, help="DmaEngine spin (seconds a waiter spins before sleeping)")
     ap.add_argument("--spread-min", type=int, help="DmaEngine spread_min (smallest part given its own channel)")
+    ap.add_argument("--spin-bytes", type=int, help="DmaEngine spin_bytes (largest copy a waiter spins for)")
     ap.add_argument("--sizes", help="comma-separated sizes in KiB instead of 4,64,1024,16384")
     args = ap.parse_args(argv)
 
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
         card = X100.probe(dev, arena, reset_delay=0.0)
         card.reset_and_wait(10, 0.005)
         card.restore_state()
-        tune = {k: v for k, v in (("spin", args.spin), ("spread_min", args.spread_min)) if v is not None}
+        tune = {k: v for k, v in (("spin", args.spin), ("spread_min", args.spread_min), ("spin_bytes", args.spin_bytes))
+                if v is not None}
         engine = DmaEngine(card, interrupts=False, **tune)
         engine.start()
         host = arena.alloc(16 * MiB, 4096)

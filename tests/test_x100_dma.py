@@ -8,6 +8,7 @@ descriptor, and the channel works again after reinit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 
@@ -15,6 +16,7 @@ import pytest
 
 from micdrv.pci import DmaArena
 from micdrv.x100 import DmaChannelError, DmaEngine, DmaError, DmaTimeout, IrqMode, X100, dma_desc, hwops, regs
+from micdrv.x100.dma import timer_slack
 from tests.test_x100_card import WAIT, ready_card, sim, wait_for  # noqa: F401  (sim: the module-scoped fixture)
 
 ARENA = 48 << 20
@@ -201,6 +203,47 @@ def test_completion_by_polling_the_status_word(card):
         assert st._status[0] == st.seq  # the STATUS descriptor stored the submission's sequence number
     finally:
         e.close()
+
+
+def test_a_polled_completion_is_a_future_to_every_consumer(card):
+    e = DmaEngine(card, interrupts=False)
+    try:
+        e.start()
+        buf = card.arena.alloc(64 * KiB, 4096)
+        c = e.copy_to_card(0, card.arena.iova(buf), 4 * KiB)
+        assert c.result(WAIT) == 4 * KiB and c.exception(0) is None and c.done() and not c.cancel()
+        # settled without its Condition; everything that needs one still works on it afterwards
+        assert concurrent.futures.wait([c], 0).done == {c}
+        seen = []
+        c.add_done_callback(seen.append)
+        assert seen == [c]
+        # a Future waited on before it settles: concurrent.futures.wait sees it finish
+        c2 = e.copy_to_card(0, card.arena.iova(buf), 64 * KiB)
+        concurrent.futures.wait([c2], 0)  # makes its Condition while it is (most likely) pending
+        assert c2.result(WAIT) == 64 * KiB and concurrent.futures.wait([c2], WAIT).done == {c2}
+        # and a failed request raises its error from result() and returns it from exception()
+        bad = e.submit_descriptors(1, [(0, 0)])
+        assert isinstance(bad.exception(WAIT), DmaChannelError)
+        with pytest.raises(DmaChannelError):
+            bad.result(0)
+    finally:
+        e.close()
+
+
+def test_a_waiter_that_sleeps_leaves_its_threads_timer_slack_as_it_was(sim, card, engine):
+    before = timer_slack(123_000)  # an unusual value, so a leftover 1 us would show
+    try:
+        sim.control("stall", channel=1, stalled=True)
+        buf = card.arena.alloc(64 * KiB, 4096)
+        c = engine.copy_to_card(0, card.arena.iova(buf), 4 * KiB, channels=[1])
+        with pytest.raises(DmaTimeout):
+            c.result(0.05)  # spins, then sleeps with the slack lowered
+        assert timer_slack(123_000) == 123_000
+        sim.control("stall", channel=1, stalled=False)
+        assert c.result(WAIT) == 4 * KiB
+        assert timer_slack(before) == 123_000
+    finally:
+        sim.control("stall", channel=1, stalled=False)
 
 
 def test_completion_by_interrupt_needs_no_polling(sim, card, engine):
