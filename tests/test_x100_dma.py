@@ -83,21 +83,26 @@ def test_neighbouring_bytes_are_untouched(card, engine):
     assert b[:4096] == b"\xaa" * 4096 and b[4096:4096 + 128] == b"\x55" * 128 and b[4096 + 128:] == b"\xaa" * (60 * KiB - 128)
 
 
-def test_a_16_mib_copy_is_split_and_spread_over_four_channels(card, engine):
+def test_a_16_mib_copy_is_split_and_spread_over_the_channels(card, engine):
     rng = random.Random(2)
     arena, aper = card.arena, card.aperture.view
-    src = arena.alloc(16 * MiB, 4096)
+    src = arena.alloc(32 * MiB, 4096)
     data = fill(arena.buf(src), rng)
     before = {ch: s["descriptors"] for ch, s in engine.stats().items()}
     c = engine.copy_to_card(32 * MiB, arena.iova(src), 16 * MiB)
-    assert {ch.ch for ch in c.channels} == {0, 1, 2, 3}
+    assert len(c.channels) == 16 * MiB // engine.spread_min == 2
     assert c.result(WAIT) == 16 * MiB
-    assert bytes(aper[32 * MiB:48 * MiB]) == data
-    # 4 MiB per channel = 8 MEMCPY descriptors of 512 KiB plus the closing STATUS
-    assert {ch: s["descriptors"] - before[ch] for ch, s in engine.stats().items()} == {0: 9, 1: 9, 2: 9, 3: 9}
+    assert bytes(aper[32 * MiB:48 * MiB]) == data[:16 * MiB]
+    # 8 MiB per channel = 16 MEMCPY descriptors of 512 KiB plus the closing STATUS
+    used = {ch.ch for ch in c.channels}
+    assert {ch: s["descriptors"] - before[ch] for ch, s in engine.stats().items()} == \
+        {ch: 17 if ch in used else 0 for ch in range(4)}
+    c = engine.copy_to_card(64 * MiB, arena.iova(src), 32 * MiB)  # four parts of spread_min
+    assert {ch.ch for ch in c.channels} == {0, 1, 2, 3} and c.result(WAIT) == 32 * MiB
+    assert bytes(aper[64 * MiB:96 * MiB]) == data
     aper[32 * MiB:48 * MiB] = back = rng.randbytes(16 * MiB)
     assert engine.copy_from_card(arena.iova(src), 32 * MiB, 16 * MiB, channels=[2]).result(WAIT) == 16 * MiB
-    assert bytes(arena.buf(src)) == back
+    assert bytes(arena.buf(src)[:16 * MiB]) == back
 
 
 def test_a_batch_of_small_copies_takes_one_doorbell_per_channel(sim, card, engine):

@@ -70,10 +70,15 @@ class CardFault(Exception):
         super().__init__(f"card {'write' if write else 'read'} of [{addr:#x}, +{length:#x}): {detail}")
 
 
-def copy_view(dst: memoryview, src: memoryview) -> None:
-    """dst[:] = src, without holding the GIL for large copies."""
+def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> None:
+    """dst[:] = src; large copies without holding the GIL unless ``release_gil`` is False.
+
+    Releasing the GIL lets other threads run during the copy, and costs
+    ctypes' few microseconds: a thread that has nothing to run beside it
+    (the vfio-user server thread running a batch inline) copies holding it.
+    """
     n = len(dst)
-    if n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
+    if release_gil and n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
         d = (ctypes.c_char * n).from_buffer(dst)
         s = (ctypes.c_char * n).from_buffer(src)
         try:
@@ -239,14 +244,14 @@ class CardBus:
     def write64(self, addr: int, value: int) -> None:
         self.write(addr, (value & (1 << 64) - 1).to_bytes(8, "little"))
 
-    def copy(self, dst: int, src: int, length: int) -> None:
-        """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy."""
+    def copy(self, dst: int, src: int, length: int, *, release_gil: bool = True) -> None:
+        """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy (:func:`copy_view`)."""
         s = self._fast(src, length, False)
         if s is not None:
             d = self._fast(dst, length, True)
             if d is not None:
                 try:
-                    copy_view(d, s)
+                    copy_view(d, s, release_gil)
                 finally:
                     d.release()
                     s.release()
@@ -261,13 +266,13 @@ class CardBus:
             raise
         try:
             if len(s_pieces) == 1 and len(d_pieces) == 1:
-                copy_view(d_pieces[0], s_pieces[0])
+                copy_view(d_pieces[0], s_pieces[0], release_gil)
                 return
             si = di = so = do = 0
             while si < len(s_pieces):
                 s, d = s_pieces[si], d_pieces[di]
                 n = min(len(s) - so, len(d) - do)
-                copy_view(d[do:do + n], s[so:so + n])
+                copy_view(d[do:do + n], s[so:so + n], release_gil)
                 so += n
                 do += n
                 if so == len(s):

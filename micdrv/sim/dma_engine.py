@@ -33,15 +33,21 @@ card-owned, all disabled [choice].
 Execution: each channel has a thread that sleeps until DHPR, DCR or a
 fault-hook release wakes it, then runs descriptors from DTPR up to DHPR,
 fetching them in batches from the ring (host rings through the SMPT) and
-advancing DTPR after each. For anything but a small batch the host's DHPR
-write only stores and wakes, so a long copy never holds up the vfio-user
-server thread. A small batch -- at most :data:`INLINE_DESCRIPTORS`
-descriptors moving at most :data:`INLINE_BYTES` -- runs right in the DHPR
-write when the channel thread is idle: a thread hand-off costs more than
-such a batch (a 64-byte copy's latency is what the driver's small VOP copies
-see). Copies move directly between the GDDR memfd and the host's DMA memfd
-(:meth:`~.bus.CardBus.copy`). A STATUS descriptor with bit 59 raises source
-8 + ch after DTPR has moved past it, so the interrupt handler sees it done.
+advancing DTPR after each, with large copies made without the GIL so
+channels copy in parallel. A batch of at most :data:`INLINE_DESCRIPTORS`
+descriptors moving at most :data:`INLINE_BYTES` instead runs right in the
+DHPR write when the channel thread is idle, copying with the GIL held. This
+is for speed, measured on a 2-core machine: handing work to a thread costs a
+wake-up and GIL hand-offs (tens of microseconds on a VM), more than a 64-byte
+copy -- the latency the driver's small VOP copies see -- and a stream of 1 MiB
+copies ran at 0.3-0.45 of memcpy through the threads, 0.5-0.8 inline. The
+price is that a register access queued behind DHPR writes waits for their
+inline batches: at most about 60 us per doorbell (1 MiB at memcpy speed).
+Larger batches go to the thread, so a long copy never holds up the vfio-user
+server thread. Copies move directly between the GDDR memfd and the host's
+DMA memfd (:meth:`~.bus.CardBus.copy`). A STATUS descriptor with bit 59
+raises source 8 + ch after DTPR has moved past it, so the interrupt handler
+sees it done.
 
 A bad descriptor (or ring) sets DCHERR, stops the channel with DTPR at the
 bad descriptor, and never stops the simulator. The channel runs again after
@@ -71,8 +77,10 @@ log = logging.getLogger(__name__)
 DCR_RESET = sum(regs.dcr_owner_bit(ch) for ch in regs.DMA_HOST_CHANNELS)  # 0x55
 DSTAT_QUIESCED = regs.DSTAT_QUIESCED
 FETCH_BATCH = 256  # descriptors read from the ring at a time
-INLINE_DESCRIPTORS = 4  # a batch this small runs in the DHPR write itself ...
-INLINE_BYTES = 16 << 10  # ... if it copies no more than this
+# A batch of at most INLINE_DESCRIPTORS descriptors moving at most INLINE_BYTES
+# runs in the DHPR write itself (see the module docstring for the measurements).
+INLINE_DESCRIPTORS = 32
+INLINE_BYTES = 1 << 20
 
 
 class DmaChannel:
@@ -273,7 +281,7 @@ class DmaChannel:
         done = moved = 0
         for qw0, qw1 in batch:
             try:
-                n, interrupt = execute(bus, qw0, qw1, max_xfer)
+                n, interrupt = execute(bus, qw0, qw1, max_xfer, release_gil=False)
             except DescriptorError as e:
                 self.dtpr = index
                 self.descriptors += done

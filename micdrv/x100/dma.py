@@ -53,9 +53,14 @@ if TYPE_CHECKING:
 DEFAULT_RING_SIZE = 4096
 # A part smaller than this stays with its neighbours on one channel: each
 # channel costs a doorbell and a completion of its own, which pays only when
-# the part is long enough to hide them (benchmarks/dma.py; on the simulated
-# card a channel is a thread to wake).
-SPREAD_MIN = 1024 * 1024
+# the part is long enough to hide them. Measured with benchmarks/dma.py on the
+# simulated card on a 2-core machine, where no more than two copies can run at
+# once: 16 MiB as two 8 MiB parts ran at 1.1-1.2 x memcpy, as four 4 MiB parts
+# at 0.7-1.05; 1 MiB in two parts ran no faster than on one channel (0.34-0.55
+# against 0.51-0.66). Streams of copies still use all four channels (each
+# request starts on the next one). On a card, whose channels are separate
+# engines, a smaller value may pay.
+SPREAD_MIN = 8 * 1024 * 1024
 # A waiter for a copy of at most SPIN_BYTES spins on the status words for SPIN
 # seconds; after that, and for larger copies from the start, it sleeps with
 # back-off (MIN_PAUSE doubling to MAX_PAUSE). Spinning is the latency path;
@@ -71,6 +76,8 @@ FINE_SLACK_NS = 1000
 CHECK_INTERVAL = 0.005  # seconds between DCHERR reads while waiting
 SUBMIT_TIMEOUT = 10.0  # longest wait for ring space
 _COND_INIT = threading.Lock()  # makes a DmaCompletion's Condition exactly once
+_LEN_SHIFT = regs.DESC_LEN_SHIFT  # MEMCPY: qw0 = src | len / 64 << 46, qw1 = 1 << 60 | dst (spec 4.3)
+_MEMCPY_QW1 = regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT
 
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # <linux/prctl.h>
@@ -294,15 +301,21 @@ class DmaEngine:
         chans = self._all if channels is None else self._pick(channels)
         start = self._rr % len(chans)
         self._rr = start + 1
-        if length <= dma_desc.MAX_XFER and (length < 2 * self.spread_min or len(chans) == 1):
-            # one descriptor on one channel: the latency path, without the planning below
+        if length < 2 * self.spread_min or len(chans) == 1:
+            # one channel: the MEMCPY descriptors straight from the arithmetic (the latency path)
             ch = chans[start]
-            c = DmaCompletion(self, (ch,), length, 1)
-            if callback is not None:
-                c.add_done_callback(callback)
-            desc = (src | (length >> 6) << regs.DESC_LEN_SHIFT, regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT | dst)
-            self._submit(c, ((ch, (desc,), length),), interrupt)
-            return c
+            step = dma_desc.MAX_XFER
+            if length <= step:
+                descs: list[tuple[int, int]] = [(src | (length >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst)]
+            else:
+                descs = [(src + o | (min(step, length - o) >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst + o)
+                         for o in range(0, length, step)]
+            if len(descs) <= ch.max_batch:
+                c = DmaCompletion(self, (ch,), length, 1)
+                if callback is not None:
+                    c.add_done_callback(callback)
+                self._submit(c, ((ch, descs, length),), interrupt)
+                return c
         parts = dma_desc.spread(length, len(chans), self.spread_min)
         plan = []  # (channel, descriptors, bytes): one submission each
         for k, (off, size) in enumerate(parts):
