@@ -30,7 +30,10 @@ ratio >= 0.8 from 1 MiB up with four channels), for the latency it is the
 What the figures mean: both processes share the memory (memfds), so a
 simulated DMA is a memcpy done by the card process plus the protocol around
 it. They measure the driver's and the simulator's overheads, not PCIe; a
-real X100 moves about 6.5-7 GB/s over PCIe Gen2 x16.
+real X100 moves about 6.5-7 GB/s over PCIe Gen2 x16. README.rst ("Benchmarks")
+has figures measured on a 2-core VM and why 1 MiB stays below 0.8 there.
+``--spin``, ``--spin-bytes`` and ``--spread-min`` override the engine's
+waiting and spreading policy, to measure them.
 """
 
 from __future__ import annotations
