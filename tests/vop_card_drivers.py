@@ -259,5 +259,21 @@ class BlkProbe(virtio_bus.VirtioDriver):
         return {"capacity": self.capacity, "config_changes": self.config_changes, "requests": self.requests}
 
 
-virtio_bus.register(VIRTIO_ID_CONSOLE, EchoConsole)
-virtio_bus.register(VIRTIO_ID_BLOCK, BlkProbe)
+def _register() -> None:
+    virtio_bus.register(VIRTIO_ID_CONSOLE, EchoConsole)
+    virtio_bus.register(VIRTIO_ID_BLOCK, BlkProbe)
+
+
+_register()
+try:   # the card kernel registers its own drivers at every boot: ours go in again right after
+    from micdrv.sim.cardos import drivers as _card_drivers
+except ImportError:
+    _card_drivers = None
+if _card_drivers is not None:
+    _kernel_install = _card_drivers.install
+
+    def _install(kernel):
+        result = _kernel_install(kernel)
+        _register()
+        return result
+    _card_drivers.install = _install
