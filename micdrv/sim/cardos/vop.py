@@ -82,7 +82,11 @@ class CardVop:
         self.scans = 0
         self.config_interrupts = 0
         self._next_index = 0
-        self._lock = threading.RLock()                  # scans, adds and removes one at a time
+        # Two locks, never held together the other way round: ``_scan`` serialises scans, adds and removes
+        # (held across driver probes, which take the kernel's lock); ``_lock`` guards the device table and
+        # the doorbell users for a moment (status() takes it while the kernel's lock is held).
+        self._scan = threading.RLock()
+        self._lock = threading.Lock()
         self._db_users: dict[int, list] = {}            # card doorbell -> our handlers on it
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -153,7 +157,7 @@ class CardVop:
     # --- scanning (spec 5.2) ----------------------------------------------------------------------
     def scan(self) -> None:
         """``vop_scan_devices``: config changes and removals of known devices, then new ones."""
-        with self._lock:
+        with self._scan:
             self.scans += 1
             found = []
             try:
@@ -164,7 +168,8 @@ class CardVop:
             seen = set()
             for e in found:
                 seen.add(e.offset)
-                dev = self.devices.get(e.offset)
+                with self._lock:
+                    dev = self.devices.get(e.offset)
                 if dev is not None and dev.entry.shape != e.shape:
                     self._drop(dev, "its entry changed shape under it")
                     dev = None
@@ -172,7 +177,9 @@ class CardVop:
                     self._known(dev, e)
                 else:
                     self._new(e)
-            for off, dev in list(self.devices.items()):
+            with self._lock:
+                known = list(self.devices.items())
+            for off, dev in known:
                 if off not in seen:
                     self._drop(dev, "its entry is gone from the device page")
 
@@ -209,7 +216,8 @@ class CardVop:
             self._refuse(e.offset, f"device type {t} at offset {e.offset}: {ex}")
             return
         self._next_index += 1
-        self.devices[e.offset] = dev
+        with self._lock:
+            self.devices[e.offset] = dev
         dev.h2c_db = self.side.least_used_doorbell()
         self._request_db(dev.h2c_db, dev.interrupt)
         e.set_ctrl_u8(L.CTRL_H2C_VDEV_DB, dev.h2c_db)
@@ -254,7 +262,7 @@ class CardVop:
     # --- removal -------------------------------------------------------------------------------------
     def remove(self, dev: CardVopDevice, hot: bool) -> None:
         """The host's remove (spec 5.4 "Remove"); without ``hot`` (shutdown) the entry is left alone."""
-        with self._lock:
+        with self._scan:
             was_live = dev.entry.status & VIRTIO_CONFIG_S_DRIVER_OK
             self._unbind(dev)
             if was_live and dev.vqs:
@@ -292,24 +300,27 @@ class CardVop:
 
     def _forget(self, dev: CardVopDevice, why: str) -> None:
         dev.state = "removed"
-        self.devices.pop(dev.entry.offset, None)
         rec = dev.status()
         rec["why"] = why
-        self.removed.append(rec)
-        del self.removed[:-16]
+        with self._lock:
+            self.devices.pop(dev.entry.offset, None)
+            self.removed.append(rec)
+            del self.removed[:-16]
         self.printk(f"vop: {dev.name}: {why}")
 
     # --- the kernel's device interface -----------------------------------------------------------------
     def shutdown(self) -> None:
         self._stopping.set()
-        with self._lock:
+        with self._scan:
             try:
                 self.bootparam.h2c_config_db = L.DB_NONE
             except (CardFault, MemoryAccessError):
                 return
             if self.config_db is not None:
                 self._release_db(self.config_db, self._config_interrupt)
-            for dev in sorted(self.devices.values(), key=lambda d: -d.entry.offset):
+            with self._lock:
+                devices = sorted(self.devices.values(), key=lambda d: -d.entry.offset)
+            for dev in devices:
                 self.remove(dev, hot=False)
 
     def abandon(self) -> None:
@@ -322,9 +333,10 @@ class CardVop:
     def status(self) -> dict:
         with self._lock:
             devices = sorted(self.devices.values(), key=lambda d: d.entry.offset)
-            return {"config_db": self.config_db, "placement": self.placement.value, "scans": self.scans,
-                    "config_interrupts": self.config_interrupts, "devices": [d.status() for d in devices],
-                    "removed": list(self.removed), "refused": {str(k): v for k, v in self.refused.items()}}
+            removed = list(self.removed)
+        return {"config_db": self.config_db, "placement": self.placement.value, "scans": self.scans,
+                "config_interrupts": self.config_interrupts, "devices": [d.status() for d in devices],
+                "removed": removed, "refused": {str(k): v for k, v in self.refused.items()}}
 
     # --- test switches: a hostile card --------------------------------------------------------------------
     def find_device(self, which) -> CardVopDevice:
