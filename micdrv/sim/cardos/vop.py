@@ -59,6 +59,26 @@ log = logging.getLogger(__name__)
 WAIT_SLICE = 0.1
 
 
+class RingMemory(CardMemory):
+    """Card memory whose :meth:`view` maps a range held by one backing: how the transport reaches its rings.
+
+    A ring index is touched a few times per packet; through the card bus
+    each touch is a translated, checked copy, through a view it is one
+    load or store -- as a card kernel's ``ioremap`` of the vring is. The
+    views are taken while this card OS runs [choice: a card reset does not
+    revoke them, but it stops the OS's threads, whose next access to buffer
+    memory (always through the bus) raises CardOSStopped]. Buffers stay
+    on the checked bus path (:attr:`CardVop.gddr`).
+    """
+
+    def view(self, addr: int, n: int) -> memoryview | None:
+        self.check(addr, n, "view")
+        try:
+            return self.side.view(addr, n, write=True)
+        except CardFault:
+            return None
+
+
 class CardVop:
     """The VOP bus driver of the card OS."""
 
@@ -73,6 +93,10 @@ class CardVop:
         self.smpt = CardMemory(self.side, regs.SYSTEM_WINDOW, regs.SYSTEM_WINDOW_END - regs.SYSTEM_WINDOW,
                                "SMPT window")
         self.gddr = CardMemory(self.side, 0, self.side.memory_size, "GDDR")
+        # The rings themselves (desc/avail through the SMPT, the used rings in GDDR) as mapped views.
+        self.ring_smpt = RingMemory(self.side, regs.SYSTEM_WINDOW, regs.SYSTEM_WINDOW_END - regs.SYSTEM_WINDOW,
+                                    "SMPT window (rings)")
+        self.ring_gddr = RingMemory(self.side, 0, self.side.memory_size, "GDDR (rings)")
         self.page = self.smpt.window(self.dp, L.MIC_DP_SIZE, "device page")
         self.placement = L.VringInfoPlacement(kernel.params.vring_info)
         self.devices: dict[int, CardVopDevice] = {}    # by entry offset

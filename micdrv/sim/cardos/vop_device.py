@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from .vop import CardVop
 
 HANDSHAKE_TRIES, HANDSHAKE_WAIT = 100, 0.1   # spec 5.4: used_address_updated and host_ack polls
-INDIRECT_ENTRIES = 32                        # descriptors per indirect table the transport provides [choice]
 
 
 class CardVopError(Exception):
@@ -150,11 +149,11 @@ class CardVopDevice(VirtioDevice):
                 used = self._alloc(L.used_ring_bytes(num), L.PAGE_SIZE)
                 indirect = None
                 if self.accepted >> VIRTIO_RING_F_INDIRECT_DESC & 1:
-                    t = self._alloc(num * INDIRECT_ENTRIES * 16, 64)
-                    indirect = (vop.gddr, t, INDIRECT_ENTRIES)
+                    t = self._alloc(num * num * 16, 64)   # a table per head, as long as the ring [choice]
+                    indirect = (vop.ring_gddr, t, num)
                 lay = VringLayout(num, L.MIC_VIRTIO_RING_ALIGN)
-                ring = DriverRing(num, (vop.smpt, addr + lay.desc), (vop.smpt, addr + lay.avail), (vop.gddr, used),
-                                  self.accepted, indirect, name=f"{self.name} vq{i}")
+                ring = DriverRing(num, (vop.ring_smpt, addr + lay.desc), (vop.ring_smpt, addr + lay.avail),
+                                  (vop.ring_gddr, used), self.accepted, indirect, name=f"{self.name} vq{i}")
                 e.set_used_address(i, used)
                 vq = Virtqueue(i, ring, self.ring_host, f"{self.name} vq{i}")
                 vq.callback = cb
