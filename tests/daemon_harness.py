@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests import sim_harness
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # the longest a daemon may take to come up or go away on a loaded machine
 
@@ -44,15 +46,9 @@ def control_call(path: str, cmd: str, **args) -> dict:
         s.close()
 
 
-def wait_for(predicate, what: str, timeout: float = WAIT, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+def wait_for(predicate, what: str, timeout: float = WAIT, interval: float = 0.05):
+    """:func:`tests.sim_harness.wait_for` with the daemon tier's longer default and a gentler poll."""
+    return sim_harness.wait_for(predicate, what, timeout, interval)
 
 
 class Daemon:

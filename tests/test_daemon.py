@@ -106,6 +106,10 @@ def test_shutdown_reports_poweroff_and_auto_reset_brings_the_card_to_ready(mic0,
     mic1.ok("reset", "--wait", "mic1")
     s = mic1.status()
     assert (s["state"], s["shutdown_status"]) == ("ready", "nop")
+    boot_online(mic1)
+    mic1.card("kernel", action="halt")  # the card halts on its own (its shell's "halt")
+    wait_for(lambda: mic1.status()["shutdown_status"] == "halted", "mic1's shutdown status")
+    mic1.ok("reset", "--wait", "mic1")
 
     boot_online(mic0)
     out = mic0.ok("-S", "mic0")

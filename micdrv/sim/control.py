@@ -44,14 +44,10 @@ request                                           reply (besides ``"ok": true``)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import select
-import socket
-import stat
-import threading
 
+from micdrv.jsonlines import JsonLinesServer, PeerCred, RequestError
 from micdrv.x100 import regs
 
 from .bus import CardFault
@@ -59,112 +55,42 @@ from .card import X100Card
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1 << 20
 MAX_CARD_ACCESS = 1 << 20  # bytes per card_read / card_write
 
 
-class RequestError(Exception):
-    pass
-
-
 class ControlServer:
-    """Serve the control protocol for ``card`` on ``path`` from background threads."""
+    """Serve the control protocol for ``card`` on ``path`` (JSON lines, :mod:`micdrv.jsonlines`)."""
 
     def __init__(self, card: X100Card, path: str):
         self.card = card
         self.path = path
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
         self._commands = {
             "ping": self._ping, "status": self._status, "counters": self._counters, "os": self._os,
             "kernel": self._kernel,
             "ring": self._ring, "stall": self._stall, "fail_next_reset": self._fail_next_reset,
             "drop_interrupt": self._drop_interrupt, "card_read": self._card_read, "card_write": self._card_write,
         }
+        # Owner only: the fault hooks make the card misbehave, and the daemon that started the card is root.
+        self._server = JsonLinesServer(path, self._handle, mode=0o600, name="sim control")
 
     def start(self) -> None:
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(self.path)
-        sock.listen(4)
-        self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
-        self._thread.start()
+        self._server.start()
 
     def close(self) -> None:
-        os.eventfd_write(self._stop, 1)
-        if self._thread is not None:
-            self._thread.join(2.0)
-        if self._sock is not None:
-            self._sock.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-        os.close(self._stop)
-
-    # --- connections -------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        p = select.poll()
-        p.register(self._sock.fileno(), select.POLLIN)
-        p.register(self._stop, select.POLLIN)
-        while True:
-            if any(fd == self._stop for fd, _ in p.poll()):
-                return
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(conn,), name="control client", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        p = select.poll()
-        p.register(conn.fileno(), select.POLLIN)
-        p.register(self._stop, select.POLLIN)
-        with conn:
-            while True:
-                if any(fd == self._stop for fd, _ in p.poll()):
-                    return
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                if len(buf) > MAX_LINE and b"\n" not in buf:
-                    return
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        reply = self.handle_line(line)
-                        try:
-                            conn.sendall(json.dumps(reply).encode() + b"\n")
-                        except OSError:
-                            return
+        self._server.close()
 
     def handle_line(self, line: bytes) -> dict:
+        """One request line, answered as the socket would (for tests without a socket)."""
+        return self._server.handle_line(line, PeerCred(os.getpid(), os.getuid(), os.getgid()))
+
+    def _handle(self, req: dict, peer: PeerCred) -> dict:
+        fn = self._commands.get(req["cmd"])
+        if fn is None:
+            raise RequestError(f"unknown command {req['cmd']!r}; one of {', '.join(self._commands)}")
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                raise RequestError('a request is an object with a "cmd" string')
-            fn = self._commands.get(req["cmd"])
-            if fn is None:
-                raise RequestError(f"unknown command {req['cmd']!r}; one of {', '.join(self._commands)}")
-            return {"ok": True, **fn(req)}
+            return fn(req)
         except CardFault as e:
-            return {"ok": False, "fault": True, "error": str(e)}
-        except (RequestError, ValueError, KeyError, TypeError) as e:
-            return {"ok": False, "error": str(e) or type(e).__name__}
-        except Exception as e:  # never let a request take the simulator down
-            log.exception("control request failed")
-            return {"ok": False, "error": f"internal error: {e}"}
+            raise RequestError(str(e), fault=True) from None
 
     # --- commands ------------------------------------------------------------------------------
     @staticmethod
