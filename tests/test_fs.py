@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from micdrv.fs.mount import FSTYPE, FUSECTL, mounts_at
+from micdrv.fs.mount import FSTYPE, FUSECTL, MNT_DETACH, mounts_at, umount
 from tests.daemon_harness import Daemon, wait_for
 
 CONFIG = """
@@ -289,14 +289,18 @@ def test_a_stale_mount_of_a_killed_daemon_is_recovered_by_the_next_start(run_dir
     with pytest.raises(OSError) as e:
         os.stat(t)
     assert e.value.errno == errno.ENOTCONN and mounts_at(str(t))[-1].fstype == FSTYPE
-    d2 = Daemon(run_dir, "mic6", CONFIG)
     try:
-        wait_for(lambda: not _stale(t) and (t / "state").exists(), "the new tree")
-        assert (t / "state").read_text() == "ready\n" and len(mounts_at(str(t))) == 1
-        assert "still mounted (ENOTCONN); unmounting it" in d2.log()
+        d2 = Daemon(run_dir, "mic6", CONFIG)
+        try:
+            wait_for(lambda: not _stale(t) and (t / "state").exists(), "the new tree")
+            assert (t / "state").read_text() == "ready\n" and len(mounts_at(str(t))) == 1
+            assert "still mounted (ENOTCONN); unmounting it" in d2.log()
+        finally:
+            assert d2.stop() == 0
+        assert mounts_at(str(t)) == []
     finally:
-        assert d2.stop() == 0
-    assert mounts_at(str(t)) == []
+        while mounts_at(str(t)):   # a failure above must not leave a dead mount on the host
+            umount(str(t), MNT_DETACH)
 
 
 def _stale(t: Path) -> bool:

@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import pytest
 from backends.blk import BlkBackend, BlockImage
 from backends.console.pty import Pty
 from micdrv.fs import FuseTree
-from micdrv.fs.mount import FSTYPE, mounts_at
+from micdrv.fs.mount import FSTYPE, MNT_DETACH, mounts_at, umount
 from micdrv.virtio import blk as B
 from tests.test_fs import NOBODY, as_user, attempt
 from tests.virtio_harness import Guest
@@ -204,21 +205,30 @@ def test_a_tree_of_a_killed_process_is_recovered(tmp_path, disks):
         try:
             FuseTree(str(mnt), block_images=lambda: dict(disks), name="mic0").start()
             os.write(w, b"up")
-            os.read(r, 1)  # until killed
+            time.sleep(600)  # until killed
         finally:
             os._exit(1)
     os.close(w)
-    assert os.read(r, 2) == b"up"
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    os.close(r)
-    with pytest.raises(OSError) as e:
-        os.listdir(mnt)
-    assert e.value.errno == errno.ENOTCONN
-    with FuseTree(str(mnt), block_images=lambda: dict(disks), name="mic0"):
-        assert sorted(os.listdir(mnt / "block")) == ["boot", "data"]
-        assert [m.fstype for m in mounts_at(str(mnt))] == [FSTYPE]
-    assert mounts_at(str(mnt)) == []
+    try:
+        assert os.read(r, 2) == b"up"
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.errno == errno.ENOTCONN
+        with FuseTree(str(mnt), block_images=lambda: dict(disks), name="mic0"):
+            assert sorted(os.listdir(mnt / "block")) == ["boot", "data"]
+            assert [m.fstype for m in mounts_at(str(mnt))] == [FSTYPE]
+        assert mounts_at(str(mnt)) == []
+    finally:
+        os.close(r)
+        detach_all(mnt)
+
+
+def detach_all(path: Path) -> None:
+    """What a failed test may have left mounted at ``path``."""
+    while mounts_at(str(path)):
+        umount(str(path), MNT_DETACH)
 
 
 def test_a_live_tree_is_never_taken_over(tree, disks):

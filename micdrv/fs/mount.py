@@ -166,6 +166,36 @@ def abort_connection(dev: int) -> bool:
         return False
 
 
+def _fuse_class():
+    """mfusepy's FUSE with read and write straight between libfuse's buffer and the file system.
+
+    mfusepy's own read takes bytes from the file system and copies them into libfuse's buffer,
+    and its write copies the buffer into bytes first. An Operations object with ``readinto(path,
+    view, offset, fh)`` / ``write_view(path, view, offset, fh)`` gets a memoryview of libfuse's
+    buffer instead (valid only during the call), so a disk read is one preadv into it.
+    """
+    import mfusepy
+
+    class Fuse(mfusepy.FUSE):
+        def read(self, path, buf, size, offset, fip):
+            into = getattr(self.operations, "readinto", None)
+            if into is None:
+                return super().read(path, buf, size, offset, fip)
+            view = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))).cast("B")
+            return into(None if path is None else path.decode(self.encoding, self.errors), view, offset,
+                        fip.contents.fh)
+
+        def write(self, path, buf, size, offset, fip):
+            write_view = getattr(self.operations, "write_view", None)
+            if write_view is None:
+                return super().write(path, buf, size, offset, fip)
+            view = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))).cast("B")
+            return write_view(None if path is None else path.decode(self.encoding, self.errors), view, offset,
+                              fip.contents.fh)
+
+    return Fuse
+
+
 class FuseMount:
     """``operations`` (an mfusepy Operations) served at ``mount_point`` on a thread until :meth:`stop`."""
 
@@ -182,7 +212,6 @@ class FuseMount:
 
     def start(self) -> None:
         """Recover a stale mount, make the directory if needed, mount and wait for the kernel's FUSE_INIT."""
-        import mfusepy  # libfuse3 is loaded only by a daemon that mounts a tree
         recover_stale(self.mount_point)
         try:
             os.mkdir(self.mount_point, 0o755)
@@ -199,7 +228,7 @@ class FuseMount:
 
         def serve():
             try:
-                mfusepy.FUSE(self.operations, self.mount_point, foreground=True, allow_other=True,
+                _fuse_class()(self.operations, self.mount_point, foreground=True, allow_other=True,
                              default_permissions=True, direct_io=True, noexec=True, attr_timeout=0,
                              entry_timeout=0, fsname=self.fsname, subtype="micdrv")
             except BaseException as e:  # the mount failed, or the loop ended with an error

@@ -52,7 +52,7 @@ from typing import Callable
 
 import mfusepy
 
-from .attrs import ATTRIBUTES, Attribute, show, store
+from .attrs import ATTRIBUTES, PAGE_SIZE, Attribute, show, store
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class CardTree(mfusepy.Operations):
             _fail(errno.EBADF)
         return h
 
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+    def readinto(self, path: str, view: memoryview, offset: int, fh: int) -> int:
+        """A read straight into libfuse's buffer (micdrv.fs.mount): a disk read is one preadv."""
         h = self._handle(fh)
         if h.attr is not None:
             if offset == 0 or h.snapshot is None:  # a seq_file: generated at the start, read on from there
@@ -310,21 +311,27 @@ class CardTree(mfusepy.Operations):
                 except OSError as e:
                     _fail(e.errno)
                 h.event = event
-            return h.snapshot[offset:offset + size]
+            data = h.snapshot[offset:offset + len(view)]
+            view[:len(data)] = data
+            return len(data)
+        n = max(0, min(len(view), h.image.capacity * SECTOR - offset))
+        if n == 0:
+            return 0
         try:
-            return h.image.read(offset, size)
+            return h.image.readinto(offset, view[:n])
         except Exception as e:  # ImageError: the image was closed (hot-removed); OSError from the file
             log.warning("%s: read at %#x: %s", path, offset, e)
             _fail(getattr(e, "errno", None) or errno.EIO)
 
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+    def write_view(self, path: str, view: memoryview, offset: int, fh: int) -> int:
+        """A write straight from libfuse's buffer (micdrv.fs.mount)."""
         h = self._handle(fh)
         _root_only()
         if h.attr is not None:
             try:
-                return store(self._service, h.attr, data)
+                return store(self._service, h.attr, bytes(view[:PAGE_SIZE]))
             except OSError as e:
-                log.info("%s: write %r refused: %s", path, bytes(data[:64]), e.strerror)
+                log.info("%s: write %r refused: %s", path, bytes(view[:64]), e.strerror)
                 _fail(e.errno)
         image = h.image
         if image.readonly:
@@ -332,12 +339,21 @@ class CardTree(mfusepy.Operations):
         end = image.capacity * SECTOR
         if offset >= end:
             _fail(errno.ENOSPC)
-        n = min(len(data), end - offset)
+        n = min(len(view), end - offset)
         try:
-            return image.write(offset, memoryview(data)[:n])
+            return image.write(offset, view[:n])
         except Exception as e:
             log.warning("%s: write at %#x: %s", path, offset, e)
             _fail(getattr(e, "errno", None) or errno.EIO)
+
+    # mfusepy registers an operation only if the class has it; these two exist so that it does, and
+    # are what a plain mfusepy.FUSE would call (micdrv.fs.mount calls readinto and write_view).
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[:self.readinto(path, memoryview(buf), offset, fh)])
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        return self.write_view(path, memoryview(data), offset, fh)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         _root_only()
