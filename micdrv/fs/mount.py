@@ -34,6 +34,10 @@ fails with ENOTCONN. :func:`recover_stale` lazily unmounts such a
 does) before the next mount. A live mount, or a mount of anything else, is
 left alone and the new mount refused.
 
+libfuse 3.14.0 prints "Ignoring invalid max threads value 4294967295" at every
+mount (its fuse_main_real passes an unset max_threads); harmless: the loop
+keeps its default of at most 10 worker threads.
+
 libfuse installs its own exit handler for SIGHUP, SIGINT and SIGTERM where
 their disposition is still SIG_DFL (fuse_set_signal_handlers): a process that
 mounts a tree must have its own handlers for those first (the daemon does),

@@ -189,8 +189,13 @@ class CardTree(mfusepy.Operations):
         return name in self._attributes() or name == BLOCK_DIR
 
     def _disks(self) -> dict:
+        try:
+            images = self._block_images()
+        except Exception:  # the devices' bug must not take the tree down: no disks this time
+            log.exception("the block image provider failed")
+            return {}
         out = {}
-        for name, image in self._block_images().items():
+        for name, image in images.items():
             if not name or "/" in name or "\0" in name or name in (".", ".."):
                 if name not in self._bad_names:
                     self._bad_names.add(name)
