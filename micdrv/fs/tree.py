@@ -161,6 +161,7 @@ class CardTree(mfusepy.Operations):
         self._state_seen = service.cosm.state if service is not None else None
         self._unsubscribe = service.cosm.subscribe(self._on_change) if service is not None else None
         self._bad_names: set[str] = set()
+        self._listing = threading.Lock()
         self.mount_dir_fd: int | None = None    # the mount point's own directory, for its symlinks
         self.on_mount: Callable[[], None] | None = None
 
@@ -207,8 +208,9 @@ class CardTree(mfusepy.Operations):
     def _links(self) -> list[str]:
         if self.mount_dir_fd is None:
             return []
-        return [name for name in os.listdir(self.mount_dir_fd)
-                if not self._reserved(name) and self._lstat_link(name) is not None]
+        with self._listing:  # listdir(fd) dups the fd: concurrent listings would share its offset
+            names = os.listdir(self.mount_dir_fd)
+        return [name for name in names if not self._reserved(name) and self._lstat_link(name) is not None]
 
     def _link_name(self, path: str) -> str:
         """A top-level name a link may have; ENOENT/EPERM/EEXIST otherwise."""
