@@ -98,9 +98,14 @@ def serve(service, config, block_images: Callable[[], dict] | None = None) -> Fu
     """The daemon's tree for ``service``'s card as configured, mounted; None (logged) if off or failed.
 
     The daemon runs on without the tree when it cannot be mounted (no /dev/fuse, no libfuse3,
-    the mount point in use): the control socket does everything the tree does.
+    the mount point in use): the control socket does everything the tree does. The disks are
+    ``block_images``, else those of the service's devices (``service.devices.blk_images``, the
+    card's :class:`micdrv.vop.devices.CardDevices`), else none.
     """
     card = service.card
+    devices = getattr(service, "devices", None)
+    if block_images is None and devices is not None:
+        block_images = devices.blk_images
     if not config.settings.fuse:
         log.info("%s: the FUSE tree is off (fuse = false)", card.name)
         return None
