@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from micdrv import install
-from micdrv.fs.mount import FSTYPE, mounts_at
+from micdrv.fs.mount import FSTYPE, MNT_DETACH, mounts_at, umount
 from tests.daemon_harness import REPO, WAIT, control_call, wait_for
 from tests.test_sdnotify import Manager
 
@@ -162,4 +162,6 @@ def test_install_start_as_systemd_boot_and_shut_down_through_the_tree(destdir):
             proc.kill()
             proc.wait(WAIT)
         manager.close()
+        while mounts_at(str(tree)):   # a killed daemon's dead mount must not outlive the test
+            umount(str(tree), MNT_DETACH)
     wait_for(lambda: not (run_dir / "mic0.sock").exists(), "the control socket to go")
