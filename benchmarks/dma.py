@@ -30,7 +30,10 @@ ratio >= 0.8 from 1 MiB up with four channels), for the latency it is the
 What the figures mean: both processes share the memory (memfds), so a
 simulated DMA is a memcpy done by the card process plus the protocol around
 it. They measure the driver's and the simulator's overheads, not PCIe; a
-real X100 moves about 6.5-7 GB/s over PCIe Gen2 x16.
+real X100 moves about 6.5-7 GB/s over PCIe Gen2 x16. README.rst ("Benchmarks")
+has figures measured on a 2-core VM and why 1 MiB stays below 0.8 there.
+``--spin``, ``--spin-bytes`` and ``--spread-min`` override the engine's
+waiting and spreading policy, to measure them.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the driver side; print the top functions")
     ap.add_argument("--spin", type=float, help="DmaEngine spin (seconds a waiter spins before sleeping)")
     ap.add_argument("--spread-min", type=int, help="DmaEngine spread_min (smallest part given its own channel)")
+    ap.add_argument("--spin-bytes", type=int, help="DmaEngine spin_bytes (largest copy a waiter spins for)")
     ap.add_argument("--sizes", help="comma-separated sizes in KiB instead of 4,64,1024,16384")
     args = ap.parse_args(argv)
 
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
         card = X100.probe(dev, arena, reset_delay=0.0)
         card.reset_and_wait(10, 0.005)
         card.restore_state()
-        tune = {k: v for k, v in (("spin", args.spin), ("spread_min", args.spread_min)) if v is not None}
+        tune = {k: v for k, v in (("spin", args.spin), ("spread_min", args.spread_min), ("spin_bytes", args.spin_bytes))
+                if v is not None}
         engine = DmaEngine(card, interrupts=False, **tune)
         engine.start()
         host = arena.alloc(16 * MiB, 4096)

@@ -154,6 +154,27 @@ def test_a_small_batch_is_done_by_the_time_the_dhpr_write_is_flushed(host):
     assert host.control.counters()["dma"]["channels"][0]["inline_batches"] == before + 1
 
 
+def test_a_batch_over_the_inline_limits_is_left_to_the_channel_thread(host):
+    src = host.arena.alloc(2 << 20).offset
+    host.arena.view[src:src + (1 << 20)] = os.urandom(1 << 20)
+    status = host.arena.alloc(64).offset
+    host.setup_channel(3)
+    before = host.control.counters()["dma"]["channels"][3]["inline_batches"]
+    half = 512 << 10
+    one_mib = [memcpy_desc(CARD_BUF + k * half, host_addr(host, src + k * half), half) for k in range(2)]
+    host.submit(3, one_mib + [status_desc(host_addr(host, status), 1)])  # 1 MiB: inline
+    host.wait_idle(3)
+    assert host.control.counters()["dma"]["channels"][3]["inline_batches"] == before + 1
+    host.submit(3, one_mib + [memcpy_desc(CARD_BUF, host_addr(host, src), 64), status_desc(host_addr(host, status), 2)])
+    host.wait_idle(3)  # 1 MiB + 64 bytes: the thread's
+    host.submit(3, [memcpy_desc(CARD_BUF, host_addr(host, src), 64)] * 40 + [status_desc(host_addr(host, status), 3)])
+    host.wait_idle(3)  # 41 descriptors: the thread's too
+    counters = host.control.counters()["dma"]["channels"][3]
+    assert counters["inline_batches"] == before + 1 and counters["errors"] == 0
+    assert struct.unpack_from("<Q", host.arena.view, status)[0] == 3
+    assert bytes(host.gddr[CARD_BUF:CARD_BUF + (1 << 20)]) == bytes(host.arena.view[src:src + (1 << 20)])
+
+
 def test_dstat_counts_completions_modulo_the_ring_size(host):
     status = host.arena.alloc(64).offset
     host.setup_channel(2, size=8)

@@ -8,6 +8,7 @@ descriptor, and the channel works again after reinit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 
@@ -15,6 +16,7 @@ import pytest
 
 from micdrv.pci import DmaArena
 from micdrv.x100 import DmaChannelError, DmaEngine, DmaError, DmaTimeout, IrqMode, X100, dma_desc, hwops, regs
+from micdrv.x100.dma import timer_slack
 from tests.test_x100_card import WAIT, ready_card, sim, wait_for  # noqa: F401  (sim: the module-scoped fixture)
 
 ARENA = 48 << 20
@@ -81,21 +83,26 @@ def test_neighbouring_bytes_are_untouched(card, engine):
     assert b[:4096] == b"\xaa" * 4096 and b[4096:4096 + 128] == b"\x55" * 128 and b[4096 + 128:] == b"\xaa" * (60 * KiB - 128)
 
 
-def test_a_16_mib_copy_is_split_and_spread_over_four_channels(card, engine):
+def test_a_16_mib_copy_is_split_and_spread_over_the_channels(card, engine):
     rng = random.Random(2)
     arena, aper = card.arena, card.aperture.view
-    src = arena.alloc(16 * MiB, 4096)
+    src = arena.alloc(32 * MiB, 4096)
     data = fill(arena.buf(src), rng)
     before = {ch: s["descriptors"] for ch, s in engine.stats().items()}
     c = engine.copy_to_card(32 * MiB, arena.iova(src), 16 * MiB)
-    assert {ch.ch for ch in c.channels} == {0, 1, 2, 3}
+    assert len(c.channels) == 16 * MiB // engine.spread_min == 2
     assert c.result(WAIT) == 16 * MiB
-    assert bytes(aper[32 * MiB:48 * MiB]) == data
-    # 4 MiB per channel = 8 MEMCPY descriptors of 512 KiB plus the closing STATUS
-    assert {ch: s["descriptors"] - before[ch] for ch, s in engine.stats().items()} == {0: 9, 1: 9, 2: 9, 3: 9}
+    assert bytes(aper[32 * MiB:48 * MiB]) == data[:16 * MiB]
+    # 8 MiB per channel = 16 MEMCPY descriptors of 512 KiB plus the closing STATUS
+    used = {ch.ch for ch in c.channels}
+    assert {ch: s["descriptors"] - before[ch] for ch, s in engine.stats().items()} == \
+        {ch: 17 if ch in used else 0 for ch in range(4)}
+    c = engine.copy_to_card(64 * MiB, arena.iova(src), 32 * MiB)  # four parts of spread_min
+    assert {ch.ch for ch in c.channels} == {0, 1, 2, 3} and c.result(WAIT) == 32 * MiB
+    assert bytes(aper[64 * MiB:96 * MiB]) == data
     aper[32 * MiB:48 * MiB] = back = rng.randbytes(16 * MiB)
     assert engine.copy_from_card(arena.iova(src), 32 * MiB, 16 * MiB, channels=[2]).result(WAIT) == 16 * MiB
-    assert bytes(arena.buf(src)) == back
+    assert bytes(arena.buf(src)[:16 * MiB]) == back
 
 
 def test_a_batch_of_small_copies_takes_one_doorbell_per_channel(sim, card, engine):
@@ -201,6 +208,47 @@ def test_completion_by_polling_the_status_word(card):
         assert st._status[0] == st.seq  # the STATUS descriptor stored the submission's sequence number
     finally:
         e.close()
+
+
+def test_a_polled_completion_is_a_future_to_every_consumer(card):
+    e = DmaEngine(card, interrupts=False)
+    try:
+        e.start()
+        buf = card.arena.alloc(64 * KiB, 4096)
+        c = e.copy_to_card(0, card.arena.iova(buf), 4 * KiB)
+        assert c.result(WAIT) == 4 * KiB and c.exception(0) is None and c.done() and not c.cancel()
+        # settled without its Condition; everything that needs one still works on it afterwards
+        assert concurrent.futures.wait([c], 0).done == {c}
+        seen = []
+        c.add_done_callback(seen.append)
+        assert seen == [c]
+        # a Future waited on before it settles: concurrent.futures.wait sees it finish
+        c2 = e.copy_to_card(0, card.arena.iova(buf), 64 * KiB)
+        concurrent.futures.wait([c2], 0)  # makes its Condition while it is (most likely) pending
+        assert c2.result(WAIT) == 64 * KiB and concurrent.futures.wait([c2], WAIT).done == {c2}
+        # and a failed request raises its error from result() and returns it from exception()
+        bad = e.submit_descriptors(1, [(0, 0)])
+        assert isinstance(bad.exception(WAIT), DmaChannelError)
+        with pytest.raises(DmaChannelError):
+            bad.result(0)
+    finally:
+        e.close()
+
+
+def test_a_waiter_that_sleeps_leaves_its_threads_timer_slack_as_it_was(sim, card, engine):
+    before = timer_slack(123_000)  # an unusual value, so a leftover 1 us would show
+    try:
+        sim.control("stall", channel=1, stalled=True)
+        buf = card.arena.alloc(64 * KiB, 4096)
+        c = engine.copy_to_card(0, card.arena.iova(buf), 4 * KiB, channels=[1])
+        with pytest.raises(DmaTimeout):
+            c.result(0.05)  # spins, then sleeps with the slack lowered
+        assert timer_slack(123_000) == 123_000
+        sim.control("stall", channel=1, stalled=False)
+        assert c.result(WAIT) == 4 * KiB
+        assert timer_slack(before) == 123_000
+    finally:
+        sim.control("stall", channel=1, stalled=False)
 
 
 def test_completion_by_interrupt_needs_no_polling(sim, card, engine):

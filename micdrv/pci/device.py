@@ -62,6 +62,7 @@ PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_MSIX = 0x11
 
 _SIZES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_PACK = {n: struct.Struct("<" + f).pack for n, f in _SIZES.items()}
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,10 @@ class PciDevice(abc.ABC):
         return info
 
     def _check_access(self, region: int, offset: int, length: int, *, write: bool, size: int | None = None) -> RegionInfo:
-        info = self.region_info(region)
+        info = self._regions.get(region) or self.region_info(region)
+        if ((size is None or size in _SIZES and not offset % size) and 0 <= offset and 0 <= length
+                and offset + length <= info.size and info.flags & (REGION_WRITE if write else REGION_READ)):
+            return info  # every access pays only for this line; the messages below are built on failure
         what = f"{'write' if write else 'read'} of region {region} at {offset:#x}"
         if size is not None:
             if size not in _SIZES:
@@ -258,9 +262,7 @@ class PciDevice(abc.ABC):
                 raise AccessError(what, f"misaligned {size}-byte access")
         if offset < 0 or length < 0 or offset + length > info.size:
             raise AccessError(what, f"{length} bytes beyond region size {info.size:#x}")
-        if write and not info.writable or not write and not info.readable:
-            raise AccessError(what, f"region {region} is not {'writable' if write else 'readable'}")
-        return info
+        raise AccessError(what, f"region {region} is not {'writable' if write else 'readable'}")
 
     def read(self, region: int, offset: BarOffset | int, size: int) -> int:
         """A sized (1, 2, 4 or 8 byte), naturally aligned read; returns the value."""
@@ -280,7 +282,7 @@ class PciDevice(abc.ABC):
         self._check_access(region, offset, size, write=True, size=size)
         if not 0 <= value < 1 << (8 * size):
             raise AccessError(f"write of region {region} at {offset:#x}", f"value {value:#x} does not fit {size} bytes")
-        self._region_write(region, offset, struct.pack("<" + _SIZES[size], value), posted and region != CONFIG)
+        self._region_write(region, offset, _PACK[size](value), posted and region != CONFIG)
 
     def read_bytes(self, region: int, offset: BarOffset | int, length: int) -> bytes:
         """A bulk read (the transport splits it as it must)."""

@@ -50,6 +50,12 @@ from .smpt import Smpt
 
 log = logging.getLogger(__name__)
 
+SYSTEM_WINDOW = regs.SYSTEM_WINDOW
+SYSTEM_WINDOW_SIZE = regs.SYSTEM_WINDOW_END - regs.SYSTEM_WINDOW
+SMPT_PAGE_SHIFT = regs.SMPT_PAGE_SHIFT
+SMPT_PAGE_SIZE = regs.SMPT_PAGE_SIZE
+SMPT_PAGE_MASK = SMPT_PAGE_SIZE - 1
+smpt_host_page = regs.smpt_host_page
 MMIO_WINDOW = regs.CARD_MMIO_BASE
 MMIO_WINDOW_END = MMIO_WINDOW + regs.MMIO_SIZE
 GIL_FREE_COPY = 32 << 10  # from this size copies go through memmove with the GIL released
@@ -64,10 +70,15 @@ class CardFault(Exception):
         super().__init__(f"card {'write' if write else 'read'} of [{addr:#x}, +{length:#x}): {detail}")
 
 
-def copy_view(dst: memoryview, src: memoryview) -> None:
-    """dst[:] = src, without holding the GIL for large copies."""
+def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> None:
+    """dst[:] = src; large copies without holding the GIL unless ``release_gil`` is False.
+
+    Releasing the GIL lets other threads run during the copy, and costs
+    ctypes' few microseconds: a thread that has nothing to run beside it
+    (the vfio-user server thread running a batch inline) copies holding it.
+    """
     n = len(dst)
-    if n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
+    if release_gil and n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
         d = (ctypes.c_char * n).from_buffer(dst)
         s = (ctypes.c_char * n).from_buffer(src)
         try:
@@ -102,6 +113,22 @@ class CardBus:
         return exc
 
     # --- resolution ------------------------------------------------------------------------
+    def _fast(self, addr: int, length: int, write: bool) -> memoryview | None:
+        """[addr, +length) as one view when it is GDDR, or host memory in one SMPT page of the
+        DMA mapping used last; None for anything else -- no verdict and no fault counted: the
+        callers then take :meth:`_pieces`, which checks everything and counts the faults."""
+        if 0 <= addr and 0 < length and addr + length <= self.memory_size:
+            return self.gddr[addr:addr + length]
+        rel = addr - SYSTEM_WINDOW
+        if 0 <= rel < SYSTEM_WINDOW_SIZE and 0 < length:
+            off = rel & SMPT_PAGE_MASK
+            if off + length <= SMPT_PAGE_SIZE:
+                dma = self._dma()
+                if dma is not None:
+                    return dma.fast_view(smpt_host_page(self.smpt.entries[rel >> SMPT_PAGE_SHIFT]) + off, length,
+                                         write)
+        return None
+
     def _pieces(self, addr: int, length: int, write: bool) -> list[memoryview]:
         """The memory behind [addr, +length) as views, split where the backing changes."""
         if 0 <= addr and 0 < length and addr + length <= self.memory_size:  # the common case first
@@ -155,6 +182,9 @@ class CardBus:
     # --- memory access ------------------------------------------------------------------------
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
         """A zero-copy view of [addr, +length) when one backing holds it all; release() it after use."""
+        v = self._fast(addr, length, write)
+        if v is not None:
+            return v
         pieces = self._pieces(addr, length, write)
         if len(pieces) == 1:
             return pieces[0]
@@ -177,6 +207,12 @@ class CardBus:
                 v.release()
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        if data.__class__ is bytes or data.__class__ is bytearray:  # into plain memory: no checks left to do
+            v = self._fast(addr, len(data), True)
+            if v is not None:
+                v[:] = data
+                v.release()
+                return
         data = memoryview(data).cast("B")
         if self._in_window(addr, len(data)):
             off = self._mmio_offset(addr, len(data), True)
@@ -208,8 +244,19 @@ class CardBus:
     def write64(self, addr: int, value: int) -> None:
         self.write(addr, (value & (1 << 64) - 1).to_bytes(8, "little"))
 
-    def copy(self, dst: int, src: int, length: int) -> None:
-        """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy."""
+    def copy(self, dst: int, src: int, length: int, *, release_gil: bool = True) -> None:
+        """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy (:func:`copy_view`)."""
+        s = self._fast(src, length, False)
+        if s is not None:
+            d = self._fast(dst, length, True)
+            if d is not None:
+                try:
+                    copy_view(d, s, release_gil)
+                finally:
+                    d.release()
+                    s.release()
+                return
+            s.release()
         s_pieces = self._pieces(src, length, False)
         try:
             d_pieces = self._pieces(dst, length, True)
@@ -219,13 +266,13 @@ class CardBus:
             raise
         try:
             if len(s_pieces) == 1 and len(d_pieces) == 1:
-                copy_view(d_pieces[0], s_pieces[0])
+                copy_view(d_pieces[0], s_pieces[0], release_gil)
                 return
             si = di = so = do = 0
             while si < len(s_pieces):
                 s, d = s_pieces[si], d_pieces[di]
                 n = min(len(s) - so, len(d) - do)
-                copy_view(d[do:do + n], s[so:so + n])
+                copy_view(d[do:do + n], s[so:so + n], release_gil)
                 so += n
                 do += n
                 if so == len(s):

@@ -114,8 +114,11 @@ def _in_system(addr: int) -> bool:
     return regs.SYSTEM_WINDOW <= addr < regs.SYSTEM_WINDOW_END
 
 
-def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int) -> tuple[int, bool]:
-    """Run one descriptor: (bytes copied, interrupt requested). Raises DescriptorError."""
+def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int, release_gil: bool = True) -> tuple[int, bool]:
+    """Run one descriptor: (bytes copied, interrupt requested). Raises DescriptorError.
+
+    ``release_gil``: as :meth:`.bus.CardBus.copy`.
+    """
     kind = qw1 >> regs.DESC_TYPE_SHIFT
     dst = qw1 & DST_MASK
     if kind == regs.DESC_MEMCPY:
@@ -128,7 +131,7 @@ def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int) -> tuple[int, bool]
         if _in_system(src) and _in_system(dst):
             raise DescriptorError(ERR_HOST_TO_HOST, f"MEMCPY {src:#x} -> {dst:#x}: host memory to host memory")
         try:
-            bus.copy(dst, src, length)
+            bus.copy(dst, src, length, release_gil=release_gil)
         except CardFault as e:
             raise DescriptorError(ERR_ADDRESS, f"MEMCPY {src:#x} -> {dst:#x} +{length:#x}: {e.detail}") from None
         return length, False

@@ -108,6 +108,9 @@ class RegisterFile:
         return self.read32(offset) if size == 4 else self.read64(offset)
 
     def region_write(self, offset: int, data: bytes) -> None:
+        if len(data) == 4 and not offset & 3 and 0 <= offset < self.size:  # the common case: one dword
+            self.write32(offset, int.from_bytes(data, "little"))
+            return
         self._check(offset, len(data), "write")
         value = int.from_bytes(data, "little")
         if len(data) == 4:

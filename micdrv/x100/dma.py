@@ -16,8 +16,9 @@ Source, destination and length must be multiples of 64 bytes (spec 4.1).
 Every request returns a :class:`DmaCompletion`, a
 :class:`concurrent.futures.Future` whose result is the byte count.
 Completion is found by *polling* the channels' status words in host memory;
-``result()`` and ``wait()`` poll in the calling thread (spinning for
-``spin`` seconds, then sleeping with back-off) and check DCHERR every
+``result()`` and ``wait()`` poll in the calling thread -- spinning for
+``spin`` seconds if the copy is at most ``spin_bytes``, then sleeping with
+back-off at a fine timer slack -- and check DCHERR every
 ``check_interval`` so a channel error ends the wait with a
 :class:`~micdrv.x100.errors.DmaChannelError`. With ``interrupt=True`` the
 last STATUS descriptor also raises the channel interrupt; when the card's
@@ -30,8 +31,10 @@ dispatcher without anyone polling. An event loop without interrupts calls
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import threading
 import time
+from concurrent.futures._base import FINISHED as _FINISHED, PENDING as _PENDING  # Future's states
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..addr import CardPhys, Iova
@@ -50,16 +53,42 @@ if TYPE_CHECKING:
 DEFAULT_RING_SIZE = 4096
 # A part smaller than this stays with its neighbours on one channel: each
 # channel costs a doorbell and a completion of its own, which pays only when
-# the part is long enough to hide them (benchmarks/dma.py; on the simulated
-# card a channel is a thread to wake).
-SPREAD_MIN = 1024 * 1024
-# A waiter spins on the status words this long, then sleeps with back-off
-# (20 us doubling to MAX_PAUSE). Spinning is the latency path; sleeping leaves
-# the CPU to whoever does the copy (the simulated card, on a small machine).
-SPIN = 0.0005
-MAX_PAUSE = 0.00025
+# the part is long enough to hide them. Measured with benchmarks/dma.py on the
+# simulated card on a 2-core machine, where no more than two copies can run at
+# once: 16 MiB as two 8 MiB parts ran at 1.1-1.2 x memcpy, as four 4 MiB parts
+# at 0.7-1.05; 1 MiB in two parts ran no faster than on one channel (0.34-0.55
+# against 0.51-0.66). Streams of copies still use all four channels (each
+# request starts on the next one). On a card, whose channels are separate
+# engines, a smaller value may pay.
+SPREAD_MIN = 8 * 1024 * 1024
+# A waiter for a copy of at most SPIN_BYTES spins on the status words for SPIN
+# seconds; after that, and for larger copies from the start, it sleeps with
+# back-off (MIN_PAUSE doubling to MAX_PAUSE). Spinning is the latency path;
+# sleeping leaves the CPU to whoever does the copy (the simulated card, on a
+# small machine). While it sleeps the thread's timer slack is FINE_SLACK_NS:
+# Linux lets a sleep overrun by the slack, 50 us by default (prctl(2)
+# PR_SET_TIMERSLACK), which would turn a 10 us pause into 60.
+SPIN = 0.0002
+SPIN_BYTES = 256 * 1024
+MIN_PAUSE = 0.00001
+MAX_PAUSE = 0.0001
+FINE_SLACK_NS = 1000
 CHECK_INTERVAL = 0.005  # seconds between DCHERR reads while waiting
 SUBMIT_TIMEOUT = 10.0  # longest wait for ring space
+_COND_INIT = threading.Lock()  # makes a DmaCompletion's Condition exactly once
+_LEN_SHIFT = regs.DESC_LEN_SHIFT  # MEMCPY: qw0 = src | len / 64 << 46, qw1 = 1 << 60 | dst (spec 4.3)
+_MEMCPY_QW1 = regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT
+
+
+_PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # <linux/prctl.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def timer_slack(ns: int) -> int:
+    """Set the calling thread's timer slack to ``ns`` nanoseconds (prctl(2)); returns the previous value."""
+    old = _libc.prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    _libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(ns), 0, 0, 0)
+    return old
 
 
 class DmaCompletion(concurrent.futures.Future):
@@ -67,37 +96,75 @@ class DmaCompletion(concurrent.futures.Future):
 
     ``result(timeout)``, ``exception(timeout)`` and :meth:`wait` poll the
     channels involved while they wait; a request cannot be cancelled.
+
+    The Future's Condition is made on first use (:attr:`_condition`): a copy
+    whose completion is polled -- every copy the VOP path makes -- settles
+    and is read without one (:meth:`_settle`, :meth:`result`). Whatever needs
+    the Condition (``concurrent.futures.wait``, done-callbacks) makes it, and
+    from then on the Future's own code runs unchanged.
     """
 
     def __init__(self, engine: "DmaEngine", channels: Sequence[DmaChannel], nbytes: int, parts: int):
-        super().__init__()
+        # Future.__init__'s fields, but no Condition yet (see the class docstring)
+        self._cond: threading.Condition | None = None
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self._engine = engine
         self.channels = channels
         self.nbytes = nbytes
         self._remaining = parts
-        self._plock = threading.Lock()
+        self._plock = threading.Lock() if parts > 1 else None  # parts settle from different channels
         self.settled = False  # set once the outcome is in: a lock-free done() for the polling loop
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _COND_INIT:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def _settle(self, result, exc: BaseException | None) -> None:
+        """Record the outcome; the first one wins."""
+        if self._cond is None:
+            with _COND_INIT:
+                if self._cond is None:  # nobody waits and no callbacks: both would have made the Condition
+                    if self._state == _PENDING:
+                        self._result, self._exception = result, exc
+                        self._state = _FINISHED
+                    self.settled = True
+                    return
+        try:
+            if exc is None:
+                self.set_result(result)
+            else:
+                self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # already failed by another part's channel error
+        self.settled = True
 
     def cancel(self) -> bool:
         return False  # DMA cannot be recalled once the descriptors are queued
 
+    def done(self) -> bool:
+        return self._state == _FINISHED  # never cancelled, so finished is done
+
     def _part_done(self) -> None:
-        with self._plock:
-            self._remaining -= 1
-            last = self._remaining == 0
-        if last:
-            try:
-                self.set_result(self.nbytes)
-            except concurrent.futures.InvalidStateError:
-                pass  # already failed by another part's channel error
-            self.settled = True
+        lock = self._plock
+        if lock is not None:
+            with lock:
+                self._remaining -= 1
+                if self._remaining:
+                    return
+        self._settle(self.nbytes, None)
 
     def _fail(self, exc: BaseException) -> None:
-        try:
-            self.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass  # first outcome wins
-        self.settled = True
+        self._settle(None, exc)
 
     def wait(self, timeout: float | None = None) -> None:
         """Poll until done (or raise :class:`DmaTimeout`); does not raise the request's own error."""
@@ -105,11 +172,17 @@ class DmaCompletion(concurrent.futures.Future):
             self._engine._wait(self, timeout)
 
     def result(self, timeout: float | None = None):
-        self.wait(timeout)
+        if not self.settled:
+            self._engine._wait(self, timeout)
+        if self._state == _FINISHED and self._exception is None:
+            return self._result
         return super().result(0)
 
     def exception(self, timeout: float | None = None):
-        self.wait(timeout)
+        if not self.settled:
+            self._engine._wait(self, timeout)
+        if self._state == _FINISHED:
+            return self._exception
         return super().exception(0)
 
 
@@ -123,9 +196,11 @@ class DmaEngine:
 
     def __init__(self, card: "X100", *, ring_size: int = DEFAULT_RING_SIZE,
                  channels: Iterable[int] = regs.DMA_HOST_CHANNELS, interrupts: bool = True,
-                 spin: float = SPIN, check_interval: float = CHECK_INTERVAL, spread_min: int = SPREAD_MIN):
+                 spin: float = SPIN, spin_bytes: int = SPIN_BYTES, check_interval: float = CHECK_INTERVAL,
+                 spread_min: int = SPREAD_MIN):
         self.card = card
         self.spin = spin
+        self.spin_bytes = spin_bytes
         self.check_interval = check_interval
         self.spread_min = spread_min
         self.use_interrupts = interrupts
@@ -226,15 +301,21 @@ class DmaEngine:
         chans = self._all if channels is None else self._pick(channels)
         start = self._rr % len(chans)
         self._rr = start + 1
-        if length <= dma_desc.MAX_XFER and (length < 2 * self.spread_min or len(chans) == 1):
-            # one descriptor on one channel: the latency path, without the planning below
+        if length < 2 * self.spread_min or len(chans) == 1:
+            # one channel: the MEMCPY descriptors straight from the arithmetic (the latency path)
             ch = chans[start]
-            c = DmaCompletion(self, (ch,), length, 1)
-            if callback is not None:
-                c.add_done_callback(callback)
-            desc = (src | (length >> 6) << regs.DESC_LEN_SHIFT, regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT | dst)
-            self._submit(c, ((ch, (desc,), length),), interrupt)
-            return c
+            step = dma_desc.MAX_XFER
+            if length <= step:
+                descs: list[tuple[int, int]] = [(src | (length >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst)]
+            else:
+                descs = [(src + o | (min(step, length - o) >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst + o)
+                         for o in range(0, length, step)]
+            if len(descs) <= ch.max_batch:
+                c = DmaCompletion(self, (ch,), length, 1)
+                if callback is not None:
+                    c.add_done_callback(callback)
+                self._submit(c, ((ch, descs, length),), interrupt)
+                return c
         parts = dma_desc.spread(length, len(chans), self.spread_min)
         plan = []  # (channel, descriptors, bytes): one submission each
         for k, (off, size) in enumerate(parts):
@@ -351,30 +432,39 @@ class DmaEngine:
         chans = c.channels
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
-        spin_end = t0 + self.spin
+        # Spin only for a copy that should be done soon: a waiter spinning through a long one
+        # takes the CPU the card -- the simulator, on a small machine -- needs to do it.
+        spin_end = t0 + (self.spin if c.nbytes <= self.spin_bytes else 0.0)
         next_check = t0 + self.check_interval
         pause = 0.0
-        while True:
-            for ch in chans:
-                ch.poll()
-            if c.settled:
-                return
-            t = time.monotonic()
-            if t >= next_check:
+        slack = None
+        try:
+            while True:
                 for ch in chans:
-                    ch.check()
+                    ch.poll()
                 if c.settled:
                     return
-                next_check = t + self.check_interval
-            if deadline is not None and t >= deadline:
-                raise DmaTimeout(f"wait for DMA of {c.nbytes:#x} bytes on channel(s) "
-                                 f"{', '.join(str(ch.ch) for ch in chans)}", f"not complete after {timeout:g} s")
-            if t >= spin_end:
-                pause = min(pause * 2 or 20e-6, MAX_PAUSE)
-                if self.interrupt_completion:
-                    concurrent.futures.wait([c], pause)
-                else:
-                    time.sleep(pause)
+                t = time.monotonic()
+                if t >= next_check:
+                    for ch in chans:
+                        ch.check()
+                    if c.settled:
+                        return
+                    next_check = t + self.check_interval
+                if deadline is not None and t >= deadline:
+                    raise DmaTimeout(f"wait for DMA of {c.nbytes:#x} bytes on channel(s) "
+                                     f"{', '.join(str(ch.ch) for ch in chans)}", f"not complete after {timeout:g} s")
+                if t >= spin_end:
+                    if slack is None:
+                        slack = timer_slack(FINE_SLACK_NS)
+                    pause = min(pause * 2 or MIN_PAUSE, MAX_PAUSE)
+                    if self.interrupt_completion:
+                        concurrent.futures.wait([c], pause)
+                    else:
+                        time.sleep(pause)
+        finally:
+            if slack is not None:
+                timer_slack(slack)
 
     # --- numbers for the daemon ----------------------------------------------------------------
     def stats(self) -> dict[int, dict[str, int]]:

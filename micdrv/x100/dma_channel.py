@@ -185,18 +185,25 @@ class DmaChannel:
                 if head == size:
                     head = 0
             seq = self.seq + 1
-            for intr in (False, True) if interrupt else (False,):
-                ring[2 * head] = seq  # STATUS: store seq at the channel's status word (spec 4.3)
-                ring[2 * head + 1] = self._status_qw1 | (regs.DESC_STATUS_INTR if intr else 0)
+            # STATUS: store seq at the channel's status word (spec 4.3); with an interrupt, the
+            # DMA_PREP_INTERRUPT pair: the same store twice, the second raising it (spec 4.4)
+            ring[2 * head] = seq
+            ring[2 * head + 1] = self._status_qw1
+            head += 1
+            if head == size:
+                head = 0
+            if interrupt:
+                ring[2 * head] = seq
+                ring[2 * head + 1] = self._status_qw1 | regs.DESC_STATUS_INTR
                 head += 1
                 if head == size:
                     head = 0
+            if head != self._last_dhpr:  # always true (need >= 1, < size); kept as the rule's guard
+                self._regs.write(self._dhpr, head)  # the doorbell first: the rest overlaps the card's work
+                self._last_dhpr = head
             self.seq = seq
             self.head = head
-            self._pending.append(_Pending(seq, head, completion))
-            if head != self._last_dhpr:  # always true (need >= 1, < size); kept as the rule's guard
-                self._regs.write(self._dhpr, head)
-                self._last_dhpr = head
+            self._pending.append(_Pending(seq, head, completion))  # poll() takes the lock: it cannot miss it
             self.submitted += 1
             self.descriptors += need
             self.bytes += nbytes

@@ -57,6 +57,7 @@ MAX_REGIONS = 100  # QEMU's defensive limit on num_regions (spec 2.7)
 MAX_IRQS = 50  # and on num_irqs (spec 2.7)
 MAX_REGION_INFO = 64 << 10  # the most argsz we re-ask with; a longer chain is a broken server
 CLIENT_MAX_MSG_FDS = 16  # what we can receive per message; QEMU offers 16 (spec 2.4)
+_SMALL_WRITE = 8  # a register write: posted in one message without the splitting loop
 
 
 class VfioUserDevice(PciDevice):
@@ -75,6 +76,7 @@ class VfioUserDevice(PciDevice):
         self._ours = Capabilities(max_msg_fds=CLIENT_MAX_MSG_FDS, max_data_xfer_size=max_data_xfer_size,
                                   max_dma_maps=DEFAULT_MAX_DMA_MAPS, pgsizes=4096, write_multiple=True)
         self._server = Capabilities()
+        self._small_write = 0  # until VERSION has told us the server's max_data_xfer_size
         self._region_fds: dict[int, int] = {}
         self._dma_lock = threading.Lock()
         self._dma_views: dict[int, tuple[DmaMapping, _mmap.mmap | None]] = {}
@@ -121,6 +123,7 @@ class VfioUserDevice(PciDevice):
         check_reply(proposed, answer, step)
         self._server = answer[2]
         self.version = (answer[0], answer[1])
+        self._small_write = min(_SMALL_WRITE, self.max_data_xfer_size)
 
     @property
     def server_capabilities(self) -> Capabilities:
@@ -212,6 +215,9 @@ class VfioUserDevice(PciDevice):
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _region_write(self, index: int, offset: int, data: bytes, posted: bool) -> None:
+        if posted and len(data) <= self._small_write:  # a doorbell: one message, nothing to split
+            self._conn.call(REGION_WRITE, region_rw.pack(offset, index, len(data)) + data, no_reply=True)
+            return
         step = f"vfio-user REGION_WRITE region {index} on {self.name}"
         chunk = self.max_data_xfer_size
         view = memoryview(data)

@@ -80,7 +80,11 @@ class DmaSpace:
         self._conn: Connection | None = None
         self._xfer = DEFAULT_MAX_DATA_XFER_SIZE
         self.faults = 0
-        self.message_bytes = 0  # bytes moved by DMA_READ/WRITE messages rather than shared memory
+        self.message_bytes = 0
+        # The mapping the last view() found: a device keeps touching the same
+        # one (micdrv's arena is a single DMA_MAP), so fast_view() answers from
+        # it without the lock and the search. Cleared by every unmap.
+        self._last: DmaRegion | None = None  # bytes moved by DMA_READ/WRITE messages rather than shared memory
 
     def attach(self, conn: Connection | None, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE) -> None:
         """Use ``conn`` for DMA_READ/WRITE (None while no client is connected)."""
@@ -135,11 +139,13 @@ class DmaSpace:
                 raise CommandError(_errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping")
             del self._starts[i]
             region = self._maps.pop(i)
+            self._last = None
         _release(region)
 
     def unmap_all(self) -> None:
         with self._lock:
             maps, self._maps, self._starts = self._maps, [], []
+            self._last = None
         for region in maps:
             _release(region)
 
@@ -167,9 +173,27 @@ class DmaSpace:
             raise DmaFault(iova, length, write, "mapping has no shared memory (no fd in DMA_MAP): use read/write")
         off = iova - region.iova
         try:
-            return memoryview(region.mm)[off:off + length]
+            view = memoryview(region.mm)[off:off + length]
         except ValueError:  # unmapped by the client meanwhile
             raise DmaFault(iova, length, write, "mapping was removed") from None
+        self._last = region
+        return view
+
+    def fast_view(self, iova: int, length: int, write: bool = False) -> memoryview | None:
+        """:meth:`view` when [iova, +length) lies in the mapping the last view found, else None.
+
+        None is no verdict: the caller then asks :meth:`view`, which checks
+        and counts faults. Allowed access only, as :meth:`view`.
+        """
+        region = self._last
+        if (region is None or iova < region.iova or iova + length > region.iova + region.size or length <= 0
+                or not region.flags & (DMA_MAP_FLAG_WRITE if write else DMA_MAP_FLAG_READ)):
+            return None
+        off = iova - region.iova
+        try:
+            return memoryview(region.mm)[off:off + length]
+        except (ValueError, TypeError):  # unmapped meanwhile (closed, or never shared): the slow path says so
+            return None
 
     def read(self, iova: int, length: int) -> bytes:
         """Device reads host memory."""

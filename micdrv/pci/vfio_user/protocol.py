@@ -20,8 +20,10 @@ How one connection is shared between threads:
 * Queued commands are dispatched one at a time, in arrival order (spec 2.6),
   to the handler callback, by whichever thread is allowed to (any thread on
   the client; only the :meth:`~Connection.serve_forever` thread on the
-  server). The reader role is free while a handler runs, so a handler may
-  itself call the peer (the server's DMA_READ from inside a REGION_WRITE
+  server). A command read while the queue is empty and nothing is being
+  dispatched skips the queue: the reader, if allowed, runs it at once.
+  The reader role is free while a handler runs, so a handler may itself
+  call the peer (the server's DMA_READ from inside a REGION_WRITE
   handler) and another thread may read replies meanwhile; commands that
   arrive then wait in the queue.
 * A framing error cannot be resynchronised on a stream: it closes the
@@ -47,11 +49,12 @@ from ..errors import DisconnectedError, PciError, ProtocolError, RemoteError, Re
 from .framing import Framing
 from .wire import *  # noqa: F401,F403  -- protocol is the public face of the wire format
 from .wire import (DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_REPLY_TIMEOUT, FLAGS_ERROR, FLAGS_NO_REPLY,
-                   FLAGS_TYPE_COMMAND, FLAGS_TYPE_REPLY, MESSAGE_SLACK, CommandError, Handler, HandlerResult, Message,
-                   _close_quietly, command_name)
+                   FLAGS_TYPE_COMMAND, FLAGS_TYPE_MASK, FLAGS_TYPE_REPLY, MESSAGE_SLACK, CommandError, Handler,
+                   HandlerResult, Message, _close_quietly, command_name)
 
 log = logging.getLogger(__name__)
 
+_POSTED = FLAGS_TYPE_COMMAND | FLAGS_NO_REPLY
 _MAX_ABANDONED = 1024  # remembered msg_ids of timed-out calls, so a late reply is dropped, not fatal
 
 
@@ -79,7 +82,13 @@ class Connection:
                                 io_timeout=io_timeout if io_timeout is not None else max(reply_timeout, 1.0))
         self._fd = sock.fileno()
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        # One lock guards the state below; the condition over it is only for
+        # sleeping. ``with self._lock`` is the C lock's own context manager (a
+        # Condition's is Python code), and _sleepers lets a state change skip
+        # notify_all when no thread sleeps -- both paid on every message.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0
         self._reader: int | None = None  # thread id of the reader
         self._waiting: set[int] = set()  # msg_ids of calls awaiting a reply
         self._replies: dict[int, Message] = {}  # routed replies not yet claimed
@@ -88,6 +97,7 @@ class Connection:
         self._dispatching = False
         self._dispatch_thread: int | None = None  # set by serve_forever: only it dispatches
         self._next_id = 0
+        self._steps: dict[int, str] = {}  # command -> the step text of its calls, built once
         self._dead: VfioUserError | None = None
         self._closed = False
         self._service: threading.Thread | None = None
@@ -112,16 +122,27 @@ class Connection:
             return DisconnectedError(step, d.detail or "peer is gone", errno=d.errno)
         return DisconnectedError(step, f"connection closed: {d}")
 
+    def _sleep_locked(self, timeout: float | None) -> None:
+        self._sleepers += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._sleepers -= 1
+
+    def _wake_locked(self) -> None:
+        if self._sleepers:
+            self._cond.notify_all()
+
     def _fail(self, exc: VfioUserError) -> None:
         """Mark the connection dead (first reason wins) and wake everybody."""
-        with self._cond:
+        with self._lock:
             if self._dead is None:
                 self._dead = exc
                 log.debug("%s: connection dead: %s", self.name, exc)
                 self._framing.shutdown()  # wakes a reader blocked in poll; close() closes the fd
                 while self._commands:
                     self._commands.popleft().close_fds()
-            self._cond.notify_all()
+            self._wake_locked()
 
     def _send(self, msg_id: int, command: int, flags: int, error: int, payload, fds: Sequence[int], step: str) -> None:
         with self._send_lock:
@@ -136,37 +157,57 @@ class Connection:
         raise exc
 
     def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None) -> str:
-        """As the reader: read at most one message, route it, give up the role, dispatch if allowed."""
+        """As the reader: read at most one message, route it, give up the role, dispatch if allowed.
+
+        A command that arrives while nothing is queued or being dispatched,
+        read by a thread allowed to dispatch, is handled right here instead
+        of going through the queue: the same order, without the hand-off
+        (this is every posted doorbell write on the server).
+        """
         try:
             msg = self._framing.receive(timeout, step, wake_fd)
         except VfioUserError as e:
-            with self._cond:
+            with self._lock:
                 self._reader = None
             self._fail(e)
             raise
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._reader = None
-                self._cond.notify_all()
+                self._wake_locked()
             raise
+        if msg.__class__ is not Message:
+            with self._lock:
+                self._reader = None
+                self._wake_locked()
+            return msg
         err = None
-        with self._cond:
+        direct = False
+        with self._lock:
             self._reader = None
-            if isinstance(msg, Message):
-                err = self._route_locked(msg, step)
-            self._cond.notify_all()
+            if msg.flags & FLAGS_TYPE_MASK == FLAGS_TYPE_REPLY:
+                err = self._route_reply_locked(msg, step)
+            elif (not self._dispatching and not self._commands and self._dead is None
+                  and self._dispatch_thread in (None, threading.get_ident())):
+                self._dispatching = direct = True
+            else:
+                self._commands.append(msg)
+            self._wake_locked()
         if err is not None:
             self._fail(err)
             raise err
-        if isinstance(msg, Message):
+        if direct:
+            try:
+                self._run_handler(msg)
+            finally:
+                with self._lock:
+                    self._dispatching = False
+                    self._wake_locked()
+        if self._commands:  # queued by another reader meanwhile (a lock-free peek; re-checked under the lock)
             self._dispatch_pending()
-            return "message"
-        return msg
+        return "message"
 
-    def _route_locked(self, msg: Message, step: str) -> ProtocolError | None:
-        if not msg.is_reply:
-            self._commands.append(msg)
-            return None
+    def _route_reply_locked(self, msg: Message, step: str) -> ProtocolError | None:
         if msg.msg_id in self._waiting and msg.msg_id not in self._replies:
             self._replies[msg.msg_id] = msg
             return None
@@ -195,21 +236,26 @@ class Connection:
         :class:`ProtocolError` on a malformed reply or one with more than
         ``max_reply_fds`` fds. The caller owns the reply's fds.
         """
-        step = f"vfio-user {command_name(command)} on {self.name}"
-        with self._cond:
+        step = self._steps.get(command)
+        if step is None:
+            step = self._steps[command] = f"vfio-user {command_name(command)} on {self.name}"
+        with self._lock:
             if self._dead is not None:
                 raise self._dead_error(step)
-            msg_id = self._new_id_locked()
-            if not no_reply:
+            if no_reply:  # no reply will carry this id: any id does, no bookkeeping (spec 2.2 NO_REPLY)
+                msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+            else:
+                msg_id = self._new_id_locked()
                 self._waiting.add(msg_id)
+        if no_reply:
+            self._send(msg_id, command, _POSTED, 0, payload, fds, step)
+            return None
         try:
-            self._send(msg_id, command, FLAGS_TYPE_COMMAND | (FLAGS_NO_REPLY if no_reply else 0), 0, payload, fds, step)
+            self._send(msg_id, command, FLAGS_TYPE_COMMAND, 0, payload, fds, step)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._waiting.discard(msg_id)
             raise
-        if no_reply:
-            return None
         timeout = self.reply_timeout if timeout is None else timeout
         reply = self._await(msg_id, time.monotonic() + timeout, timeout, step)
         if reply.flags & FLAGS_ERROR:
@@ -224,7 +270,7 @@ class Connection:
     def _await(self, msg_id: int, deadline: float, timeout: float, step: str) -> Message:
         me = threading.get_ident()
         while True:
-            with self._cond:
+            with self._lock:
                 while True:
                     reply = self._replies.pop(msg_id, None)
                     if reply is not None:
@@ -243,14 +289,14 @@ class Connection:
                     if self._reader is None:
                         self._reader = me
                         break
-                    self._cond.wait(remaining)
+                    self._sleep_locked(remaining)
             self._read_once(remaining, step)
 
     # --- serving the peer's commands --------------------------------------------------------------
     def _dispatch_pending(self) -> None:
         """Run queued commands in arrival order, if this thread may and nobody else is."""
         me = threading.get_ident()
-        with self._cond:
+        with self._lock:
             if self._dispatching or not self._commands:
                 return
             if self._dispatch_thread is not None and self._dispatch_thread != me:
@@ -258,18 +304,17 @@ class Connection:
             self._dispatching = True
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     if not self._commands or self._dead is not None:
                         return
                     msg = self._commands.popleft()
                 self._run_handler(msg)
         finally:
-            with self._cond:
+            with self._lock:
                 self._dispatching = False
-                self._cond.notify_all()
+                self._wake_locked()
 
     def _run_handler(self, msg: Message) -> None:
-        step = f"vfio-user {msg.name} from the peer of {self.name}"
         error = 0
         result: HandlerResult = None
         try:
@@ -294,11 +339,13 @@ class Connection:
             log.exception("%s: handler of %s failed", self.name, msg.name)
             error = _errno.EIO
         finally:
-            msg.close_fds()  # whatever the handler did not take
-        if msg.no_reply:
+            if msg.fds:
+                msg.close_fds()  # whatever the handler did not take
+        if msg.flags & FLAGS_NO_REPLY:
             if error:
                 log.warning("%s: NO_REPLY %s failed with errno %d", self.name, msg.name, error)
             return
+        step = f"vfio-user {msg.name} from the peer of {self.name}"
         if error:
             self._send(msg.msg_id, msg.command, FLAGS_TYPE_REPLY | FLAGS_ERROR, error, b"", (), step)
             return
@@ -316,12 +363,13 @@ class Connection:
         """
         me = threading.get_ident()
         step = f"vfio-user serve {self.name}"
-        with self._cond:
+        with self._lock:
             self._dispatch_thread = me
         try:
             while True:
-                self._dispatch_pending()
-                with self._cond:
+                if self._commands:
+                    self._dispatch_pending()
+                with self._lock:
                     while True:
                         if self._dead is not None:
                             return
@@ -332,18 +380,18 @@ class Connection:
                             self._reader = me
                             read = True
                             break
-                        self._cond.wait(0.5)  # another thread reads; it queues commands and notifies
+                        self._sleep_locked(0.5)  # another thread reads; it queues commands and notifies
                 if read and self._read_once(None, step, wake_fd) == "wake":
                     return
         except VfioUserError:
             return  # recorded in self.error
         finally:
-            with self._cond:
+            with self._lock:
                 if self._dispatch_thread == me:
                     self._dispatch_thread = None
                 if self._reader == me:
                     self._reader = None
-                self._cond.notify_all()
+                self._wake_locked()
 
     def process_events(self) -> int:
         """Handle every message already arrived, without blocking; return how many.
@@ -356,7 +404,7 @@ class Connection:
         step = f"vfio-user events on {self.name}"
         n = 0
         while True:
-            with self._cond:
+            with self._lock:
                 if self._dead is not None:
                     raise self._dead_error(step)
                 if self._reader is not None:
@@ -387,9 +435,9 @@ class Connection:
             ready = p.poll()
             if any(fd == self._service_stop for fd, _ev in ready) or self._dead is not None:
                 return
-            with self._cond:
+            with self._lock:
                 if self._reader is not None:
-                    self._cond.wait(0.05)  # a caller is reading and will take this message
+                    self._sleep_locked(0.05)  # a caller is reading and will take this message
                     continue
                 self._reader = me
             try:
@@ -401,7 +449,7 @@ class Connection:
     def close(self) -> None:
         """Close the socket; pending and later calls raise DisconnectedError. Idempotent."""
         me = threading.get_ident()
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -411,10 +459,10 @@ class Connection:
             if self._service.ident != me:
                 self._service.join(2.0)
             _close_quietly(self._service_stop)
-        with self._cond:
+        with self._lock:
             end = time.monotonic() + 2.0
             while self._reader not in (None, me) and time.monotonic() < end:
-                self._cond.wait(0.05)  # let a reader in another thread leave the socket first
+                self._sleep_locked(0.05)  # let a reader in another thread leave the socket first
             for m in self._replies.values():
                 m.close_fds()
             self._replies.clear()

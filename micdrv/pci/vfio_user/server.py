@@ -45,16 +45,18 @@ from .irqs import Interrupts
 from .model import DeviceModel
 from .protocol import (DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS, DEFAULT_REPLY_TIMEOUT, DEVICE_GET_INFO,
                        DEVICE_GET_IRQ_INFO, DEVICE_GET_REGION_INFO, DEVICE_RESET, DEVICE_SET_IRQS, DMA_MAP,
-                       DMA_UNMAP, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, MESSAGE_SLACK, REGION_READ,
-                       REGION_WRITE, REGION_WRITE_MULTI, VERSION, WRITE_MULTI_MAX_DATA, WRITE_MULTI_MAX_ENTRIES,
-                       CommandError, Connection, Message, device_info, dma_map, dma_unmap, irq_info, irq_set,
-                       region_rw, write_multi_count, write_multi_entry)
+                       DMA_UNMAP, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, FLAGS_NO_REPLY, MESSAGE_SLACK,
+                       REGION_READ, REGION_WRITE, REGION_WRITE_MULTI, VERSION, WRITE_MULTI_MAX_DATA,
+                       WRITE_MULTI_MAX_ENTRIES, CommandError, Connection, Message, device_info, dma_map, dma_unmap,
+                       irq_info, irq_set, region_rw, write_multi_count, write_multi_entry)
 from .regions import ConfigRegion, Region
 from .version import VERSION_MAJOR, VERSION_MINOR, Capabilities, decode_version, encode_version, negotiate
 
 log = logging.getLogger(__name__)
 
 SERVER_MAX_MSG_FDS = 16  # fds we accept per message (a SET_IRQS chunk); QEMU's ceiling (spec 2.4)
+_RW_SIZE = region_rw.size
+_unpack_rw = region_rw.unpack_from  # REGION_WRITE is every doorbell: no attribute lookups for it
 
 
 class VfioUserServer:
@@ -289,12 +291,14 @@ class VfioUserServer:
 
     def _region_write(self, msg: Message):
         p = msg.payload
-        if len(p) < region_rw.size:
+        if len(p) < _RW_SIZE:
             raise CommandError(_errno.EINVAL, f"REGION_WRITE payload of {len(p)} bytes")
-        offset, index, count = region_rw.unpack_from(p)
-        if len(p) != region_rw.size + count:
-            raise CommandError(_errno.EINVAL, f"REGION_WRITE count {count} with {len(p) - region_rw.size} data bytes")
-        self._region(index, offset, count, True).write(offset, bytes(p[region_rw.size:]))
+        offset, index, count = _unpack_rw(p)
+        if len(p) != _RW_SIZE + count:
+            raise CommandError(_errno.EINVAL, f"REGION_WRITE count {count} with {len(p) - _RW_SIZE} data bytes")
+        self._region(index, offset, count, True).write(offset, bytes(p[_RW_SIZE:]))
+        if msg.flags & FLAGS_NO_REPLY:
+            return None  # posted (a doorbell): no reply to build
         return region_rw.pack(offset, index, count)
 
     def _write_multi(self, msg: Message):
