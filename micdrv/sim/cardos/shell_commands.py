@@ -44,7 +44,9 @@ USAGE = [
     ("udp stat", "echo (port 7) and sink counters"),
     ("echo [TEXT...]", "print TEXT"),
     ("dmesg", "the kernel log"),
-    ("poweroff | halt | reboot", "shut the card down"),
+    ("poweroff", "shut the card down (power off)"),
+    ("halt", "shut the card down (halted)"),
+    ("reboot", "shut the card down and ask the host to boot it again"),
     ("panic [MSG]", "kernel panic"),
 ]
 
@@ -271,6 +273,13 @@ class Commands:
             raise ValueError(f"{name}: no such disk (blk list)")
         return disk
 
+    @staticmethod
+    def _count(text: str) -> int:
+        n = parse_size(text)
+        if n < 1:
+            raise ValueError("COUNT must be at least 1")
+        return n
+
     def blk(self, args, out, _i) -> None:
         sub = args[0] if args else ""
         rest = args[1:]
@@ -289,7 +298,7 @@ class Commands:
             if len(rest) not in (2, 3):
                 raise UsageError("blk read [-x] DEV SECTOR [COUNT]")
             disk, sector = self._disk(rest[0]), parse_size(rest[1])
-            count = parse_size(rest[2]) if len(rest) == 3 else 1
+            count = self._count(rest[2]) if len(rest) == 3 else 1
             data = disk.read(sector, count)
             if hexd:
                 for line in hexdump(data, sector * SECTOR):
@@ -298,7 +307,7 @@ class Commands:
                 out(f"{hashlib.sha256(data).hexdigest()}  {disk.disk} sectors {sector}+{count} ({len(data)} bytes)")
         elif sub in ("write", "verify") and len(rest) in (3, 4):
             disk, sector, pattern = self._disk(rest[0]), parse_size(rest[1]), rest[2]
-            count = parse_size(rest[3]) if len(rest) == 4 else 1
+            count = self._count(rest[3]) if len(rest) == 4 else 1
             want = pattern_bytes(pattern, sector, count)
             if sub == "write":
                 disk.write(sector, want)
