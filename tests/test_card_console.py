@@ -132,6 +132,16 @@ def test_ping_from_the_console(full):
     out = full.term.command("ping 172.31.1.254 -c 2 -i 0.1")
     assert out.count("64 bytes from 172.31.1.254: icmp_seq=") == 2
     assert "2 packets transmitted, 2 received, 0% packet loss" in out
+    assert "172.31.1.254 dev eth0 lladdr " in full.term.command("ip neigh")
+
+
+def test_udp_commands_on_the_console(full):
+    assert full.term.command("udp sink 9200") == "udp sink on port 9200\r\n"
+    out = full.term.command("udp send 172.31.1.254 9 10000 1000")
+    assert out.startswith("sent 10 datagrams, 10000 bytes in ") and out.endswith(", 0 dropped\r\n")
+    out = full.term.command("udp stat")
+    assert "echo port 7: " in out and "sink port 9200: 0 datagrams, 0 bytes" in out
+    assert "usage: udp send HOST PORT BYTES SIZE" in full.term.command("udp send")
 
 
 def test_ctrl_c_interrupts_a_ping(full):
@@ -155,6 +165,8 @@ def test_blk_list_write_verify_and_read(full):
     out = full.term.command("blk read -x vda 8")
     assert out.startswith("00001000  63 6f 6e 73 6f 6c 65 3a  38 3a 63 6f 6e 73 6f 6c  |console:8:consol|")
     assert "no such disk" in full.term.command("blk read vdz 0")
+    assert full.term.command("blk flush vda") == "flushed vda\r\n"
+    assert full.backends[1].counters()["flushes"] == 1
 
 
 def test_dmesg_shows_the_kernel_log(full):

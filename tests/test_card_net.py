@@ -107,7 +107,8 @@ def test_eth0_takes_the_hosts_mac_offloads_and_big_buffers(card):
     assert card.backend.tap.offload == 0x0F                # GUEST_TSO* acked: the tap takes TUN_F_CSUM|TSO*
     rec = card.c.record()["devices"]
     assert rec["eth0"]["mac"] == link.format_mac(card.backend.mac) and rec["eth0"]["rx_mode"] == "big"
-    assert rec["ipv4"]["ip"]["address"] == "172.31.1.1/24" and rec["ipv4"]["ip"]["source"] == "default"
+    ip = rec["eth0"]["ipv4"]["ip"]
+    assert ip["address"] == "172.31.1.1/24" and ip["source"] == "default" and 7 in ip["udp_ports"]
     out = card.sh("ip")
     assert "eth0: <BROADCAST,UP,LOWER_UP> mtu 64512" in out and f"link/ether {link.format_mac(eth0.mac)}" in out
     assert "inet 172.31.1.1/24 brd 172.31.1.255 scope global eth0" in out

@@ -23,7 +23,9 @@ address from the command line, :mod:`.ip_config`), the UDP echo service on
 port 7 and the benchmark sinks, the device names, the hostname. Every bound
 driver is an entry of the kernel's device list (``name``, ``shutdown``,
 ``abandon``, ``status``) while it is bound, so the control socket's ``os``
-record shows it under its name, and a power-off shuts it down.
+record shows it under its name (the interface with the address also shows
+the stack: address, ARP cache, counters, echo and sinks), and a power-off
+shuts it down.
 :meth:`CardDrivers.run` runs a shell command line for the control socket
 (``{"cmd": "kernel", "action": "shell", "message": "udp sink 9000"}``).
 """
@@ -198,16 +200,8 @@ class CardDrivers:
         ok = Commands(self).execute(line, lines.append)
         return ok, "\n".join(lines) + ("\n" if lines else "")
 
-    # --- the "ipv4" entry of the kernel's device list ----------------------------------------------
-    def shutdown(self) -> None:
-        for sink in list(self.sinks.values()):
-            sink.close()
-        self.sinks.clear()
-
-    def abandon(self) -> None:
-        pass
-
     def status(self) -> dict:
+        """The stack's part of the record (under the interface that carries the address)."""
         return {"hostname": self.hostname, "ip": self.stack.status(),
                 "echo": self.echo.status() if self.echo else None,
                 "sinks": {str(p): s.status() for p, s in self.sinks.items()}}
@@ -219,5 +213,4 @@ def install(kernel: CardKernel) -> CardDrivers:
     virtio_bus.register(VIRTIO_ID_NET, lambda: NetDriver(drivers))
     virtio_bus.register(VIRTIO_ID_BLOCK, lambda: BlkDriver(drivers))
     virtio_bus.register(VIRTIO_ID_CONSOLE, lambda: ConsoleDriver(drivers))
-    kernel.add_device(KernelEntry("ipv4", drivers))
     return drivers

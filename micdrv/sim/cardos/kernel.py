@@ -19,8 +19,8 @@ Drivers sit in :attr:`Kernel.devices` in probe order; each has ``name``,
 ``abandon()`` (the card was reset under it: stop, touch nothing) and
 ``status()``. Issue 5's VOP driver, virtio drivers and shell are further
 entries: the virtio drivers are registered with :mod:`.virtio_bus` once the
-device page was looked at (:func:`.drivers.install`, which also adds the
-``ipv4`` entry), and each bound driver adds itself under its device name
+device page was looked at (:func:`.drivers.install`), and each bound
+driver adds itself under its device name
 (``eth0``, ``vda``, ``hvc0``) with :meth:`Kernel.add_device` and leaves with
 :meth:`Kernel.remove_device` (hot remove).
 

@@ -480,4 +480,5 @@ class NetDriver(VirtioDriver):
                 "features": feature_names(self.features, N.FEATURE_NAMES),
                 "rx_mode": "big" if self.big else "small", "rx_buffers": len(self._rx_bufs),
                 "indirect": bool(self.rx and self.rx.ring.use_indirect), "broken": self.broken,
-                "counters": dict(self.c)}
+                "counters": dict(self.c),
+                **({"ipv4": self.drivers.status()} if self.drivers.stack.netdev is self else {})}
