@@ -240,9 +240,15 @@ class DirectBus:
         self.devices: list[DirectDevice] = []
         self._next_index = 0
 
-    def add(self, backend: Backend) -> DirectDevice:
-        """A new device for ``backend``: the host side set up, the card's driver bound and probed."""
-        transport = DirectTransport(backend, self.host_memory, self.loop, name=backend.name)
+    def add(self, backend: Backend | None = None, transport=None) -> DirectDevice:
+        """A new device for ``backend``: the host side set up, the card's driver bound and probed.
+
+        Or for ``transport``: a host side already made, e.g. in another
+        process mapping :attr:`arena`'s memfd (anything with the
+        driver-facing calls of :class:`~backends.direct.DirectTransport`).
+        """
+        if transport is None:
+            transport = DirectTransport(backend, self.host_memory, self.loop, name=backend.name)
         dev = DirectDevice(self, transport, self._next_index)
         self._next_index += 1
         self.interrupts.watch(dev.config_fd, dev._config_changed)

@@ -332,7 +332,9 @@ class IpStack:
             self.c["icmp_out"] += 1
         off = None if csum is None else (ETH_HLEN + IP_HLEN + csum[0], csum[1])
         kw = {} if wait is None else {"wait": wait}
-        return dev.xmit([ETH.pack(dst_mac, dev.mac, ETH_P_IP), hdr, *parts], off, kick, **kw)
+        # The headers as one piece (Ethernet + IPv4 + the L4 header): one copy into the frame, not three.
+        head = ETH.pack(dst_mac, dev.mac, ETH_P_IP) + hdr + bytes(parts[0])
+        return dev.xmit([head, *parts[1:]], off, kick, **kw)
 
     def udp_send(self, dst: bytes, dport: int, sport: int, payload, dst_mac: bytes | None = None,
                  kick: bool = True) -> bool:

@@ -313,7 +313,9 @@ class NetDriver(VirtioDriver):
         ``wait`` seconds). With ``kick=False`` the device is told only at the
         next kick (:meth:`flush`), or when a later frame has to wait.
         """
-        flen = sum(len(p) for p in parts)
+        flen = 0
+        for p in parts:
+            flen += len(p)
         if flen + HDR_LEN > BIG_TX_SLOT:
             self.c["tx_too_big"] += 1
             return False
