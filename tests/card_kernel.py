@@ -42,7 +42,7 @@ def wait_for(predicate, what: str, timeout: float = WAIT, interval: float = 0.00
 class BootedCard:
     """An in-process simulated card running its kernel, and a direct transport for its virtio drivers."""
 
-    def __init__(self, cmdline: str = "", bus_size: int = 64 << 20):
+    def __init__(self, cmdline: str = "", bus_size: int = 64 << 20, mapped: bool = True):
         self.card = X100Card(memory_size=MEMORY, ready_delay=0.0)
         wait_for(lambda: self.card.bootstrap.state == "ready", "the bootstrap to be ready")
         image = build_image()
@@ -59,7 +59,7 @@ class BootedCard:
         wait_for(lambda: self.kernel.drivers is not None and self.kernel.state == "running",
                  "the kernel to install its drivers")
         self.drivers = self.kernel.drivers
-        self.bus = DirectBus(bus_size, printk=self.kernel.printk)
+        self.bus = DirectBus(bus_size, printk=self.kernel.printk, mapped=mapped)
 
     def record(self) -> dict:
         """What the control socket's ``os`` command shows."""

@@ -7,7 +7,7 @@ import os
 from backends.blk import BlkBackend
 from benchmarks.card_host import HostProcess, RemoteTransport
 from micdrv.virtio.device import VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK
-from tests.card_kernel import BootedCard
+from tests.card_kernel import BootedCard, wait_for
 
 MiB = 1 << 20
 
@@ -51,5 +51,33 @@ def test_the_bus_runs_the_legacy_init_sequence(tmp_path):
             assert dev.driver.broken is None and dev.driver.read(0, 1) == bytes(512)
             c.bus.remove(dev)
             assert dev.get_status() == 0 and not dev.transport.active
+        finally:
+            be.close()
+
+
+def test_drivers_work_without_views_of_card_memory_as_over_vop(tmp_path):
+    """VOP gives drivers card memory through the card bus (no memoryviews): every path has a read/write twin."""
+    from tests import packets as P
+    from tests.scripted_devices import ScriptedNet
+    data = os.urandom(MiB)
+    path = tmp_path / "disk.img"
+    path.write_bytes(data)
+    with BootedCard(mapped=False) as c:
+        be, net = BlkBackend.open(str(path)), ScriptedNet()
+        try:
+            disk = c.bus.add(be).driver
+            assert disk.dev.memory.view(disk.dev.memory.base, 1) is None
+            assert disk.read(0, 2048) == data
+            disk.write(3, b"unmapped".ljust(512, b"."))
+            assert path.read_bytes()[3 * 512:3 * 512 + 8] == b"unmapped"
+            eth0 = c.bus.add(net).driver
+            host_mac, card_ip, host_ip = b"\x02\xaa\xbb\xcc\xdd\xee", P.ip4("172.31.1.1"), P.ip4("172.31.1.254")
+            ping = P.eth(net.mac, host_mac, P.ETH_P_IP, P.ipv4(host_ip, card_ip, P.IPPROTO_ICMP,
+                                                              P.icmp_echo(5, 1, b"over the card bus")))
+            c.bus.loop.call(net.deliver, bytes(10) + ping, None)
+            wait_for(lambda: net.sent, "the card's echo reply")
+            reply = P.Frame.parse(net.sent[0][10:])
+            assert reply.icmp_type == 0 and reply.payload == b"over the card bus" and reply.dst == host_mac
+            assert eth0.c["rx_packets"] == 1 and eth0.broken is None
         finally:
             be.close()

@@ -21,7 +21,6 @@ import threading
 
 import pytest
 
-from backends import iov
 from backends.backend import Backend
 from backends.blk import BlkBackend
 from backends.console import ConsoleBackend
@@ -29,9 +28,10 @@ from micdrv.sim.cardos import blk as blk_mod
 from micdrv.sim.cardos import console as console_mod
 from micdrv.sim.cardos.blk import BlkError
 from micdrv.virtio import net as N
-from micdrv.virtio.device import VIRTIO_CONFIG_S_FAILED, VIRTIO_ID_NET
+from micdrv.virtio.device import VIRTIO_CONFIG_S_FAILED
 from tests import packets as P
 from tests.card_kernel import BootedCard, wait_for
+from tests.scripted_devices import ScriptedNet
 
 MiB = 1 << 20
 U16 = struct.Struct("<H")
@@ -161,39 +161,6 @@ def test_a_console_nobody_drains_drops_output_instead_of_hanging(card, monkeypat
 
 
 # --- a scripted virtio-net device ----------------------------------------------------------------------
-
-class ScriptedNet(Backend):
-    """A virtio-net device that delivers exactly the receive chains a test scripts, and keeps what is sent."""
-
-    device_id = VIRTIO_ID_NET
-
-    def __init__(self, features: int = 1 << N.VIRTIO_NET_F_MAC, mac: bytes = b"\x02\x00\x00\x00\x00\x01"):
-        super().__init__("scripted-net")
-        self._features, self.mac = features, mac
-        self.sent: list[bytes] = []
-
-    def device_features(self) -> int:
-        return self._features
-
-    def queue_sizes(self):
-        return (128, 128)
-
-    def config_space(self) -> bytes:
-        c = N.virtio_net_config()
-        c.mac[:] = self.mac
-        return bytes(c)
-
-    def queue_notify(self, index: int) -> None:
-        if index == N.TX_QUEUE:
-            self.queues[1].drain(lambda ch: self.sent.append(iov.prefix(ch.readable, ch.readable_len)) or 0)
-
-    def deliver(self, stream: bytes, length: int | None = None) -> None:
-        """On the loop thread: the next receive chain gets ``stream`` and is returned with ``length``."""
-        chain = self.queues[N.RX_QUEUE].pop()
-        assert chain is not None, "the card posted no receive buffer"
-        n = iov.fill(chain.writable, stream)
-        self.queues[N.RX_QUEUE].complete(chain, n if length is None else length)
-
 
 def hdr(flags=0, gso=0, gso_size=0, cstart=0, coff=0) -> bytes:
     return P.VNET_HDR.pack(flags, gso, 0, gso_size, cstart, coff)

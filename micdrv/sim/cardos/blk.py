@@ -234,11 +234,15 @@ class BlkDriver(VirtioDriver):
                 return
             try:
                 done = vq.ring.get_all_used()
+                for req, _len in done:
+                    self._complete(req)
             except VringError as e:
                 self._break(str(e))
                 return
-            for req, _len in done:
-                self._complete(req)
+            except Exception as e:    # card memory unreachable (a card reset) or a bug: fail, don't hang
+                if not self.removing:
+                    self._break(f"completion: {type(e).__name__}: {e}")
+                return
             if done:
                 self._room.notify_all()
 

@@ -108,6 +108,9 @@ class ConsoleDriver(VirtioDriver):
             except (VringError, RingFull) as e:
                 self._break(str(e))
                 return
+            except Exception as e:    # card memory unreachable (a card reset) or a bug
+                self._break(f"receive: {type(e).__name__}: {e}")
+                return
         data = b"".join(chunks)
         if data:
             self.c["rx_bytes"] += len(data)

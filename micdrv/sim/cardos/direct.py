@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 from backends.backend import Backend
 from backends.direct import DirectTransport, QueueSetup
 from backends.eventloop import EventLoop
-from micdrv.memory import BufferMemory
+from micdrv.memory import BufferMemory, MemoryBase
 from micdrv.pci import DmaArena
 from micdrv.pci.arena import Allocation
 from micdrv.virtio import DriverRing, VringLayout, vring_size
@@ -113,6 +113,20 @@ class _Interrupts:
         os.close(self._wake)
 
 
+class _Unmapped(MemoryBase):
+    """Card memory reached only by read and write, never a view: how drivers see it over VOP (CardMemory)."""
+
+    def __init__(self, mem: BufferMemory):
+        super().__init__(mem.base, mem.size, f"{mem.name}, unmapped")
+        self._mem = mem
+
+    def _read(self, addr: int, n: int) -> bytes:
+        return self._mem.read(addr, n)
+
+    def _write(self, addr: int, data) -> None:
+        self._mem.write(addr, data)
+
+
 class DirectDevice(VirtioDevice):
     """One device on the direct transport, as its card driver sees it."""
 
@@ -122,7 +136,7 @@ class DirectDevice(VirtioDevice):
         self.device_id = transport.device_id
         self.index = index
         self.name = f"virtio{index}"
-        self.memory = bus.card_memory
+        self.memory = bus.card_memory if bus.mapped else _Unmapped(bus.card_memory)
         self.driver: VirtioDriver | None = None
         self.acked = 0
         self.setups: list[QueueSetup] = []
@@ -227,8 +241,9 @@ class DirectBus:
     """Card memory in a memfd, the host's event loop, the card's interrupt thread, and the devices on them."""
 
     def __init__(self, size: int = DEFAULT_SIZE, loop: EventLoop | None = None,
-                 printk: Callable[[str], None] | None = None, name: str = "direct"):
+                 printk: Callable[[str], None] | None = None, name: str = "direct", mapped: bool = True):
         self.name = name
+        self.mapped = mapped      # False: drivers get no memoryviews of card memory, as over VOP
         self.arena = DmaArena(size, f"card-{name}")
         self.card_memory = BufferMemory(self.arena.view, name=f"card memory ({name})")
         # The host's own window onto the same pages: what a separate process mapping the memfd would have.

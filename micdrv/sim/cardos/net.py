@@ -246,6 +246,14 @@ class NetDriver(VirtioDriver):
 
     # --- receive: the NAPI worker ------------------------------------------------------------------
     def _napi(self) -> None:
+        try:
+            self._poll_loop()
+        except Exception as e:      # card memory gone (a card reset), or a bug: never a silent dead thread
+            if not self._stop.is_set():
+                log.exception("%s: receive worker failed", self.ifname)
+                self._break(f"receive worker: {type(e).__name__}: {e}")
+
+    def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()

@@ -21,6 +21,7 @@ driver, which may wait for transmit room.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import TYPE_CHECKING, Callable
@@ -29,6 +30,8 @@ from .shell_commands import Commands
 
 if TYPE_CHECKING:
     from .drivers import CardDrivers
+
+log = logging.getLogger(__name__)
 
 MAX_LINE = 4096
 BS, DEL, CTRL_C, CTRL_U, ESC, CR, LF = 0x08, 0x7F, 0x03, 0x15, 0x1B, 0x0D, 0x0A
@@ -87,6 +90,13 @@ class Shell:
         self._write(text.replace("\n", "\r\n").encode("utf-8", "replace"))
 
     def _run(self) -> None:
+        try:
+            self._session()
+        except Exception:           # the console's memory went away under us (a card reset)
+            if not self._stop.is_set():
+                log.exception("%s: shell failed", self.tty)
+
+    def _session(self) -> None:
         self._out(f"\n{self.drivers.kernel.image.release} {self.drivers.hostname} {self.tty}\n\n")
         self._out(self.prompt)
         while not self._stop.is_set():
