@@ -120,7 +120,7 @@ def test_the_card_answers_a_ping_from_the_namespace(card):
     for seq, size in enumerate((0, 56, 1400, 20000), start=1):
         data = os.urandom(size)
         assert host_ping(card.ns, CARD_IP, 0x1234, seq, data) == data
-    assert card.c.drivers.stack.c["echo_replied"] >= 4
+    wait_for(lambda: card.c.drivers.stack.c["echo_replied"] >= 4, "the card to count its replies")
     # The host's ARP request was answered and its sender learnt: the card knows the host's MAC.
     host_mac = link.state(card.backend.tap.name, card.ns).mac
     assert f"{HOST_IP} dev eth0 lladdr {host_mac}" in card.sh("ip neigh")
