@@ -15,6 +15,8 @@ micdrv_sim.connect_retries=N       10      COSM_SCIF_MAX_RETRIES (spec 7.2)
 micdrv_sim.connect_interval=SEC    1       msleep(1000) between tries (spec 7.2)
 micdrv_sim.scif_poll=SECONDS       1       the device-page poll (spec 8.4 steps 1-2)
 micdrv_sim.scif_timeout=SECONDS    30      SCIF_NODE_ALIVE_TIMEOUT (spec 8.4 step 6)
+micdrv_sim.ip=ADDRESS/PREFIX       (none)  the card's IPv4 address (:mod:`.ip_config`)
+micdrv_sim.mtu=BYTES               64512   eth0's MTU without VIRTIO_NET_F_MTU (spec 6.2)
 =================================  ======  ==========================================
 
 ``mem=<n>M`` is read too (the memory the host says the card has). Unknown
@@ -26,6 +28,7 @@ default; other words belong to the rest of the kernel and are kept in
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 
@@ -51,8 +54,20 @@ def _count(text: str) -> int:
     return v
 
 
+def _ipv4_interface(text: str) -> str:
+    ipaddress.IPv4Interface(text)   # ValueError if it is not ADDRESS[/PREFIX]
+    return text
+
+
+def _mtu(text: str) -> int:
+    v = int(text, 0)
+    if not 68 <= v <= 65517:
+        raise ValueError(f"{text!r} is not an MTU 68..65517")
+    return v
+
+
 _PARAMS = {"heartbeat": _seconds, "connect_retries": _count, "connect_interval": _seconds, "scif_poll": _seconds,
-           "scif_timeout": _seconds}
+           "scif_timeout": _seconds, "ip": _ipv4_interface, "mtu": _mtu}
 
 
 @dataclass
@@ -62,6 +77,8 @@ class CardParams:
     connect_interval: float = COSM_CONNECT_RETRY_SEC
     scif_poll: float = QP_POLL_INTERVAL
     scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT
+    ip: str | None = None
+    mtu: int | None = None
     mem_mib: int | None = None
     other: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -69,7 +86,7 @@ class CardParams:
     def as_dict(self) -> dict:
         return {"heartbeat": self.heartbeat, "connect_retries": self.connect_retries,
                 "connect_interval": self.connect_interval, "scif_poll": self.scif_poll,
-                "scif_timeout": self.scif_timeout, "mem_mib": self.mem_mib}
+                "scif_timeout": self.scif_timeout, "ip": self.ip, "mtu": self.mtu, "mem_mib": self.mem_mib}
 
 
 def parse(*cmdlines: str) -> CardParams:
