@@ -7,6 +7,9 @@
     socket_mode = 0o660
     firmware_dir = "/lib/firmware"   # relative firmware/ramdisk paths start here (spec 3.1)
     log_level = "info"
+    fuse = true                      # the sysfs-compatible FUSE tree <fuse_dir>/<card> (micdrv.fs)
+    fuse_dir = "/run/micdrv"         # default: run_dir
+    fuse_group = "mic"               # may read the tree; default: socket_group
 
     [defaults]                       # every key of a card section; applies to all cards
     firmware = "mic/uos.img"
@@ -148,6 +151,9 @@ class GlobalConfig:
     socket_group: str | None = None
     firmware_dir: str = "/lib/firmware"
     log_level: str = "info"
+    fuse: bool = True                 # mount the card's FUSE tree (micdrv.fs)
+    fuse_dir: str | None = None       # the trees are <fuse_dir>/<card>; default: run_dir
+    fuse_group: str | None = None     # the group that may read the trees; default: socket_group
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,15 @@ class Config:
 
     def socket_path(self, card: CardConfig) -> Path:
         return Path(self.settings.run_dir) / f"{card.name}.sock"
+
+    def fuse_path(self, card: CardConfig) -> Path:
+        """Where the card's FUSE tree is mounted: ``<fuse_dir>/<card>``, fuse_dir defaulting to run_dir."""
+        return Path(self.settings.fuse_dir or self.settings.run_dir) / card.name
+
+    @property
+    def fuse_group(self) -> str | None:
+        """The group that may read the FUSE trees: ``fuse_group``, else ``socket_group``."""
+        return self.settings.fuse_group or self.settings.socket_group
 
 
 def normalize_pci(s: str) -> str | None:
@@ -325,7 +340,7 @@ def _tname(v: Any) -> str:
 
 _GLOBAL_FIELDS: dict[str, Callable[[Any], Any]] = {
     "run_dir": _abs_path, "socket_mode": _mode, "socket_group": _opt_str, "firmware_dir": _abs_path,
-    "log_level": _one_of(LOG_LEVELS),
+    "log_level": _one_of(LOG_LEVELS), "fuse": _bool, "fuse_dir": _abs_path, "fuse_group": _opt_str,
 }
 _HEARTBEAT_FIELDS = {"enable": _bool, "timeout": _seconds}
 _CARD_FIELDS: dict[str, Callable[[Any], Any]] = {

@@ -13,8 +13,9 @@ Options: ``--config PATH`` (default /etc/micdrv/micdrv.toml), ``--name micN``
 ``boot_on_start``), ``--probe`` (print what the device is and exit).
 
 The daemon probes the card (:class:`micdrv.mic.MicDevice`), serves its
-control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and runs
-until SIGTERM or SIGINT; on the way out it stops and resets a started card,
+control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and its
+FUSE tree ``<fuse_dir>/<card>`` (:mod:`micdrv.fs`), and runs
+until SIGTERM, SIGINT or SIGHUP; on the way out it stops and resets a started card,
 as the kernel did when its driver was removed. Logs go to stderr (journald).
 Exit status: 0 after a clean stop, 1 when the card cannot be driven, 2 for
 a usage or configuration error.
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A hang-up stops the daemon cleanly too; left at SIG_DFL, libfuse would take SIGHUP over and a
+    # hang-up would silently unmount the FUSE tree (micdrv/fs/mount.py).
+    signal.signal(signal.SIGHUP, on_signal)
     try:
         return run_card(args, cfg, card, stop, notifier)
     finally:
@@ -169,6 +173,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     STATUS on every state change, WATCHDOG every half watchdog interval from
     this loop, and STOPPING on the way out.
     """
+    from . import fs
     from .doctor import ARENA_BYTES
     from .mic import MicDevice
     from .sdnotify import Notifier
@@ -193,7 +198,9 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                                       reset_interval=reset_interval, devices=devices)
                 service.cosm.subscribe(lambda d: notifier.status(f"{d.name}: {d.state.sysfs}"))
                 service.start()
+                tree = None
                 try:
+                    tree = fs.serve(service, cfg)  # the FUSE tree; None (logged) if off or it cannot mount
                     log.info("%s: %s %s stepping %s ready for commands", card.name, dev.name, hw.family,
                              hw.stepping)
                     notifier.ready(status=f"{card.name}: {service.cosm.state.sysfs}")
@@ -202,6 +209,8 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                         notifier.watchdog()
                     notifier.stopping(status=f"{card.name}: stopping")
                 finally:
+                    if tree is not None:
+                        tree.close()
                     service.close()
             finally:
                 hw.close()

@@ -34,6 +34,13 @@ TEXT = """\
 #firmware_dir = "/lib/firmware"
 # One of "debug", "info", "warning", "error".
 #log_level = "info"
+# Each card's sysfs-compatible FUSE tree (state, cmdline, ..., block/<disk>;
+# README "The FUSE tree"): on or off, the directory the trees are mounted in
+# (<fuse_dir>/<card>; default: run_dir), and the group that may read them
+# (default: socket_group; neither: root only). Only root may write.
+#fuse = true
+#fuse_dir = "/run/micdrv"
+#fuse_group = "mic"
 
 # --- settings every card gets unless its own section says otherwise ----------
 #[defaults]

@@ -46,6 +46,12 @@ request                                               reply (besides ``"ok": tru
 ``"blk-remove"``, ``"blk-list"``, ``"console"``       (:mod:`micdrv.vop.devices`)
 ====================================================  ===============================================
 
+The sysfs attributes themselves (spec 3.5) -- reading one (:meth:`CardService.attribute`),
+setting one with its validation (:meth:`~CardService.set_attribute`), a write to ``state``
+(:meth:`~CardService.state_action`) and the card log (:meth:`~CardService.card_log`) -- are
+methods of the service, so the control socket and the FUSE tree (:mod:`micdrv.fs`) share one
+definition of what each attribute means.
+
 Who may ask (SO_PEERCRED): root may do everything; members of the
 configured ``socket_group`` may use ``status``, ``info``, ``wait`` and
 ``log``; anyone else is refused (EACCES). The socket's mode and group are
@@ -266,19 +272,11 @@ class CardService:
             raise _from_cosm(e) from None
 
     def _status(self, req: dict) -> dict:
-        out = self.cosm.snapshot()
-        try:
-            out["post_code"] = self.hw.post_code()
-        except Exception as e:
-            out["post_code"] = "??"
-            log.debug("post code: %s", e)
-        return out
+        return {**self.cosm.snapshot(), "post_code": self.post_code()}
 
     def _info(self, req: dict) -> dict:
-        a = self.cosm.attrs
-        return {**self._status(req), "family": self.hw.family, "stepping": self.hw.stepping,
-                "firmware": a.firmware, "ramdisk": a.ramdisk, "cmdline": a.cmdline, "bootmode": a.bootmode,
-                "log_buf_addr": f"{a.log_buf_addr:x}", "log_buf_len": f"{a.log_buf_len:x}",
+        attrs = ("family", "stepping", "firmware", "ramdisk", "cmdline", "bootmode", "log_buf_addr", "log_buf_len")
+        return {**self._status(req), **{name: self.attribute(name) for name in attrs},
                 "node_id": self.hw.node_id, "memory_size": self.hw.memory_size, "pid": os.getpid(),
                 "socket": self.socket_path, "pci": self.card.pci, **self.hardware_info()}
 
@@ -286,16 +284,15 @@ class CardService:
         for attr in ("firmware", "ramdisk", "cmdline", "bootmode"):
             if attr in req:
                 self._set({"attr": attr, "value": req[attr]})
-        self.cosm.start()
+        self.state_action("boot")
         return {"state": self.cosm.state.sysfs}
 
     def _shutdown(self, req: dict) -> dict:
-        self.cosm.shutdown()
+        self.state_action("shutdown")
         return {"state": self.cosm.state.sysfs}
 
     def _reset(self, req: dict) -> dict:
-        self._boot_when_ready = False
-        self.cosm.reset()
+        self.state_action("reset")
         return {"state": self.cosm.state.sysfs}
 
     def _reboot(self, req: dict) -> dict:
@@ -333,16 +330,80 @@ class CardService:
 
     def _set(self, req: dict) -> dict:
         attr, value = req.get("attr"), req.get("value")
+        if attr in ("firmware", "ramdisk", "cmdline") and isinstance(value, str):
+            value = value.rstrip("\n")  # every trailing newline: what the socket has always done
+        elif attr == "bootmode":
+            value = str(value).rstrip("\n")
+        return {"attr": attr, "value": self.set_attribute(attr, value)}
+
+    def _log(self, req: dict) -> dict:
+        return {"log": self.card_log()}
+
+    # --- the sysfs attributes (spec 3.5), shared by the control socket and the FUSE tree --------
+    def attribute(self, name: str) -> str:
+        """The text of sysfs attribute ``name`` without the newline sysfs adds; RequestError if none.
+
+        ``log`` is the card kernel's log (:meth:`card_log`), ``post_code`` the card's POST code.
+        """
+        a = self.cosm.attrs
+        if name == "family":
+            return self.hw.family
+        if name == "stepping":
+            return self.hw.stepping
+        if name == "state":
+            return self.cosm.state.sysfs
+        if name == "shutdown_status":
+            return self.cosm.shutdown_status.sysfs
+        if name == "heartbeat_enable":
+            return str(int(a.heartbeat_enable))
+        if name in ("firmware", "ramdisk", "cmdline", "bootmode"):
+            return getattr(a, name)
+        if name in ("log_buf_addr", "log_buf_len"):
+            return f"{getattr(a, name):x}"
+        if name == "post_code":
+            return self.post_code()
+        if name == "log":
+            return self.card_log()
+        raise _errno_error(errno.ENOENT, f"no attribute {name!r}")
+
+    def post_code(self) -> str:
+        """The card's POST code (debugfs ``post_code``), "??" when it cannot be read."""
+        try:
+            return self.hw.post_code()
+        except Exception as e:
+            log.debug("post code: %s", e)
+            return "??"
+
+    def state_action(self, word: str) -> None:
+        """A write to sysfs ``state`` (cosm_sysfs.c ``state_store``): boot, reset or shutdown, else EINVAL.
+
+        Raises :class:`CosmError` with the errno the write returns (spec 7.3).
+        """
+        if word == "boot":
+            self.cosm.start()
+        elif word == "reset":
+            self._boot_when_ready = False
+            self.cosm.reset()
+        elif word == "shutdown":
+            self.cosm.shutdown()
+        else:
+            raise CosmError(errno.EINVAL, f"{self.card.name}: state takes boot, reset or shutdown, not {word!r}")
+
+    def set_attribute(self, attr: str, value) -> str | int:
+        """Set one writable attribute with its validation (spec 3.5); the value as it now reads.
+
+        ``value`` is taken as given: callers strip the newline of a write as their interface does.
+        Raises RequestError with ``errno`` EINVAL for a value the attribute refuses.
+        """
         a = self.cosm.attrs
         if attr in ("firmware", "ramdisk", "cmdline"):
             if not isinstance(value, str):
                 raise _errno_error(errno.EINVAL, f"{attr} takes a string")
-            value = value.rstrip("\n")  # cosm_sysfs strips the trailing newline of a write
             if attr == "cmdline" and len(value.encode()) > CMDLINE_MAX:
                 raise _errno_error(errno.EINVAL, f"cmdline longer than {CMDLINE_MAX} bytes (spec 3.1 step 6)")
             setattr(a, attr, value)
         elif attr == "bootmode":
-            value = str(value).rstrip("\n")
+            value = str(value)
             if value not in BOOTMODES:
                 raise _errno_error(errno.EINVAL, f"bootmode is {' or '.join(BOOTMODES)}, not {value!r} (spec 3.5)")
             a.bootmode = value
@@ -356,14 +417,15 @@ class CardService:
         else:
             raise _errno_error(errno.EINVAL, f"no attribute {attr!r} (firmware, ramdisk, cmdline, bootmode, "
                                              f"heartbeat_enable, log_buf_addr, log_buf_len)")
-        return {"attr": attr, "value": value}
+        return value
 
-    def _log(self, req: dict) -> dict:
+    def card_log(self) -> str:
+        """The card kernel's log (debugfs ``log_buf``), readable while booting, online or shutting_down."""
         if self.cosm.state not in (MicState.BOOTING, MicState.ONLINE, MicState.SHUTTING_DOWN):
             raise _errno_error(errno.EINVAL, f"{self.card.name}: the card log is readable while booting, online "
                                              f"or shutting_down, not {self.cosm.state.sysfs} (spec 3.5)")
         try:
-            return {"log": self.read_log(self.cosm)}
+            return self.read_log(self.cosm)
         except CardLogError as e:
             raise _errno_error(errno.EIO, f"{self.card.name}: cannot read the card log: {e}") from None
 

@@ -318,3 +318,18 @@ def test_key_lines_follows_tables_arrays_and_dotted_keys():
     assert ("x",) not in lines and lines[("a", "d")] == 7
     assert lines[("a", "f", 0, "g")] == 9 and lines[("a", "f", 1, "g")] == 11
     assert lines[("a", "f", 1, "h", "i")] == 13
+
+
+def test_the_fuse_tree_settings(tmp_path):
+    cfg = loads("")
+    assert cfg.settings.fuse is True and str(cfg.fuse_path(cfg.card("mic0"))) == "/run/micdrv/mic0"
+    assert cfg.fuse_group is None
+    cfg = loads('[global]\nrun_dir = "/srv/run"\nsocket_group = "mic"\n')
+    assert str(cfg.fuse_path(cfg.card("mic3"))) == "/srv/run/mic3" and cfg.fuse_group == "mic"  # both follow
+    cfg = loads('[global]\nfuse = false\nfuse_dir = "/mnt/mic"\nsocket_group = "mic"\nfuse_group = "ops"\n')
+    assert not cfg.settings.fuse and str(cfg.fuse_path(cfg.card("mic0"))) == "/mnt/mic/mic0"
+    assert cfg.fuse_group == "ops"
+    e = error(tmp_path, "[global]\nfuse_dir = 'mnt'\n")
+    assert (e.line, e.key) == (2, "global.fuse_dir") and "absolute" in e.message
+    e = error(tmp_path, "[global]\nfuse = 'yes'\n")
+    assert e.key == "global.fuse" and "true or false" in e.message

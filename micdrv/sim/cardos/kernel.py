@@ -18,7 +18,11 @@ Drivers sit in :attr:`Kernel.devices` in probe order; each has ``name``,
 ``probe()``, ``shutdown()`` (an orderly power-off, reverse order),
 ``abandon()`` (the card was reset under it: stop, touch nothing) and
 ``status()``. Issue 5's VOP driver, virtio drivers and shell are further
-entries.
+entries: the virtio drivers are registered with :mod:`.virtio_bus` once the
+device page was looked at (:func:`.drivers.install`), and each bound
+driver adds itself under its device name
+(``eth0``, ``vda``, ``hvc0``) with :meth:`Kernel.add_device` and leaves with
+:meth:`Kernel.remove_device` (hot remove).
 
 How the kernel goes down -- what later shell commands and the control
 socket's test switches call:
@@ -51,11 +55,13 @@ from typing import TYPE_CHECKING, Callable
 
 from micdrv.bootparam import MIC_MAGIC, Bootparam
 from micdrv.cosm import MicStatus
+from micdrv.cosm.klog import log_text
 from micdrv.memory import MemoryAccessError
 from micdrv.x100 import regs
 
 from ..bus import CardFault
 from . import params as params_mod
+from . import drivers as drivers_mod
 from .cosm_client import CosmClient
 from .dma import CardDma, CardDmaError
 from .image import CardImage
@@ -114,6 +120,7 @@ class Kernel:
         self.scif: CardScif | None = None
         self.cosm: CosmClient | None = None
         self.vop: CardVop | None = None
+        self.drivers: drivers_mod.CardDrivers | None = None
         self._down_request: MicStatus | None = None
         self._notifiers: list[Callable[[MicStatus], None]] = []
         self._lock = threading.RLock()
@@ -170,6 +177,10 @@ class Kernel:
     def printk(self, text: str) -> None:
         self.log.printk(text)
 
+    def dmesg(self) -> str:
+        """The kernel log as the host reads it from GDDR (oldest line first; spec 3.5)."""
+        return log_text(self.side.read(self.log.buf_phys, self.log.buf_len))
+
     def time(self) -> float:
         """The card's wall clock: the host's, once SYNC_TIME set it."""
         return time.time() + self.clock_offset
@@ -215,6 +226,16 @@ class Kernel:
     def register_reboot_notifier(self, fn: Callable[[MicStatus], None]) -> None:
         with self._lock:
             self._notifiers.append(fn)
+
+    def add_device(self, dev) -> None:
+        """A driver bound to a device (any thread: hotplug runs on the transport's)."""
+        with self._lock:
+            self.devices.append(dev)
+
+    def remove_device(self, dev) -> None:
+        with self._lock:
+            if dev in self.devices:
+                self.devices.remove(dev)
 
     # --- going down: the API for the shell (issue 5) and the control socket ----------------
     def poweroff(self) -> None:
@@ -262,12 +283,20 @@ class Kernel:
                 raise ValueError("the card OS has no VOP driver (no device page)")
             return self.vop.control(**args)
         actions = {"panic": lambda: self.panic(message or "simulated panic (control socket)"),
-                   "hang": self.hang, "poweroff": self.poweroff, "halt": self.halt, "reboot": self.reboot}
+                   "hang": self.hang, "poweroff": self.poweroff, "halt": self.halt, "reboot": self.reboot,
+                   "shell": lambda: self._shell(message)}
         fn = actions.get(action)
         if fn is None:
             raise ValueError(f"unknown kernel action {action!r}; one of {', '.join(actions)}, vop")
-        fn()
-        return {"state": self.state}
+        extra = fn() or {}
+        return {"state": self.state, **extra}
+
+    def _shell(self, line: str) -> dict:
+        """The ``shell`` test switch: one command line of the card's shell, its output returned."""
+        if self.drivers is None or not self.alive:
+            raise ValueError(f"the card's shell is not running (kernel {self.state})")
+        ok, output = self.drivers.run(line)
+        return {"succeeded": ok, "output": output}
 
     # --- main ------------------------------------------------------------------------------
     def main(self) -> None:
@@ -308,7 +337,9 @@ class Kernel:
             self.printk(f"RAMDISK: [mem {self.record['ramdisk_image']:#x}-"
                         f"{self.record['ramdisk_image'] + self.record['ramdisk_size'] - 1:#x}]")
         self.publish()
-        if not self._probe_device_page():
+        found = self._probe_device_page()
+        self.drivers = drivers_mod.install(self)   # the virtio drivers' module_init (node id known now)
+        if not found:
             return
         dma = CardDma(side, self.heap)
         try:
@@ -392,7 +423,9 @@ class Kernel:
         self.publish()
         for fn in list(self._notifiers):
             fn(status)
-        for dev in reversed(self.devices):
+        with self._lock:
+            devices = list(self.devices)
+        for dev in reversed(devices):
             dev.shutdown()
         self.printk(DOWN_MESSAGES[status])
         with self._lock:
@@ -401,12 +434,14 @@ class Kernel:
         self.publish()
 
     def _abandon(self) -> None:
-        for dev in reversed(self.devices):
+        with self._lock:
+            devices = list(self.devices)
+        for dev in reversed(devices):
             try:
                 dev.abandon()
             except Exception as e:
                 log.debug("card OS: %s after a reset: %s", dev.name, e)
-        for dev in self.devices:
+        for dev in devices:
             join = getattr(dev, "join", None)
             if join is not None:
                 join(5.0)

@@ -18,6 +18,8 @@ micdrv_sim.scif_timeout=SECONDS    30      SCIF_NODE_ALIVE_TIMEOUT (spec 8.4 ste
 micdrv_sim.vring_info=PLACEMENT    rounded where the VOP driver looks for
                                            ``_mic_vring_info``: ``rounded`` or
                                            ``legacy`` (spec 5.6; must match the host)
+micdrv_sim.ip=ADDRESS/PREFIX       (none)  the card's IPv4 address (:mod:`.ip_config`)
+micdrv_sim.mtu=BYTES               64512   eth0's MTU without VIRTIO_NET_F_MTU (spec 6.2)
 =================================  ======  ==========================================
 
 ``mem=<n>M`` is read too (the memory the host says the card has). Unknown
@@ -29,6 +31,7 @@ default; other words belong to the rest of the kernel and are kept in
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 
@@ -60,8 +63,20 @@ def _placement(text: str) -> str:
     return text
 
 
+def _ipv4_interface(text: str) -> str:
+    ipaddress.IPv4Interface(text)   # ValueError if it is not ADDRESS[/PREFIX]
+    return text
+
+
+def _mtu(text: str) -> int:
+    v = int(text, 0)
+    if not 68 <= v <= 65517:
+        raise ValueError(f"{text!r} is not an MTU 68..65517")
+    return v
+
+
 _PARAMS = {"heartbeat": _seconds, "connect_retries": _count, "connect_interval": _seconds, "scif_poll": _seconds,
-           "scif_timeout": _seconds, "vring_info": _placement}
+           "scif_timeout": _seconds, "ip": _ipv4_interface, "mtu": _mtu, "vring_info": _placement}
 
 
 @dataclass
@@ -72,6 +87,8 @@ class CardParams:
     scif_poll: float = QP_POLL_INTERVAL
     scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT
     vring_info: str = "rounded"
+    ip: str | None = None
+    mtu: int | None = None
     mem_mib: int | None = None
     other: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -79,7 +96,8 @@ class CardParams:
     def as_dict(self) -> dict:
         return {"heartbeat": self.heartbeat, "connect_retries": self.connect_retries,
                 "connect_interval": self.connect_interval, "scif_poll": self.scif_poll,
-                "scif_timeout": self.scif_timeout, "vring_info": self.vring_info, "mem_mib": self.mem_mib}
+                "scif_timeout": self.scif_timeout, "vring_info": self.vring_info, "ip": self.ip, "mtu": self.mtu,
+                "mem_mib": self.mem_mib}
 
 
 def parse(*cmdlines: str) -> CardParams:

@@ -1,0 +1,414 @@
+"""The card's virtio-blk driver: disks vda, vdb, ... (virtio-legacy.md 3; x100-host-abi.md 6.1, 6.4).
+
+What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
+
+* **Features** (section 3.1): SEG_MAX, SIZE_MAX, RO, BLK_SIZE and FLUSH
+  are acked when offered, with INDIRECT_DESC and EVENT_IDX; DISCARD,
+  WRITE_ZEROES, TOPOLOGY, GEOMETRY, CONFIG_WCE and MQ are not (nothing here
+  would use them). Config (section 3.2): ``capacity`` in 512-byte sectors,
+  ``seg_max`` (absent or 0: one data segment per request, as the driver
+  reads it), ``size_max`` (absent: segments of :data:`SEG_SIZE` [choice],
+  where Linux would use the transport's DMA limit), ``blk_size``.
+* **Requests** (sections 3.3, 3.4): one chain each -- the 16-byte
+  ``virtio_blk_outhdr`` readable, the data segments (readable for OUT,
+  writable for IN and GET_ID), the status byte writable and last. FLUSH
+  carries no data, GET_ID 20 writable bytes. Header, status and data share
+  one allocation of card memory per request (data 64-byte aligned).
+  ``sector`` is 0 for every type but IN and OUT, as v5.x builds it. A
+  request is at most :data:`MAX_REQUEST` bytes and ``seg_max`` segments;
+  larger reads and writes are split (the block layer's
+  ``max_hw_sectors``).
+* **Completion**: on the queue's interrupt, every used chain's status byte
+  is read; OK -> done, UNSUPP -> EOPNOTSUPP, anything else -> EIO. used.len
+  is ignored, as Linux does (section 3.4).
+* **Disk names** are the lowest free ``vd<letter>`` in probe order, as the
+  driver's ida does; a removed disk's name is reused by the next one.
+* **Hot remove** (:meth:`BlkDriver.remove`): new requests fail with ENODEV
+  at once; those in flight get :data:`REMOVE_WAIT` seconds to complete
+  (the host is still serving them during a VOP remove), then the device is
+  reset and whatever is left fails with EIO -- nobody waits forever.
+* **Capacity change** (config interrupt): capacity re-read and logged
+  ("detected capacity change from X to Y", as the block layer says).
+* **A buggy host**: a used id that is not a request in flight, a used
+  length beyond the chain, used.idx running ahead -> BAD_RING: every
+  request in flight fails with EIO, the device is marked broken and FAILED;
+  the card OS carries on.
+
+The API is synchronous for the shell (:meth:`read`, :meth:`write`,
+:meth:`flush`, :meth:`get_id`); :meth:`submit` and :meth:`Request.wait`
+keep several requests in flight (the benchmarks' queue depth).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from micdrv.virtio import RingFull, VringError
+from micdrv.virtio import blk as B
+from micdrv.virtio.device import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_ID_BLOCK,
+                                  VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, feature_names)
+
+from .virtio_bus import VirtioDevice, VirtioDriver, Virtqueue
+
+if TYPE_CHECKING:
+    from .drivers import CardDrivers
+
+SECTOR = B.SECTOR_SIZE
+SEG_SIZE = 128 << 10           # bytes per data segment without SIZE_MAX [choice]
+MAX_REQUEST = 1 << 20          # bytes per request: Linux's default max_sectors_kb is 1280; a round 1 MiB [choice]
+DATA_OFFSET = 64               # header at 0, status at 16, data from here (cache aligned)
+REMOVE_WAIT = 5.0              # seconds in-flight requests get to finish on hot remove
+REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
+
+WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
+                              B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
+                              VIRTIO_RING_F_EVENT_IDX))
+TYPE_NAMES = {B.VIRTIO_BLK_T_IN: "read", B.VIRTIO_BLK_T_OUT: "write", B.VIRTIO_BLK_T_FLUSH: "flush",
+              B.VIRTIO_BLK_T_GET_ID: "get_id"}
+_CFG = struct.Struct("<QII4xI")   # capacity @0, size_max @8, seg_max @12, blk_size @20 (section 3.2)
+
+
+class BlkError(OSError):
+    """A request that failed: ``errno`` says how (EIO, EOPNOTSUPP, ENODEV, EROFS, EINVAL)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+
+def human_size(nbytes: int) -> str:
+    """Linux's "1.05 MB/1.00 MiB" pair, as virtblk_update_capacity prints it (string_get_size)."""
+    def scaled(div: int, units: tuple[str, ...]) -> str:
+        v, i = float(nbytes), 0
+        while v >= div and i < len(units) - 1:
+            v, i = v / div, i + 1
+        return f"{v:.2f} {units[i]}" if i else f"{nbytes} B"
+    return (f"{scaled(1000, ('B', 'kB', 'MB', 'GB', 'TB', 'PB', 'EB'))}/"
+            f"{scaled(1024, ('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'))}")
+
+
+class Request:
+    """One request in flight: its card memory, and how it ended."""
+
+    __slots__ = ("type", "sector", "nbytes", "addr", "size", "status", "error", "done", "data")
+
+    def __init__(self, type_: int, sector: int, nbytes: int, addr: int, size: int):
+        self.type, self.sector, self.nbytes, self.addr, self.size = type_, sector, nbytes, addr, size
+        self.status: int | None = None
+        self.error: BlkError | None = None
+        self.done = threading.Event()
+        self.data: bytes | None = None
+
+    def wait(self, timeout: float = REQUEST_TIMEOUT) -> bytes | None:
+        """Block until the request completed; its data (IN, GET_ID) or None; raises :class:`BlkError`."""
+        if not self.done.wait(timeout):
+            raise BlkError(errno.ETIMEDOUT, f"{TYPE_NAMES.get(self.type, self.type)} at sector {self.sector}: "
+                                            f"no completion within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+        return self.data
+
+
+class BlkDriver(VirtioDriver):
+    """One virtio-blk device as a disk (``vdX``)."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio_blk"
+
+    def __init__(self, drivers: "CardDrivers"):
+        self.drivers = drivers
+        self.kernel = drivers.kernel
+        self.disk = "vd?"
+        self.dev: VirtioDevice | None = None
+        self.vq: Virtqueue | None = None
+        self.features = 0
+        self.capacity = 0
+        self.readonly = False
+        self.can_flush = False
+        self.seg_max = 1
+        self.seg_size = SEG_SIZE
+        self.max_request = SEG_SIZE
+        self.blk_size = SECTOR
+        self.broken: str | None = None
+        self.removing = False
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._inflight: set[Request] = set()
+        self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
+                                "interrupts", "kicks", "ring_waits"), 0)
+
+    # --- probe ---------------------------------------------------------------------------------
+    def probe(self, dev: VirtioDevice) -> None:
+        acked = dev.host_features() & WANTED
+        dev.finalize_features(acked)
+        self.dev, self.features = dev, acked
+        self._read_config()
+        self.readonly = bool(acked >> B.VIRTIO_BLK_F_RO & 1)
+        self.can_flush = bool(acked >> B.VIRTIO_BLK_F_FLUSH & 1)
+        (self.vq,) = dev.find_vqs([self._interrupt])
+        # header + data + status within the ring (section 3.4: keep seg_max <= num - 2)
+        self.seg_max = max(1, min(self.seg_max, self.vq.num - 2))
+        self.max_request = max(SECTOR, min(MAX_REQUEST, self.seg_max * self.seg_size) // SECTOR * SECTOR)
+        self.disk = self.drivers.claim_disk(self)
+        dev.set_status(dev.get_status() | VIRTIO_CONFIG_S_DRIVER_OK)
+        self.kernel.printk(f"virtio_blk {dev.name}: [{self.disk}] {self.capacity} 512-byte logical blocks "
+                           f"({human_size(self.capacity * SECTOR)})")
+        if self.readonly:
+            self.kernel.printk(f"virtio_blk {dev.name}: [{self.disk}] write protect is on")
+        self.kernel.printk(f"virtio_blk {dev.name}: [{self.disk}] features "
+                           f"{' '.join(feature_names(acked, B.FEATURE_NAMES))}; seg_max {self.seg_max}, "
+                           f"{self.max_request // 1024} KiB per request")
+        self.drivers.disk_up(self)
+
+    def _read_config(self) -> None:
+        capacity, size_max, seg_max, blk_size = _CFG.unpack(self.dev.read_config(0, _CFG.size).ljust(_CFG.size, b"\0"))
+        f = self.features
+        self.capacity = capacity
+        self.seg_max = seg_max if f >> B.VIRTIO_BLK_F_SEG_MAX & 1 and seg_max else 1
+        self.seg_size = max(SECTOR, size_max // SECTOR * SECTOR) if f >> B.VIRTIO_BLK_F_SIZE_MAX & 1 and size_max \
+            else SEG_SIZE
+        self.blk_size = blk_size if f >> B.VIRTIO_BLK_F_BLK_SIZE & 1 and blk_size else SECTOR
+
+    # --- requests ----------------------------------------------------------------------------------
+    def submit(self, type_: int, sector: int = 0, data: bytes | memoryview | None = None,
+               nbytes: int = 0) -> Request:
+        """Queue one request (IN: ``nbytes`` to read; OUT: ``data``); returns at once with a :class:`Request`."""
+        if type_ == B.VIRTIO_BLK_T_OUT:
+            nbytes = len(data)
+        elif type_ == B.VIRTIO_BLK_T_GET_ID:
+            nbytes = B.VIRTIO_BLK_ID_BYTES
+        elif type_ != B.VIRTIO_BLK_T_IN:
+            nbytes = 0
+        if type_ not in (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT):
+            sector = 0
+        if nbytes > self.max_request:
+            raise ValueError(f"{self.disk}: {nbytes} bytes in one request, at most {self.max_request}")
+        dev = self.dev
+        if dev is None or self.removing:
+            raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
+        size = DATA_OFFSET + nbytes
+        addr = dev.alloc(size, 64)
+        req = Request(type_, sector, nbytes, addr, size)
+        mem = dev.memory
+        mem.write(addr, B.OUTHDR.pack(type_, 0, sector) + b"\xff")   # status 0xff until the device writes it
+        if data is not None:
+            mem.write(addr + DATA_OFFSET, data)
+        segs = [(addr + DATA_OFFSET + o, min(self.seg_size, nbytes - o)) for o in range(0, nbytes, self.seg_size)]
+        out, in_ = [(addr, B.OUTHDR_SIZE)], [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]
+        if type_ == B.VIRTIO_BLK_T_OUT:
+            out += segs
+        else:
+            in_ = segs + in_
+        need = 1 if self.vq.ring.use_indirect and len(out) + len(in_) > 1 else len(out) + len(in_)
+        with self._room:
+            try:
+                while True:
+                    if self.broken is not None or self.removing or self.dev is None:
+                        raise BlkError(errno.EIO if self.broken else errno.ENODEV,
+                                       f"{self.disk}: {self.broken or 'the disk is gone'}")
+                    if self.vq.ring.num_free >= need:
+                        break
+                    self.c["ring_waits"] += 1
+                    if not self._room.wait(REQUEST_TIMEOUT):
+                        raise BlkError(errno.ETIMEDOUT, f"{self.disk}: no ring room within {REQUEST_TIMEOUT:g} s")
+                self.vq.ring.add(out, in_, req)
+            except (BlkError, VringError, RingFull) as e:
+                dev.free(addr, size)
+                if isinstance(e, BlkError):
+                    raise
+                self._break(f"add: {e}")
+                raise BlkError(errno.EIO, f"{self.disk}: {e}") from None
+            self._inflight.add(req)
+            if self.vq.kick():
+                self.c["kicks"] += 1
+        return req
+
+    def _interrupt(self, vq: Virtqueue) -> None:
+        """Completions (the transport's interrupt thread): status bytes read, waiters woken."""
+        self.c["interrupts"] += 1
+        with self._room:
+            if self.broken is not None or self.dev is None:
+                return
+            try:
+                done = vq.ring.get_all_used()
+                for req, _len in done:
+                    self._complete(req)
+            except VringError as e:
+                self._break(str(e))
+                return
+            except Exception as e:    # card memory unreachable (a card reset) or a bug: fail, don't hang
+                if not self.removing:
+                    self._break(f"completion: {type(e).__name__}: {e}")
+                return
+            if done:
+                self._room.notify_all()
+
+    def _complete(self, req: Request) -> None:
+        """Finish ``req`` from its status byte (lock held)."""
+        mem = self.dev.memory
+        st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
+        req.status = st
+        what = TYPE_NAMES.get(req.type, str(req.type))
+        if st == B.VIRTIO_BLK_S_OK:
+            if req.type in (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_GET_ID):
+                req.data = mem.read(req.addr + DATA_OFFSET, req.nbytes)
+            key = {B.VIRTIO_BLK_T_IN: "reads", B.VIRTIO_BLK_T_OUT: "writes", B.VIRTIO_BLK_T_FLUSH: "flushes",
+                   B.VIRTIO_BLK_T_GET_ID: "get_ids"}.get(req.type)
+            if key:
+                self.c[key] += 1
+            if req.type == B.VIRTIO_BLK_T_IN:
+                self.c["read_bytes"] += req.nbytes
+            elif req.type == B.VIRTIO_BLK_T_OUT:
+                self.c["write_bytes"] += req.nbytes
+        else:
+            self.c["errors"] += 1
+            code = errno.EOPNOTSUPP if st == B.VIRTIO_BLK_S_UNSUPP else errno.EIO
+            name = {B.VIRTIO_BLK_S_IOERR: "IOERR", B.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(st, f"status {st:#x}")
+            req.error = BlkError(code, f"{self.disk}: {what} at sector {req.sector}: {name}")
+        self._finish(req)
+
+    def _finish(self, req: Request, error: BlkError | None = None) -> None:
+        if error is not None:
+            req.error = error
+        self._inflight.discard(req)
+        self.dev.free(req.addr, req.size)
+        req.done.set()
+
+    # --- the synchronous API ---------------------------------------------------------------------
+    def _check_range(self, sector: int, count: int) -> None:
+        if sector < 0 or count < 0 or sector + count > self.capacity:
+            raise BlkError(errno.EINVAL, f"{self.disk}: sectors [{sector}, +{count}) beyond the end of the disk "
+                                         f"({self.capacity} sectors)")
+
+    def read(self, sector: int, count: int = 1, check: bool = True) -> bytes:
+        """``count`` sectors from ``sector``; with ``check=False`` the device, not the driver, judges the range."""
+        if check:
+            self._check_range(sector, count)
+        step = self.max_request // SECTOR
+        reqs = [self.submit(B.VIRTIO_BLK_T_IN, s, nbytes=min(step, sector + count - s) * SECTOR)
+                for s in range(sector, sector + count, step)]
+        return b"".join(self._wait_all(reqs))
+
+    def write(self, sector: int, data: bytes | memoryview, check: bool = True) -> None:
+        """Write ``data`` (whole sectors) at ``sector``; a read-only disk refuses unless ``check=False``."""
+        if len(data) % SECTOR:
+            raise BlkError(errno.EINVAL, f"{self.disk}: {len(data)} bytes is not a whole number of sectors")
+        if check:
+            if self.readonly:
+                raise BlkError(errno.EROFS, f"{self.disk}: read-only disk")
+            self._check_range(sector, len(data) // SECTOR)
+        mv = memoryview(data)
+        reqs = [self.submit(B.VIRTIO_BLK_T_OUT, sector + o // SECTOR, mv[o:o + self.max_request])
+                for o in range(0, len(data), self.max_request)]
+        self._wait_all(reqs)
+
+    def flush(self) -> None:
+        """FLUSH if the device offers it (without FLUSH there is no cache to flush, section 3.2)."""
+        if self.can_flush:
+            self.submit(B.VIRTIO_BLK_T_FLUSH).wait()
+
+    def get_id(self) -> str:
+        """GET_ID: the device's serial (up to 20 ASCII bytes, NUL-padded)."""
+        raw = self.submit(B.VIRTIO_BLK_T_GET_ID).wait()
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    @staticmethod
+    def _wait_all(reqs: list[Request]) -> list[bytes]:
+        out, first_error = [], None
+        for r in reqs:
+            try:
+                out.append(r.wait() or b"")
+            except BlkError as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return out
+
+    # --- a broken device, removal --------------------------------------------------------------------
+    def _break(self, why: str) -> None:
+        """BAD_RING (lock held): fail everything in flight; nothing more goes to the device."""
+        if self.broken is not None:
+            return
+        self.broken = why
+        self.kernel.printk(f"virtio_blk {self.dev.name}: [{self.disk}] BAD_RING: {why}; device marked broken")
+        try:
+            self.dev.set_status(self.dev.get_status() | VIRTIO_CONFIG_S_FAILED)
+        except Exception:
+            pass
+        self.c["errors"] += len(self._inflight)
+        for req in list(self._inflight):
+            # The device may still write these buffers: they are not given back (leaked, as Linux leaks a
+            # broken queue's buffers) -- only the waiters are released.
+            self._inflight.discard(req)
+            req.error = BlkError(errno.EIO, f"{self.disk}: device broken: {why}")
+            req.done.set()
+        self._room.notify_all()
+        self.drivers.changed()
+
+    def remove(self) -> None:
+        """Hot remove: refuse new requests, let those in flight finish (or fail them), reset, let go."""
+        with self._room:
+            self.removing = True
+            deadline = time.monotonic() + REMOVE_WAIT
+            while self._inflight and self.broken is None and time.monotonic() < deadline:
+                self._room.wait(0.1)
+            left = len(self._inflight)
+        dev = self.dev
+        if dev is not None:
+            dev.reset()            # the device forgets the rest: their buffers are ours again
+        with self._room:
+            if left:
+                self.kernel.printk(f"virtio_blk: [{self.disk}] {left} requests failed: disk removed")
+            for req in list(self._inflight):
+                self._finish(req, BlkError(errno.EIO, f"{self.disk}: disk removed with the request in flight"))
+            if self.vq is not None:
+                self.vq.ring.detach_unused()
+            self.dev = None
+            self._room.notify_all()
+        self.kernel.printk(f"virtio_blk: [{self.disk}] removed")
+        self.drivers.disk_down(self)
+
+    def shutdown(self) -> None:
+        """Kernel power-off: flush the write cache (as sd_shutdown would), then as removed."""
+        if self.dev is None:
+            return
+        try:
+            if self.broken is None and not self.removing:
+                self.flush()
+        except BlkError as e:
+            self.kernel.printk(f"virtio_blk: [{self.disk}] flush at shutdown failed: {e}")
+        self.remove()
+
+    def abandon(self) -> None:
+        """The card was reset: release every waiter, touch nothing."""
+        self.removing = True
+        for req in list(self._inflight):
+            req.error = BlkError(errno.ENODEV, f"{self.disk}: card reset")
+            req.done.set()
+
+    def config_changed(self) -> None:
+        dev = self.dev
+        if dev is None:
+            return
+        before = self.capacity
+        try:
+            self._read_config()
+        except Exception as e:
+            self.kernel.printk(f"virtio_blk {dev.name}: [{self.disk}] reading the config space: {e}")
+            return
+        if self.capacity != before:
+            self.kernel.printk(f"virtio_blk {dev.name}: [{self.disk}] new size: {self.capacity} 512-byte logical "
+                               f"blocks ({human_size(self.capacity * SECTOR)})")
+            self.kernel.printk(f"{self.disk}: detected capacity change from {before * SECTOR} to "
+                               f"{self.capacity * SECTOR}")
+            self.drivers.changed()
+
+    def status(self) -> dict:
+        return {"driver": self.name, "device": self.dev.name if self.dev else None, "disk": self.disk,
+                "capacity": self.capacity, "readonly": self.readonly, "flush": self.can_flush,
+                "seg_max": self.seg_max, "seg_size": self.seg_size, "max_request": self.max_request,
+                "blk_size": self.blk_size, "features": feature_names(self.features, B.FEATURE_NAMES),
+                "in_flight": len(self._inflight), "broken": self.broken, "counters": dict(self.c)}

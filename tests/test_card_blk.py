@@ -1,0 +1,229 @@
+"""The card's virtio-blk driver against the real image-file backend: what the card writes is in the file, and back.
+
+A real card kernel (tests/card_kernel.py) with disks bound through the
+direct transport to :class:`backends.blk.BlkBackend` on files in the
+test's temporary directory; the shell commands and the driver's API on
+the card side, the image file itself on the host side.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+
+import pytest
+
+from backends.blk import BlkBackend
+from micdrv.sim.cardos.blk import BlkDriver, BlkError
+from micdrv.sim.cardos.shell_commands import pattern_bytes
+from micdrv.virtio import blk as B
+from tests.card_kernel import BootedCard, wait_for
+
+MiB = 1 << 20
+
+
+def make_image(path, size: int, data: bytes | None = None) -> str:
+    with open(path, "wb") as f:
+        f.write(data if data is not None else os.urandom(size))
+    return str(path)
+
+
+def file_bytes(path: str, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+@pytest.fixture
+def card():
+    c = BootedCard()
+    c.backends = []
+    yield c
+    c.close()
+    for be in c.backends:
+        be.close()
+
+
+def attach(card: BootedCard, path: str, **kw) -> tuple[object, BlkDriver]:
+    be = BlkBackend.open(path, **kw)
+    card.backends.append(be)
+    dev = card.bus.add(be)
+    return dev, dev.driver
+
+
+def sh(card: BootedCard, line: str) -> str:
+    return card.drivers.run(line)[1]
+
+
+def test_the_disk_is_described_by_its_config_and_features(card, tmp_path):
+    path = make_image(tmp_path / "a.img", 3 * MiB)
+    dev, disk = attach(card, path, serial="card-disk-0")
+    assert disk.disk == "vda" and disk.capacity == 3 * MiB // 512 and not disk.readonly and disk.can_flush
+    assert disk.seg_max == 126 and disk.blk_size == 512 and disk.max_request == MiB
+    assert not dev.acked >> B.VIRTIO_BLK_F_DISCARD & 1           # offered, but nothing here would use it
+    rec = card.record()["devices"]["vda"]
+    assert rec["capacity"] == 6144 and rec["features"][:3] == ["SEG_MAX", "BLK_SIZE", "FLUSH"]
+    assert "virtio_blk virtio0: [vda] 6144 512-byte logical blocks (3.15 MB/3.00 MiB)" in card.dmesg()
+    out = sh(card, "blk list")
+    assert "vda" in out and "6144" in out and "3.15 MB/3.00 MiB" in out and "card-disk-0" in out
+
+
+def test_a_pattern_the_card_writes_is_in_the_image_file(card, tmp_path):
+    path = make_image(tmp_path / "a.img", 2 * MiB)
+    attach(card, path)
+    out = sh(card, "blk write vda 100 card-pattern 16")
+    assert "wrote 16 sectors at 100 of vda (8192 bytes)" in out
+    got = file_bytes(path, 100 * 512, 16 * 512)
+    # Sector s holds "card-pattern:<s>:" repeated (the shell's documented pattern): computed independently here.
+    for i in range(16):
+        unit = f"card-pattern:{100 + i}:".encode()
+        assert got[i * 512:(i + 1) * 512] == (unit * 40)[:512]
+    assert file_bytes(path, 99 * 512, 512) != got[:512]             # neighbours untouched
+    assert "verified 16 sectors at 100 of vda: OK" in sh(card, "blk verify vda 100 card-pattern 16")
+    assert "MISMATCH at sector 100, byte 0" in sh(card, "blk verify vda 100 0x00 2")     # another pattern
+    assert "MISMATCH at sector 116" in sh(card, "blk verify vda 115 card-pattern 2")     # past what was written
+    assert "COUNT must be at least 1" in sh(card, "blk verify vda 100 card-pattern 0")
+
+
+def test_what_the_host_writes_the_card_reads(card, tmp_path):
+    data = os.urandom(4 * MiB)
+    path = make_image(tmp_path / "a.img", 0, data)
+    _dev, disk = attach(card, path)
+    out = sh(card, "blk read vda 2048 8")
+    assert f"{hashlib.sha256(data[2048 * 512:2056 * 512]).hexdigest()}  vda sectors 2048+8 (4096 bytes)" in out
+    assert disk.read(0, 8192) == data                              # 4 MiB: four 1 MiB requests in flight
+    dump = sh(card, "blk read -x vda 1").splitlines()
+    first = data[512:528]
+    assert dump[0].startswith("00000200  " + " ".join(f"{b:02x}" for b in first[:8]))
+    assert dump[-1] == "00000400"
+
+
+def test_large_writes_split_into_requests_land_whole(card, tmp_path):
+    path = make_image(tmp_path / "a.img", 0, bytes(8 * MiB))
+    _dev, disk = attach(card, path)
+    data = os.urandom(3 * MiB + 512)
+    disk.write(777, data)
+    assert file_bytes(path, 777 * 512, len(data)) == data
+    assert disk.c["writes"] == 4 and disk.c["write_bytes"] == len(data)
+    disk.flush()
+    assert card.bus.devices[0].transport.counters()["flushes"] == 1
+
+
+def test_a_read_only_disk_refuses_writes_on_both_sides(card, tmp_path):
+    path = make_image(tmp_path / "ro.img", MiB)
+    before = file_bytes(path, 0, MiB)
+    _dev, disk = attach(card, path, readonly=True)
+    assert disk.readonly
+    assert "write protect is on" in card.dmesg()
+    assert "read-only disk" in sh(card, "blk write vda 0 nope")
+    with pytest.raises(BlkError) as e:
+        disk.write(0, b"x" * 512, check=False)                     # past the driver: the device says IOERR
+    assert e.value.errno == errno.EIO and "IOERR" in str(e.value)
+    assert file_bytes(path, 0, MiB) == before
+    assert disk.read(0, 1) == before[:512]
+    assert "1" in sh(card, "blk list").splitlines()[1].split()[5]   # the RO column
+
+
+def test_get_id_returns_the_serial(card, tmp_path):
+    _dev, disk = attach(card, make_image(tmp_path / "a.img", MiB), serial="MIC-SERIAL-012345678")
+    assert disk.get_id() == "MIC-SERIAL-012345678"                 # exactly 20 bytes: no NUL after it
+    _dev2, disk2 = attach(card, make_image(tmp_path / "b.img", MiB))
+    assert disk2.get_id() == "b.img"                               # the backend's default: the file name
+
+
+def test_requests_beyond_the_end_fail_cleanly(card, tmp_path):
+    _dev, disk = attach(card, make_image(tmp_path / "a.img", MiB))
+    with pytest.raises(BlkError) as e:
+        disk.read(2047, 2)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(BlkError) as e:
+        disk.read(2047, 2, check=False)                            # the device's own range check
+    assert e.value.errno == errno.EIO
+    assert "beyond the end of the disk" in sh(card, "blk read vda 4096")
+    assert disk.read(2047, 1) and disk.broken is None
+
+
+def test_several_disks_are_named_in_probe_order_and_reuse_freed_names(card, tmp_path):
+    devs = [attach(card, make_image(tmp_path / f"{i}.img", MiB)) for i in range(3)]
+    assert [d.disk for _dev, d in devs] == ["vda", "vdb", "vdc"]
+    card.bus.remove(devs[0][0])
+    assert "vda" not in card.record()["devices"] and "vdb" in card.record()["devices"]
+    assert "virtio_blk: [vda] removed" in card.dmesg()
+    _dev, again = attach(card, make_image(tmp_path / "new.img", 2 * MiB))
+    assert again.disk == "vda" and again.capacity == 4096           # the lowest free name, as the driver's ida
+    sh(card, "blk write vdc 0 third")
+    assert file_bytes(str(tmp_path / "2.img"), 0, 6) == b"third:"
+
+
+def test_hot_remove_with_requests_in_flight_finishes_or_fails_them(card, tmp_path):
+    data = os.urandom(8 * MiB)
+    path = make_image(tmp_path / "a.img", 0, data)
+    dev, disk = attach(card, path)
+    results = {"ok": 0, "errors": [], "bad": 0}
+    stop = threading.Event()
+
+    def reader(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            s = (k * 4096 + i * 256) % 16384
+            i += 1
+            try:
+                if disk.read(s, 256) != data[s * 512:(s + 256) * 512]:
+                    results["bad"] += 1
+                results["ok"] += 1
+            except BlkError as e:
+                results["errors"].append(e.errno)
+                return
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: results["ok"] >= 8, "reads to be under way")
+    card.bus.remove(dev)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a reader hangs after the disk went away"
+    assert results["bad"] == 0 and set(results["errors"]) <= {errno.ENODEV, errno.EIO}
+    assert disk.dev is None and not disk._inflight and "vda" not in card.drivers.disks
+    assert card.kernel.alive
+    with pytest.raises(BlkError) as e:
+        disk.read(0, 1)
+    assert e.value.errno == errno.ENODEV
+
+
+def test_a_capacity_change_reaches_the_card(card, tmp_path):
+    path = make_image(tmp_path / "a.img", MiB)
+    dev, disk = attach(card, path)
+    be = card.backends[-1]
+    assert be.resize(3 * MiB)
+    wait_for(lambda: disk.capacity == 6144, "the new capacity on the card")
+    assert "vda: detected capacity change from 1048576 to 3145728" in card.dmesg()
+    disk.write(6000, b"z" * 512)
+    assert file_bytes(path, 6000 * 512, 512) == b"z" * 512
+
+
+def test_a_small_ring_limits_segments_and_still_moves_big_requests(card, tmp_path):
+    data = os.urandom(2 * MiB)
+    path = make_image(tmp_path / "a.img", 0, data)
+    _dev, disk = attach(card, path, queue_size=8)
+    assert disk.seg_max == 6 and disk.max_request == 6 * 128 * 1024
+    assert disk.read(0, 4096) == data
+    disk.write(1, pattern_bytes("small-ring", 1, 2000))
+    assert file_bytes(path, 512, 2000 * 512) == pattern_bytes("small-ring", 1, 2000)
+
+
+def test_power_off_flushes_and_resets_the_disks(tmp_path):
+    c = BootedCard()
+    be = BlkBackend.open(make_image(tmp_path / "a.img", MiB))
+    try:
+        dev = c.bus.add(be)
+        c.kernel.poweroff()
+        wait_for(lambda: c.kernel.state == "poweroff", "the power-off")
+        assert be.counters()["flushes"] == 1 and dev.get_status() == 0 and not dev.transport.active
+        assert "vda" not in c.record()["devices"]
+    finally:
+        c.close()
+        be.close()
