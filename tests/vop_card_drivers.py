@@ -1,5 +1,8 @@
 """Small card-side virtio drivers for the VOP transport tests, loaded into the simulator (``--import``).
 
+Only the simulator installs them (:func:`install_in_simulator`); importing the module elsewhere (for
+:func:`pattern`) registers nothing.
+
 They replace the card OS's own console and block drivers in the test's
 simulator process only, and do just enough to move chosen bytes through
 the transport with chosen buffer placements, so the host's copy paths
@@ -264,16 +267,18 @@ def _register() -> None:
     virtio_bus.register(VIRTIO_ID_BLOCK, BlkProbe)
 
 
-_register()
-try:   # the card kernel registers its own drivers at every boot: ours go in again right after
-    from micdrv.sim.cardos import drivers as _card_drivers
-except ImportError:
-    _card_drivers = None
-if _card_drivers is not None:
-    _kernel_install = _card_drivers.install
+def install_in_simulator() -> None:
+    """Called by ``micdrv sim --import tests.vop_card_drivers``: these drivers instead of the card OS's own.
 
-    def _install(kernel):
-        result = _kernel_install(kernel)
+    The card kernel registers its drivers at every boot (:func:`micdrv.sim.cardos.drivers.install`), so
+    ours go in again right after. Importing this module anywhere else changes nothing.
+    """
+    from micdrv.sim.cardos import drivers as card_drivers
+    kernel_install = card_drivers.install
+
+    def install(kernel):
+        result = kernel_install(kernel)
         _register()
         return result
-    _card_drivers.install = _install
+    card_drivers.install = install
+    _register()

@@ -4,7 +4,7 @@
 
     python -m micdrv.sim --socket PATH [--device-id 0x2250] [--stepping C0] [--memory 8G]
                          [--ready-delay 0.2] [--download-addr 64M] [--apic-id 240]
-                         [--control PATH] [--log-level info]
+                         [--control PATH] [--log-level info] [--import MODULE]
     python -m micdrv.sim image --output PATH [--cmdline TEXT] [--log-buf-len 128K]
 
 The card listens on ``--socket`` (vfio-user, one client at a time) and, with
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="control socket path (fault hooks, counters; tests and diagnostics)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE into the card OS before it runs, e.g. virtio drivers a test brings "
-                        "(repeatable; also $MICDRV_SIM_IMPORT, comma separated)")
+                   help="import MODULE into the card OS before it runs and call its install_in_simulator(), "
+                        "e.g. virtio drivers a test brings (repeatable; also $MICDRV_SIM_IMPORT, comma separated)")
     return p
 
 
@@ -123,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s micdrv.sim[%(process)d] %(levelname)s %(name)s: %(message)s")
     for name in args.imports + [m for m in os.environ.get("MICDRV_SIM_IMPORT", "").split(",") if m.strip()]:
         try:
-            importlib.import_module(name.strip())
+            module = importlib.import_module(name.strip())
         except ImportError as e:
             parser.error(f"--import {name}: {e}")
+        hook = getattr(module, "install_in_simulator", None)
+        if hook is not None:
+            hook()
     try:
         card = X100Card(device_id=args.device_id, revision=_stepping(args.stepping), memory_size=args.memory,
                         apic_id=args.apic_id, download_addr=args.download_addr, ready_delay=args.ready_delay)
