@@ -227,3 +227,48 @@ class Terminal:
         i = self.seen.index(token) + len(token)
         out, self.seen = self.seen[:i], self.seen[i:]
         return out
+
+
+# --- a reboot in the middle of traffic -------------------------------------------------------------
+def test_a_card_reboot_in_the_middle_of_traffic_leaves_the_daemon_and_the_image_consistent(daemon, ns):
+    import threading
+    d = daemon
+    shell(d, "blk write vda 8 cafe 16")
+    burst_at, sectors = 2048, 4096                         # 2 MiB of 0xab, then of 0xcd, ... from 1 MiB on
+    done = threading.Event()
+    rounds: list = []
+
+    def traffic() -> None:
+        while not done.is_set():
+            try:
+                fill = ("0xab", "0xcd")[len(rounds) % 2]
+                r = d.card("kernel", action="shell", message=f"blk write vda {burst_at} {fill} {sectors}")
+                d.card("kernel", action="shell", message=f"udp send {HOST_IP} 9 4M 64000")
+            except Exception as e:
+                r = {"error": str(e)}
+            rounds.append(r)
+            if not r.get("ok", False):                     # the card went down under it: that is the point
+                return
+    t = threading.Thread(target=traffic)
+    t.start()
+    wait_for(lambda: len(rounds) >= 2, "traffic to flow")
+    d.ok("reboot", "--wait", "mic0")
+    done.set()
+    t.join(WAIT)
+    assert any(not r.get("ok", False) for r in rounds), "the reboot did not interrupt the traffic"
+    wait_for(lambda: all(x["state"] == "active" for x in devices(d)), "every device active after the reboot")
+    wait_for(lambda: "eth0" in (d.card_os() or {}).get("devices", {}), "the card's eth0 again")
+    assert d.status()["state"] == "online"
+    with open(d.img, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(16 * 512) == pattern_bytes("cafe", 8, 16)     # what was written before is there
+        f.seek(burst_at * 512)
+        burst = f.read(sectors * 512)
+    # Every sector holds one burst's bytes whole: the interrupted request left no torn or foreign data.
+    for i in range(0, len(burst), 512):
+        assert burst[i:i + 512] in (b"\xab" * 512, b"\xcd" * 512), i // 512
+    assert "verified 16 sectors at 8 of vda: OK" in shell(d, "blk verify vda 8 cafe 16")
+    with socket_in(ns) as s:
+        s.settimeout(WAIT)
+        s.sendto(b"after the reboot", (CARD_IP, 7))
+        assert s.recvfrom(100)[0] == b"after the reboot"
