@@ -11,7 +11,6 @@ namespace.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import select
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +34,6 @@ from tests.netns_harness import namespace, socket_in
 pytestmark = pytest.mark.root
 
 HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"
-PROMPT = b"mic0:~# "
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +230,6 @@ class Terminal:
 
 # --- a reboot in the middle of traffic -------------------------------------------------------------
 def test_a_card_reboot_in_the_middle_of_traffic_leaves_the_daemon_and_the_image_consistent(daemon, ns):
-    import threading
     d = daemon
     shell(d, "blk write vda 8 cafe 16")
     burst_at, sectors = 2048, 4096                         # 2 MiB of 0xab, then of 0xcd, ... from 1 MiB on

@@ -29,7 +29,6 @@ device is refused, as the card kernel refused a probe; the card carries on.
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from micdrv.memory import MemoryAccessError
@@ -78,7 +77,7 @@ class CardVopDevice(VirtioDevice):
         self.c2h_db = entry.ctrl_db(L.CTRL_C2H_VDEV_DB)
         if not 0 <= self.c2h_db < regs.SDBIC_COUNT:
             raise CardVopError(f"ctrl.c2h_vdev_db is {self.c2h_db}, not a host doorbell 0..{regs.SDBIC_COUNT - 1}")
-        self.kicks = 0
+        self.rings = 0               # c2h_vdev_db rings: kicks and status writes
         self.interrupts = 0
         self.resets = 0
         self._lock = threading.Lock()
@@ -112,6 +111,7 @@ class CardVopDevice(VirtioDevice):
         self.ring_host()
 
     def ring_host(self) -> None:
+        self.rings += 1
         self.vop.side.send_host_doorbell(self.c2h_db)
 
     # --- queues ----------------------------------------------------------------------------------
@@ -226,4 +226,4 @@ class CardVopDevice(VirtioDevice):
                 "c2h_db": self.c2h_db, "driver": getattr(self.driver, "name", None),
                 "driver_status": self.driver.status() if self.driver is not None else None,
                 "vqs": [{"num": q.num, "kicks": q.kicks, "interrupts": q.interrupts} for q in self.vqs],
-                "kicks": self.kicks, "interrupts": self.interrupts, "resets": self.resets}
+                "rings": self.rings, "interrupts": self.interrupts, "resets": self.resets}
