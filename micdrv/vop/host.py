@@ -148,7 +148,8 @@ class VopHost:
                 self.remove(dev, force=force)
             except Exception:
                 log.exception("%s: removing %s", self.name, dev.name)
-        self.loop.call(self._free_doorbells)
+        if any(d.cookie is not None for d in self._dbs.values()):
+            self.loop.call(self._free_doorbells)
 
     def close(self) -> None:
         if self._closed:
