@@ -207,11 +207,13 @@ class ScifHwLink:
                  addr, db)
 
     # --- remove (spec 8.4 step 6) ---------------------------------------------------------
-    def close(self, force: bool = False, timeout: float | None = None) -> bool:
+    def close(self, force: bool = False, timeout: float | None = None,
+              cancel: threading.Event | None = None) -> bool:
         """Withdraw my QP, tell the peer (unless ``force``), free the doorbell, stop the worker.
 
         Returns True when the peer acknowledged the exit (always True with
-        ``force`` or when the peer was not up). Idempotent.
+        ``force`` or when the peer was not up). ``cancel`` ends the wait for
+        the acknowledgement early (:meth:`ScifNode.remove_peer`). Idempotent.
         """
         if self.qp is None:
             return True
@@ -224,7 +226,7 @@ class ScifHwLink:
             if force:
                 self.node.peer_lost(self.peer_node, "forced teardown")
             else:
-                acked = self.node.remove_peer(self.peer_node, timeout)
+                acked = self.node.remove_peer(self.peer_node, timeout, cancel)
         except Exception as e:
             log.warning("%s: removing node %d: %s", self.name, self.peer_node, e)
             acked = False

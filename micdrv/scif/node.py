@@ -55,6 +55,21 @@ SCIF_NODE_ALIVE_TIMEOUT = 30.0
 SCIF_NODE_ACCEPT_TIMEOUT = 3.0
 
 
+CANCEL_CHECK = 0.05  # how often a wait for an acknowledgement looks at its cancel event
+
+
+def _wait_unless(event: threading.Event, cancel: threading.Event | None, deadline: float) -> bool:
+    """Wait for ``event`` until ``deadline``; give up early (False) once ``cancel`` is set."""
+    while True:
+        left = deadline - time.monotonic()
+        if cancel is None:
+            return event.wait(max(0.0, left))
+        if event.wait(max(0.0, min(left, CANCEL_CHECK))):
+            return True
+        if cancel.is_set() or left <= CANCEL_CHECK:
+            return event.is_set()
+
+
 class NodeLink(Protocol):
     """The node message transport to one peer node (a :class:`~micdrv.scif.nodeqp.NodeQueuePair`).
 
@@ -254,7 +269,8 @@ class ScifNode:
             log.info("%s: node %d lost%s", self.name, peer_node, f": {reason}" if reason else "")
             self._drop_peer(peer, close_link=True)
 
-    def remove_peer(self, peer_node: int, timeout: float | None = None) -> bool:
+    def remove_peer(self, peer_node: int, timeout: float | None = None,
+                    cancel: threading.Event | None = None) -> bool:
         """Orderly removal of ``peer_node`` (spec 8.4 step 6); True if it acknowledged.
 
         On the management node: NODE_REMOVE to every other alive node (each
@@ -263,6 +279,10 @@ class ScifNode:
         SCIF_EXIT_ACK. Either way the peer is then dropped and its node QP
         freed. Withdraw the QP from the device page first
         (:func:`~micdrv.scif.nodeqp.unpublish_qp`).
+
+        ``cancel`` set while waiting for the acknowledgement means the hardware
+        under this node is gone (a card reset under the card OS): stop waiting,
+        drop the peer without touching its queue pair, return False.
         """
         timeout = self.alive_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -280,13 +300,16 @@ class ScifNode:
         if was_alive:
             try:
                 peer.link.send_msg(ScifMsg(Uop.EXIT, PortId(self.node_id, 0), PortId(peer_node, 0)))
-                acked = peer.exit_acked.wait(max(0.0, deadline - time.monotonic()))
+                acked = _wait_unless(peer.exit_acked, cancel, deadline)
             except ScifError as e:
                 # The peer's own SCIF_EXIT may have been handled first and reset the queue pair:
                 # then it has left, which is all the acknowledgement there is to wait for.
                 acked = peer.exit_acked.is_set() or not peer.qp_ready
                 if not acked:
                     log.warning("%s: SCIF_EXIT to node %d: %s", self.name, peer_node, e)
+        if cancel is not None and cancel.is_set():
+            self._drop_peer(peer, close_link=False)
+            return False
         self._drop_peer(peer, close_link=True)
         return acked
 

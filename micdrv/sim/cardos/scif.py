@@ -84,7 +84,8 @@ class CardScif:
 
     def shutdown(self) -> None:
         """Card-initiated exit (spec 8.4 step 6): withdraw the QP, SCIF_EXIT, wait for SCIF_EXIT_ACK."""
-        if not self.link.close(timeout=self.kernel.params.scif_timeout):
+        stopped = self.kernel.side.stopped  # a card reset ends the wait: the host has stopped listening
+        if not self.link.close(timeout=self.kernel.params.scif_timeout, cancel=stopped) and not stopped.is_set():
             self.kernel.printk("scif: the host did not acknowledge SCIF_EXIT")
 
     def abandon(self) -> None:
