@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the card's name, micN (default: from the configuration, else mic0)")
     p.add_argument("--run-dir", help="directory for the control socket (default: the configuration's run_dir)")
     p.add_argument("--boot", action="store_true", help="boot the card once the daemon is up (boot_on_start)")
+    p.add_argument("--no-devices", action="store_true",
+                   help="with --simulate: no default devices when the configuration lists none")
     p.add_argument("--probe", action="store_true", help="print what the device is, then exit")
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS, help="default: the configuration's log_level")
     return p
@@ -188,6 +190,8 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
             reset_delay, reset_interval = SILICON_RESET_DELAY, None
             if sim is not None:
                 card = _simulated_firmware(cfg, card, sim)
+                if not args.no_devices:
+                    card = _simulated_devices(card, sim)
                 reset_delay, reset_interval = SIMULATED_RESET_DELAY, SIMULATED_RESET_INTERVAL
             hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
                                 vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)))
@@ -234,6 +238,24 @@ def _simulated_firmware(cfg: configmod.Config, card: configmod.CardConfig, sim) 
     log.info("%s: no firmware at %s; booting the simulated card OS image %s", card.name,
              cfg.firmware_path(card.firmware), image)
     return dataclasses.replace(card, firmware=str(image))
+
+
+SIMULATED_DISK_SIZE = 64 << 20  # the default disk of a simulated card: a sparse 64 MiB image
+
+
+def _simulated_devices(card: configmod.CardConfig, sim) -> configmod.CardConfig:
+    """With --simulate and no devices configured: a console, a network (MPSS defaults: tap micN,
+    172.31.<N+1>.254/24 on the host, .1 on the card) and a 64 MiB disk beside the simulator's sockets."""
+    if card.console or card.net or card.blk:
+        return card
+    disk = Path(sim.dir) / "disk.img"
+    if not disk.exists():
+        with open(disk, "wb") as f:
+            f.truncate(SIMULATED_DISK_SIZE)
+    log.info("%s: no devices configured; serving the simulated card a console, a network and the disk %s",
+             card.name, disk)
+    return dataclasses.replace(card, console=(configmod.ConsoleConfig(),), net=(configmod.NetConfig(),),
+                               blk=(configmod.BlkConfig(path=str(disk)),))
 
 
 def _hardware_info(dev: PciDevice, sim) -> dict:

@@ -65,8 +65,8 @@ class Daemon:
         self.sim_control = str(self.run_dir / f"{name}.sim" / "control.sock")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "micdrv.daemon", "--simulate", "--name", name, "--run-dir", str(self.run_dir),
-                 "--config", str(self.config_path), *extra],
+                [sys.executable, "-m", "micdrv.daemon", "--simulate", "--no-devices", "--name", name,
+                 "--run-dir", str(self.run_dir), "--config", str(self.config_path), *extra],
                 cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             wait_for(self._up, f"daemon {name} to listen on {self.socket}")
