@@ -32,7 +32,7 @@ from micdrv.virtio import VringError, Vringh
 from micdrv.virtio.device import RING_FEATURES
 
 from .backend import Backend
-from .eventloop import EVENT_READ, EventLoop, Handler
+from .eventloop import EVENT_READ, DeviceFds, EventLoop, Handler
 from .virtqueue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -101,26 +101,6 @@ class QueueSetup:
     call_fd: int | None = None
 
 
-class _DeviceFds:
-    """The loop as one device's backend sees it: every fd remembered, every ring error caught."""
-
-    def __init__(self, transport: "DirectTransport"):
-        self._t = transport
-        self.fds: set[int] = set()
-
-    def watch(self, fd: int, events: int, handler: Handler) -> None:
-        self.fds.add(fd)
-        self._t.loop.watch(fd, events, self._t._guarded(handler))
-
-    def unwatch(self, fd: int) -> None:
-        self.fds.discard(fd)
-        self._t.loop.unwatch(fd)
-
-    def unwatch_all(self) -> None:
-        for fd in list(self.fds):
-            self.unwatch(fd)
-
-
 class DirectTransport:
     """One virtio device served over shared memory; the driver side drives it with the methods below.
 
@@ -150,7 +130,7 @@ class DirectTransport:
         self.active = False
         self.config_changes = 0
         self._setup: dict[int, QueueSetup] = {}
-        self._fds = _DeviceFds(self)
+        self._fds = DeviceFds(loop, self._guarded)
         backend.set_config_listener(self._config_changed)
 
     # --- what the driver calls ----------------------------------------------------------------

@@ -47,6 +47,29 @@ class FdWatcher(Protocol):
         """Forget ``fd`` (no error if it was not watched)."""
 
 
+class DeviceFds:
+    """The owner's loop as one device's backend sees it (a :class:`FdWatcher`): every fd it watches is
+    remembered, so a transport can drop them all at reset, and every handler runs under ``guard`` (the
+    transport's: a broken ring marks the device broken instead of escaping into the loop)."""
+
+    def __init__(self, loop: FdWatcher, guard: Callable[[Handler], Handler]):
+        self._loop = loop
+        self._guard = guard
+        self.fds: set[int] = set()
+
+    def watch(self, fd: int, events: int, handler: Handler) -> None:
+        self.fds.add(fd)
+        self._loop.watch(fd, events, self._guard(handler))
+
+    def unwatch(self, fd: int) -> None:
+        self.fds.discard(fd)
+        self._loop.unwatch(fd)
+
+    def unwatch_all(self) -> None:
+        for fd in list(self.fds):
+            self.unwatch(fd)
+
+
 class EventLoop:
     """A selector loop on its own thread (or the caller's, with :meth:`run`)."""
 

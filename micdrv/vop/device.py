@@ -35,7 +35,7 @@ import threading
 from dataclasses import dataclass
 
 from backends.backend import Backend
-from backends.eventloop import Handler
+from backends.eventloop import DeviceFds, Handler
 from micdrv.virtio import VringError, VringLayout, Vringh
 from micdrv.virtio.access import ring_part
 from micdrv.virtio.device import (DEVICE_NAMES, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -75,26 +75,6 @@ class VringBlock:
     info: int          # IOVA of _mic_vring_info
 
 
-class _DeviceFds:
-    """The loop as this device's backend sees it: every fd remembered, every handler guarded."""
-
-    def __init__(self, dev: "VopDevice"):
-        self._dev = dev
-        self.fds: set[int] = set()
-
-    def watch(self, fd: int, events: int, handler: Handler) -> None:
-        self.fds.add(fd)
-        self._dev.host.loop.watch(fd, events, self._dev.guarded(handler))
-
-    def unwatch(self, fd: int) -> None:
-        self.fds.discard(fd)
-        self._dev.host.loop.unwatch(fd)
-
-    def unwatch_all(self) -> None:
-        for fd in list(self.fds):
-            self.unwatch(fd)
-
-
 class VopDevice:
     """A device added to the device page; methods without a leading underscore are for :class:`VopHost`."""
 
@@ -117,7 +97,7 @@ class VopDevice:
         self.broken: str | None = None
         self.removed = False
         self.handshake = threading.Lock()  # one config change or removal at a time (spec 5.5)
-        self._fds = _DeviceFds(self)
+        self._fds = DeviceFds(host.loop, self.guarded)
         self._failed_logged = False
         self._info_views = [host.arena.view[host.arena.offset_of(v.info, 2):
                                             host.arena.offset_of(v.info, 2) + 2].cast("H") for v in vrings]
