@@ -16,27 +16,21 @@ A card reset at :meth:`close` stops the kernel the way a host reset does.
 
 from __future__ import annotations
 
-import time
 
 from micdrv.sim.card import X100Card
 from micdrv.sim.cardos.direct import DirectBus
 from micdrv.sim.cardos.image import build_image
 from micdrv.sim.cardos.kernel import Kernel
 from micdrv.x100 import regs
+from tests import sim_harness
 
 MEMORY = 256 << 20
 WAIT = 20.0   # generous: a 2-core machine running several suites
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    """:func:`tests.sim_harness.wait_for` with this tier's longer default."""
+    return sim_harness.wait_for(predicate, what, timeout, interval)
 
 
 class BootedCard:

@@ -146,6 +146,18 @@ class SimProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def module_sim(*args: str, **kw):
+    """A test module's simulated card (use as a module-scoped fixture): started once, then stopped with
+    SIGTERM, which must end it cleanly with no traceback in its log."""
+    s = SimProcess(*args, **kw)
+    yield s
+    rc = s.stop()
+    log = s.log()
+    s.kill()
+    assert rc == 0, log
+    assert "Traceback" not in log, log
+
+
 # --- descriptors, written from spec 4.3 (not from micdrv.x100) ------------------------------
 def memcpy_desc(dst: int, src: int, length: int) -> tuple[int, int]:
     return src | (length // 64) << regs.DESC_LEN_SHIFT, regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT | dst

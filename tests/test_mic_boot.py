@@ -27,7 +27,7 @@ from micdrv.mic import MicDevice
 from micdrv.scif import POLLHUP, SCIF_COSM_LISTEN_PORT, ScifConnectionReset, ScifTimeout
 from micdrv.sim.cardos.image import build_image, system_map, parse_image
 from micdrv.x100 import CardNotReady, regs
-from tests.sim_harness import MEMORY, SimProcess, wait_for
+from tests.sim_harness import MEMORY, module_sim, wait_for
 
 WAIT = 10.0            # the longest any single wait here may take
 HEARTBEAT = 0.2        # micdrv_sim.heartbeat for these tests
@@ -37,13 +37,7 @@ FAST = f"micdrv_sim.heartbeat={HEARTBEAT}"
 
 @pytest.fixture(scope="module")
 def sim():
-    s = SimProcess()
-    yield s
-    rc = s.stop()
-    log = s.log()
-    s.kill()
-    assert rc == 0, log
-    assert "Traceback" not in log, log
+    yield from module_sim()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from micdrv.pci import BAR0, BAR4, CONFIG, INTX, MSI, MSIX, RemoteError, new_eve
 from micdrv.pci.device import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE
 from micdrv.x100 import regs
 from micdrv.sim.cardos.image import build_image
-from tests.sim_harness import (IOVA_BASE, MEMORY, READY_DELAY, Host, SimProcess, fired, wait_for)
+from tests.sim_harness import IOVA_BASE, MEMORY, READY_DELAY, Host, SimProcess, fired, module_sim, wait_for
 
 DOWNLOAD_ADDR = 64 << 20
 APIC_ID = 240
@@ -30,13 +30,7 @@ APIC_ID = 240
 
 @pytest.fixture(scope="module")
 def sim():
-    s = SimProcess()
-    yield s
-    rc = s.stop()
-    log = s.log()
-    s.kill()
-    assert rc == 0, log
-    assert "Traceback" not in log, log
+    yield from module_sim()
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 
 from micdrv.x100 import regs
 from tests.sim_harness import (DMA_ERR_ADDRESS, DMA_ERR_ALIGN, DMA_ERR_DHPR, DMA_ERR_HOST_TO_HOST, DMA_ERR_LENGTH,
-                               DMA_ERR_RING, DMA_ERR_TYPE, IOVA_BASE, MEMORY, Host, SimProcess, fired, memcpy_desc,
-                               status_desc, wait_for)
+                               DMA_ERR_RING, DMA_ERR_TYPE, IOVA_BASE, MEMORY, Host, fired, memcpy_desc,
+                               module_sim, status_desc, wait_for)
 
 CARD_BUF = 128 << 20  # card memory the tests copy to and from (the image area is below)
 HOST_CHANNELS = range(4)
@@ -26,13 +26,7 @@ HOST_CHANNELS = range(4)
 
 @pytest.fixture(scope="module")
 def sim():
-    s = SimProcess()
-    yield s
-    rc = s.stop()
-    log = s.log()
-    s.kill()
-    assert rc == 0, log
-    assert "Traceback" not in log, log
+    yield from module_sim()
 
 
 @pytest.fixture
