@@ -48,7 +48,6 @@ import select
 import socket
 import sys
 import tempfile
-import time
 
 from backends.blk import BlkBackend
 from backends.eventloop import EventLoop
@@ -56,24 +55,13 @@ from micdrv.virtio import blk as B
 from micdrv.virtio import net as N
 from tests.virtio_harness import Guest
 
+from benchmarks.common import best, cpu, now
+
 KiB, MiB = 1 << 10, 1 << 20
 DEPTH = 32                 # requests / chains per kick
 BIG = [N.VIRTIO_NET_HDR_SIZE, 4080] + [4096] * 17   # Linux "big packets" receive buffer (virtio-legacy.md 2.5)
-now = time.perf_counter
 
 
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def best(rounds: int, *fns):
-    """Alternate the measurements ``rounds`` times; the best (highest) result of each."""
-    out = [0.0] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            out[i] = max(out[i], fn())
-    return out
 
 
 class Ring:

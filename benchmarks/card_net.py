@@ -43,13 +43,10 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import best, cpu, now, writev_frames
+
 MiB = 1 << 20
-now = time.perf_counter
 
-
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class CardNetBench:
@@ -118,13 +115,7 @@ class CardNetBench:
         iov = [memoryview(bytes(10)), memoryview(frame)]
         fd = self.raw_tap.fd
         t0 = now()
-        for _ in range(count):
-            while True:
-                try:
-                    os.writev(fd, iov)
-                    break
-                except BlockingIOError:
-                    select.select([], [fd], [], 1.0)
+        writev_frames(fd, iov, count)
         return count * len(frame) / (now() - t0)
 
     # --- host -> card ----------------------------------------------------------------------------
@@ -187,13 +178,6 @@ class CardNetBench:
             self.sink.close()
             self._ns.__exit__(None, None, None)
 
-
-def best(rounds: int, *fns) -> list[float]:
-    out = [0.0] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            out[i] = max(out[i], fn())
-    return out
 
 
 def main() -> int:

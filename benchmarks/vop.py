@@ -50,45 +50,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.common import best, cpu, now, parse_size, wait_for, writev_frames
 
 KiB, MiB = 1 << 10, 1 << 20
 HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"
 RAW_HOST, RAW_PEER = "172.31.2.254", "172.31.2.1"
-now = time.perf_counter
 WAIT = 60.0
 
 
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
-def best(rounds: int, *fns):
-    out = [0.0] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            out[i] = max(out[i], fn())
-    return out
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text}")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
 
 
 class Rig:
@@ -251,13 +224,7 @@ class Measure:
         fd = self.rig.raw_tap.fd
         count = max(200, min(20000, self.net_bytes // len(frame)))
         t0 = now()
-        for _ in range(count):
-            while True:
-                try:
-                    os.writev(fd, iov)
-                    break
-                except BlockingIOError:
-                    select.select([], [fd], [], 1.0)
+        writev_frames(fd, iov, count)
         rate = count * size / (now() - t0)
         self._drain_sink()
         return rate
