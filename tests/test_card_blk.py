@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
+import re
 import threading
 
 import pytest
@@ -143,6 +145,41 @@ def test_requests_beyond_the_end_fail_cleanly(card, tmp_path):
     assert e.value.errno == errno.EIO
     assert "beyond the end of the disk" in sh(card, "blk read vda 4096")
     assert disk.read(2047, 1) and disk.broken is None
+
+
+def test_randread_keeps_its_requests_inside_the_disk_and_reads_what_the_seed_says(card, tmp_path):
+    # 1 MiB + one sector: 256 whole 4 KiB blocks and a partial one a read must never touch (it would go
+    # past the capacity, the backend would answer IOERR and the command fail): 3000 draws over 257 blocks
+    # would hit it with probability 1 - (256/257)**3000 > 0.99999.
+    data = os.urandom(MiB + 512)
+    path = make_image(tmp_path / "a.img", 0, data)
+    dev, disk = attach(card, path)
+    before = dict(disk.c), dev.transport.counters()["read_requests"]
+    out = sh(card, "blk randread vda 3000 32 7")
+    m = re.fullmatch(r"randread vda: 3000 requests of 4096 bytes at depth 32 in ([\d.]+) s \((\d+) IOPS\)\n", out)
+    assert m, out
+    assert disk.c["reads"] - before[0]["reads"] == 3000 and disk.c["errors"] == 0
+    assert disk.c["read_bytes"] - before[0]["read_bytes"] == 3000 * 4096
+    assert dev.transport.counters()["read_requests"] - before[1] == 3000
+    # -s: the data read, in request order, is the image's blocks at the seed's offsets
+    rng = random.Random(11)
+    blocks = [rng.randrange(256) for _ in range(500)]
+    want = hashlib.sha256(b"".join(data[b * 4096:(b + 1) * 4096] for b in blocks)).hexdigest()
+    out = sh(card, "blk randread -s vda 500 4 11")
+    assert out.endswith(f"IOPS), sha256 {want}\n"), out
+    assert want not in sh(card, "blk randread -s vda 500 4 12")
+    assert "depth 1 " in sh(card, "blk randread vda 10 1")
+
+
+def test_randread_refuses_what_it_cannot_do(card, tmp_path):
+    attach(card, make_image(tmp_path / "a.img", 2048))             # four sectors: no whole 4 KiB block
+    assert "vda: 2048 bytes, smaller than one 4096-byte read" in sh(card, "blk randread vda 10")
+    attach(card, make_image(tmp_path / "b.img", MiB))
+    assert "QD must be 1..1024" in sh(card, "blk randread vdb 10 0")
+    assert "COUNT must be at least 1" in sh(card, "blk randread vdb 0")
+    assert "no such disk" in sh(card, "blk randread vdz 10")
+    assert "usage: blk list" in sh(card, "blk randread vdb")
+    assert "randread vdb: 10 requests" in sh(card, "blk randread vdb 10")
 
 
 def test_several_disks_are_named_in_probe_order_and_reuse_freed_names(card, tmp_path):

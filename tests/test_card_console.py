@@ -107,7 +107,7 @@ pytestmark = pytest.mark.root
 def test_help_lists_every_command(full):
     out = full.term.command("help")
     for cmd in ("help", "uname", "uptime", "ip", "ping HOST", "blk list", "blk read", "blk write", "blk verify",
-                "udp send", "udp sink", "dmesg", "poweroff", "reboot", "panic"):
+                "blk randread", "udp send", "udp sink", "dmesg", "poweroff", "reboot", "panic"):
         assert f"  {cmd}" in out, cmd
     assert out.endswith("\r\n") and "\n" not in out.replace("\r\n", "")   # CR LF line ends only
 

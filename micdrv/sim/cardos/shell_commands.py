@@ -13,13 +13,17 @@ sector written to the wrong place, or read from it, never verifies.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
+import random
 import shlex
 import time
 from typing import TYPE_CHECKING, Callable
 
 from . import ip_apps
+from micdrv.virtio import blk as B
+
 from .blk import SECTOR, BlkError, human_size
 from .ip import NetError, ip_bytes
 
@@ -27,6 +31,10 @@ if TYPE_CHECKING:
     from .drivers import CardDrivers
 
 Out = Callable[[str], None]
+
+RANDREAD_SIZE = 4096     # bytes per ``blk randread`` request, at 4 KiB-aligned offsets (fio's bs=4k)
+RANDREAD_QD = 32         # its default queue depth
+RANDREAD_MAX_QD = 1024   # more than any ring holds: submit would only wait for room
 
 USAGE = [
     ("help", "this list"),
@@ -39,6 +47,7 @@ USAGE = [
     ("blk write DEV SECTOR PATTERN [COUNT]", "write COUNT sectors of PATTERN"),
     ("blk verify DEV SECTOR PATTERN [COUNT]", "compare COUNT sectors with PATTERN"),
     ("blk flush DEV", "FLUSH the device's write cache"),
+    ("blk randread [-s] DEV COUNT [QD] [SEED]", "COUNT random 4 KiB reads, QD in flight (32); IOPS"),
     ("udp send HOST PORT BYTES SIZE", "send BYTES in datagrams of SIZE, as fast as the ring allows"),
     ("udp sink PORT [stop|reset]", "count what arrives on PORT"),
     ("udp stat", "echo (port 7) and sink counters"),
@@ -323,6 +332,59 @@ class Commands:
             disk = self._disk(rest[0])
             disk.flush()
             out(f"flushed {disk.disk}" + ("" if disk.can_flush else " (no write cache: nothing to do)"))
+        elif sub == "randread" and 2 <= len(rest) - (rest[:1] == ["-s"]) <= 4:
+            self._randread(rest, out, _i)
         else:
             raise UsageError("blk list | blk read [-x] DEV SECTOR [COUNT] | blk write DEV SECTOR PATTERN [COUNT] "
-                             "| blk verify DEV SECTOR PATTERN [COUNT] | blk flush DEV")
+                             "| blk verify DEV SECTOR PATTERN [COUNT] | blk flush DEV "
+                             "| blk randread [-s] DEV COUNT [QD] [SEED]")
+
+    def _randread(self, rest: list[str], out: Out, interrupted) -> None:
+        """``blk randread``: COUNT reads of 4 KiB at random aligned offsets, QD of them in flight, timed here.
+
+        Request ``i`` reads block ``random.Random(SEED).randrange(blocks)`` (the i-th draw; SEED default 0)
+        of the disk's whole 4 KiB blocks -- a partial block at the end is never read. The oldest request is
+        reaped before the next is submitted (fio's libaio engine with iodepth_batch_complete=1 keeps its
+        depth so). ``-s`` adds the sha256 of the data in request order (so the host can check what was
+        read; it costs the card a hash per request, hence off by default). A failed request stops
+        submission; those in flight are waited for, then the first error is the command's.
+        """
+        digest = hashlib.sha256() if rest[0] == "-s" else None
+        rest = rest[1:] if digest is not None else rest
+        disk, count = self._disk(rest[0]), self._count(rest[1])
+        qd = parse_size(rest[2]) if len(rest) >= 3 else RANDREAD_QD
+        if not 1 <= qd <= RANDREAD_MAX_QD:
+            raise ValueError(f"QD must be 1..{RANDREAD_MAX_QD}")
+        rng = random.Random(int(rest[3], 0) if len(rest) == 4 else 0)
+        per = RANDREAD_SIZE // SECTOR
+        blocks = disk.capacity // per
+        if blocks < 1:
+            raise ValueError(f"{disk.disk}: {disk.capacity * SECTOR} bytes, smaller than one "
+                             f"{RANDREAD_SIZE}-byte read")
+        inflight: collections.deque = collections.deque()
+        error: BlkError | None = None
+        submitted = done = 0
+        t0 = time.monotonic()
+        while done < count:
+            while error is None and submitted < count and len(inflight) < qd and not interrupted():
+                try:
+                    inflight.append(disk.submit(B.VIRTIO_BLK_T_IN, rng.randrange(blocks) * per,
+                                                nbytes=RANDREAD_SIZE))
+                    submitted += 1
+                except BlkError as e:
+                    error = e
+            if not inflight:
+                break
+            try:
+                data = inflight.popleft().wait()
+                done += 1
+            except BlkError as e:
+                error = error or e
+                continue
+            if digest is not None:
+                digest.update(data)
+        seconds = time.monotonic() - t0
+        if error is not None:
+            raise error
+        out(f"randread {disk.disk}: {done} requests of {RANDREAD_SIZE} bytes at depth {qd} in {seconds:.3f} s "
+            f"({done / seconds if seconds > 0 else 0:.0f} IOPS)" + (f", sha256 {digest.hexdigest()}" if digest else ""))
