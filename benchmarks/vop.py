@@ -1,135 +1,337 @@
-"""VOP throughput through the whole stack, each figure beside the limits measured in the same run.
+"""VOP end to end through the real daemon, each figure beside a limit measured in the same run (issue 5).
 
-Run from the repository root, as root (it makes a network namespace and
-two taps in it; no traffic leaves it)::
+Run from the repository root, as root (it makes two network namespaces, a
+tap and a veth pair in them; no traffic leaves them)::
 
-    python -m benchmarks.vop [--rounds 2] [--net-bytes 32M] [--blk-bytes 32M] [--no-net]
+    python -m benchmarks.vop [--rounds 2] [--seconds 1] [--window 32] [--blk-bytes 64M]
+                             [--rand-count 8000] [--no-net]
 
-The card is the simulated X100 in its own process (``micdrv sim``) running
-the card OS with its own virtio-net (IP stack, UDP source and sink) and
-virtio-blk drivers over the card's VOP transport; this process is the host:
-:class:`~micdrv.mic.MicDevice` with its VOP host, the tap backend (tap A,
-172.31.1.254/24 in the namespace) and the blk backend on an image in
-tmpfs -- what the daemon runs, without its control socket. The card is
-driven through the simulator's control socket (its shell's ``udp send``,
-``udp sink``, ``blk write``, ``blk read``).
+The card is the simulated X100 in its own process
+(:class:`~micdrv.sim.process.SimulatedCardProcess`) running the card OS
+with its own virtio-net (IP stack, UDP echo on port 7) and virtio-blk
+drivers over the card's VOP transport. The host is the daemon as an
+operator runs it, ``python -m micdrv.daemon --vfio-user SOCKET``, in a
+process of its own, with a TOML configuration naming one net device (tap
+in namespace A, 172.31.1.254/24, MTU 64512, the card at 172.31.1.1) and one
+blk device (an image of random bytes in tmpfs); FUSE off. It is booted with
+``micctl``; the card's shell is driven through the simulator's control
+socket.
 
-Figures:
+Figures (value; limit measured in the same run):
 
-* **net card -> host**, 64000-byte datagrams (MB/s) and 64-byte ones
-  (packets/s): the card's ``udp send`` to a socket in the namespace nobody
-  reads, the card's rate first frame to last. Limits: ``writev`` of the
-  same [header, frame] pairs into tap B, and the DMA engine copying the same
-  sizes card -> host in batches of 16 (the copy the path makes);
-* **net host -> card**: a process in the namespace sends the datagrams to
-  the card's UDP sink, the sink's rate first arrival to last. Limits:
-  ``readv`` of as many frames from tap B, and DMA host -> card of the same
-  sizes;
-* **blk sequential write / read by the card**, ``--blk-bytes`` in one
-  ``blk write`` / ``blk read`` (the card's driver issues requests of up to
-  1 MiB); limits: ``pwritev`` / ``preadv`` of the same file in 1 MiB
-  requests, and DMA of 1 MiB copies.
+* **net_echo_udp64000 / net_echo_udp64** -- UDP echo host -> card -> host:
+  a sender/receiver in namespace A (this process) keeps ``--window``
+  datagrams in flight to the card's echo service (port 7) for
+  ``--seconds``, each carrying a sequence number, and counts the echoes:
+  echoed payload bytes per second (MB/s) for 64000-byte datagrams,
+  echoed datagrams per second (pkt/s) for 64-byte ones. Every 16th echo is
+  compared byte for byte with what was sent; a datagram not back within
+  :data:`LOSS_TIMEOUT` counts as lost (and frees its window slot). Limit:
+  the very same sender/receiver and window against a Python UDP echo
+  responder (a process) in namespace B across a veth pair with the tap's
+  MTU.
+* **blk_seq_write_card / blk_seq_read_card** -- the card's ``blk write`` /
+  ``blk read`` of ``--blk-bytes`` (commands of at most :data:`BLK_COMMAND`
+  bytes; the card's driver issues 1 MiB requests, all of a command in
+  flight; ``blk read`` also hashes what it read), timed from this process
+  around the shell commands. Limit: ``pwritev`` / ``preadv`` of the same
+  bytes of the image file in 1 MiB requests.
+* **blk_rand4k_qd32_read_card** -- the card's ``blk randread vda COUNT 32``:
+  4 KiB reads at random aligned offsets, 32 in flight, timed on the card
+  (IOPS). Limit: ``preadv`` of 4 KiB at the same offsets of the image file,
+  one at a time.
+* **daemon_cpu_per_gb** -- the daemon process's user + system CPU time
+  (``/proc/PID/stat``, all its threads) over the bulk figures (64000-byte
+  echo, counting the payload once each way, and sequential blk), per GB
+  through VOP; per-figure CPU is printed too (in clock ticks of 10 ms, so
+  the small blk figures' are coarse). **daemon_rss** -- its peak
+  resident memory (VmHWM) at the end; VmRSS printed beside it.
 
-The JSON limit of each figure is the tighter of its limits; the text lines
-show both. Also printed: the copy-path byte counters of each device (DMA /
-BAR0 / unaligned), this process's CPU time per GB moved through VOP, and
-its peak resident memory. Figure and limits alternate over ``--rounds``;
-the best of each is kept. The last lines are one JSON object per figure:
-``{"figure", "value", "unit", "limit", "ratio"}``.
+Also printed: the issue's targets beside the figures (met / not met), the
+copy-path byte counters and vring counters of each device (``micctl
+devices --json``). Figure and limit alternate over ``--rounds``; the best
+of each is kept. The last lines are one JSON object per figure:
+``{"figure", "value", "unit", "limit", "ratio"}`` (limit and ratio null
+for the daemon's CPU time and memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import re
-import resource
 import select
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import best, cpu, now, parse_size, wait_for, writev_frames
+from benchmarks.common import best, now, parse_size, wait_for
 
 KiB, MiB = 1 << 10, 1 << 20
-HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"
-RAW_HOST, RAW_PEER = "172.31.2.254", "172.31.2.1"
+HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"          # MPSS defaults for mic0 (README "Configuration")
+VETH_A, VETH_B = "172.31.2.254", "172.31.2.1"            # the limit's two ends
+MTU = 64512                                              # the tap's MTU (MPSS), and so the veth's
+ECHO_PORT = 7                                            # RFC 862, the card's UdpEcho
+IMAGE_BYTES = 128 * MiB
+BLK_COMMAND = 16 * MiB     # bytes per blk write/read command (the card heap limits one command's size)
+LOSS_TIMEOUT = 0.5         # seconds after which a datagram not echoed is lost
+CHECK_EVERY = 16           # every Nth echo compared byte for byte
+SEQ = struct.Struct("<Q")  # each datagram starts with its sequence number
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33   # <asm-generic/socket.h>: buffer sizes past rmem/wmem_max (root)
+SOCK_BUF = 16 << 20        # room for any window of 64000-byte datagrams, so no socket drops one
 WAIT = 60.0
+TARGETS = {"net_echo_udp64000": ("MB/s", 1000.0), "net_echo_udp64": ("pkt/s", 50000.0),
+           "blk_seq_read_card": ("ratio", 0.7), "blk_seq_write_card": ("ratio", 0.7),
+           "blk_rand4k_qd32_read_card": ("IOPS", 20000.0)}
+
+RESPONDER = """\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, int(sys.argv[3]))   # SO_RCVBUFFORCE
+s.setsockopt(socket.SOL_SOCKET, 32, int(sys.argv[3]))   # SO_SNDBUFFORCE
+s.bind((sys.argv[1], int(sys.argv[2])))
+buf = bytearray(65536)
+mv = memoryview(buf)
+print("ready", flush=True)
+while True:
+    n, peer = s.recvfrom_into(buf)
+    s.sendto(mv[:n], peer)
+"""
 
 
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all threads), from /proc/PID/stat (proc(5) fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_mem_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def echo_run(sock: socket.socket, size: int, window: int, seconds: float) -> dict:
+    """Keep ``window`` datagrams of ``size`` bytes in flight on the connected ``sock`` for ``seconds``.
+
+    The same code measures the card and the limit. Returns the echoed count and bytes, the time from the
+    first send to the last echo, the lost / late / corrupt / refused (ICMP port unreachable) counts and how
+    many echoes were compared.
+    """
+    body = memoryview(os.urandom(size))[SEQ.size:]
+    buf = bytearray(size + 64)
+    outstanding: dict[int, float] = {}
+    seq = echoed = lost = late = bad = checked = refused = 0
+    sock.setblocking(False)
+    while True:                       # nothing of an earlier run left in the socket
+        try:
+            sock.recv_into(buf)
+        except BlockingIOError:
+            break
+    t0 = last = now()
+    end = t0 + seconds
+    while True:
+        t = now()
+        sending = t < end
+        while sending and len(outstanding) < window:
+            try:
+                sock.sendmsg([SEQ.pack(seq), body])
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:    # an ICMP port unreachable came back for an earlier one
+                refused += 1
+                continue
+            outstanding[seq] = t
+            seq += 1
+        if not outstanding:
+            if not sending:
+                break
+            continue
+        if select.select([sock], [], [], 0.05)[0]:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    refused += 1
+                    continue
+                s = SEQ.unpack_from(buf)[0] if n >= SEQ.size else -1
+                if outstanding.pop(s, None) is None:
+                    late += 1                 # expired earlier (counted lost), or not ours
+                    continue
+                if n != size:
+                    bad += 1
+                    continue
+                echoed += 1
+                last = now()
+                if echoed % CHECK_EVERY == 0:
+                    checked += 1
+                    if bytes(buf[SEQ.size:n]) != body:
+                        bad += 1
+        t = now()
+        oldest = next(iter(outstanding.values()), t)
+        if t - oldest > LOSS_TIMEOUT:         # dicts keep insertion order: the oldest first
+            for s, sent in list(outstanding.items()):
+                if t - sent <= LOSS_TIMEOUT:
+                    break
+                del outstanding[s]
+                lost += 1
+    return {"sent": seq, "echoed": echoed, "bytes": echoed * size, "seconds": max(last - t0, 1e-9),
+            "lost": lost, "late": late, "bad": bad, "checked": checked, "refused": refused}
 
 
 class Rig:
-    """The simulated card booted under MicDevice, net and blk devices on VOP, the namespace with taps A and B."""
+    """Namespaces A and B with the veth pair and the echo responder, the simulated card, the daemon driving it."""
 
-    def __init__(self, net: bool, copy=None):
-        from backends.blk import BlkBackend
-        from micdrv.cosm.hwops import BootSpec
+    def __init__(self, net: bool):
         from micdrv.jsonlines import JsonLinesClient
-        from micdrv.mic import MicDevice
-        from micdrv.pci.vfio_user import VfioUserDevice
         from micdrv.sim.cardos.image import write_files
         from micdrv.sim.process import SimulatedCardProcess
+        self.stack = contextlib.ExitStack()
+        self.daemon = self.responder = None
+        self.net = net
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = Path(tempfile.mkdtemp(prefix="micdrv-bench-vop-", dir=base))
-        self.image = self.dir / "disk.img"
-        with open(self.image, "wb") as f:
-            f.truncate(256 * MiB)
-        firmware = self.dir / "uos.img"
-        write_files(firmware)
-        self.sim = SimulatedCardProcess(self.dir / "sim", "--memory", "2G", "--ready-delay", "0.05")
-        self.ctl = JsonLinesClient(self.sim.control, timeout=WAIT * 4)
-        from micdrv.vop.host import VopOptions
-        self.mic = MicDevice.open(VfioUserDevice.connect(self.sim.socket), mic_id=0, reset_delay=0.05,
-                                  scif_poll_interval=0.05, vop=VopOptions(copy=copy) if copy else None)
-        self.mic.reset()
-        wait_for(self.mic.ready, "the card to be ready")
-        self.mic.start(BootSpec(firmware, cmdline=f"ifcfg=static;address,{CARD_IP};netmask,255.255.255.0"))
-        self.backends = []
-        self.blk = BlkBackend.open(str(self.image))
-        self.backends.append(self.blk)
-        self.blk_dev = self._add(self.blk)
-        self.ns = self.net = None
-        if net:
-            self._net()
-        wait_for(lambda: "vda" in (self.record() or {}).get("devices", {}), "the card's vda")
+        self.stack.callback(shutil.rmtree, self.dir, True)
+        try:
+            self.image = self.dir / "disk.img"
+            with open(self.image, "wb") as f:
+                for _ in range(IMAGE_BYTES // MiB):
+                    f.write(os.urandom(MiB))
+            firmware = self.dir / "uos.img"
+            write_files(firmware)
+            if net:
+                self._namespaces()
+            self.sim = SimulatedCardProcess(self.dir / "sim", "--memory", "2G", "--ready-delay", "0.05")
+            self.stack.callback(self.sim.stop)
+            self.ctl = JsonLinesClient(self.sim.control, timeout=WAIT * 4)
+            self.stack.callback(self.ctl.close)
+            self._daemon(firmware)
+        except BaseException:
+            self.close()
+            raise
 
-    def _add(self, backend):
-        dev = self.mic.vop.add(backend)
-        wait_for(lambda: dev.state == "active", f"{dev.name} to be active")
-        return dev
-
-    def _net(self) -> None:
-        from pyroute2 import IPRoute
-
-        from backends.net import NetBackend, Tap, link
-        from tests.netns_harness import namespace, socket_in
-        self._ns = namespace("mdvv")
-        self.ns = self._ns.__enter__()
+    # --- namespaces ------------------------------------------------------------------------------
+    def _namespaces(self) -> None:
+        from tests.netns_harness import namespace
+        self.ns = self.stack.enter_context(namespace("mdvva"))
+        self.ns_b = self.stack.enter_context(namespace("mdvvb"))
         tag = os.getpid() % 100000
-        self.net = NetBackend.open("mic0", tap=f"mdvv{tag}a", netns=self.ns)
-        self.backends.append(self.net)
-        self.raw_tap = Tap(f"mdvv{tag}b")
-        link.configure(self.raw_tap.name, netns=self.ns, address=f"{RAW_HOST}/24", mtu=link.MPSS_MTU)
-        self.raw_mac = link.stable_mac("bench-vop-raw")
-        with IPRoute(netns=self.ns) as ip:
-            for name in (self.net.tap.name, self.raw_tap.name):
-                ip.link("set", index=ip.link_lookup(ifname=name)[0], txqlen=20000)
-            ip.neigh("add", dst=RAW_PEER, lladdr=link.format_mac(self.raw_mac),
-                     ifindex=ip.link_lookup(ifname=self.raw_tap.name)[0], state=0x80)   # NUD_PERMANENT
-        self.raw_tap_mac = bytes.fromhex(link.state(self.raw_tap.name, self.ns).mac.replace(":", ""))
-        self.net_dev = self._add(self.net)
-        wait_for(lambda: "eth0" in (self.record() or {}).get("devices", {}), "the card's eth0")
-        self.sink = socket_in(self.ns)
-        self.sink.bind(("0.0.0.0", 9000))
-        self.sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.shell(f"ping {HOST_IP} -c 1")          # ARP both ways before anything is timed
+        self.tap = f"mdvv{tag}"
+        va, vb = f"mdvv{tag}a", f"mdvv{tag}b"
 
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", *args], check=True, timeout=WAIT)
+        ip("-n", self.ns, "link", "add", va, "mtu", str(MTU), "type", "veth", "peer", "name", vb, "mtu", str(MTU),
+           "netns", self.ns_b)
+        ip("-n", self.ns, "addr", "add", f"{VETH_A}/24", "dev", va)
+        ip("-n", self.ns_b, "addr", "add", f"{VETH_B}/24", "dev", vb)
+        ip("-n", self.ns, "link", "set", va, "up")
+        ip("-n", self.ns_b, "link", "set", vb, "up")
+        self.responder = subprocess.Popen(["ip", "netns", "exec", self.ns_b, sys.executable, "-c", RESPONDER, VETH_B,
+                                           str(ECHO_PORT), str(SOCK_BUF)], stdout=subprocess.PIPE, text=True)
+        self.stack.callback(self._stop_responder)
+        if self.responder.stdout.readline().strip() != "ready":
+            raise RuntimeError("the echo responder in namespace B did not start")
+
+        self.to_veth = self.sender(VETH_B)
+
+    def sender(self, dst: str) -> socket.socket:
+        """A UDP socket in namespace A connected to ``dst``'s echo port."""
+        from tests.netns_harness import socket_in
+        s = socket_in(self.ns)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCK_BUF)
+        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCK_BUF)
+        s.connect((dst, ECHO_PORT))
+        self.stack.callback(s.close)
+        return s
+
+    def _stop_responder(self) -> None:
+        if self.responder.poll() is None:
+            self.responder.send_signal(signal.SIGTERM)
+            try:
+                self.responder.wait(10)
+            except subprocess.TimeoutExpired:
+                self.responder.kill()
+                self.responder.wait(10)
+
+    # --- the daemon --------------------------------------------------------------------------------
+    def _daemon(self, firmware: Path) -> None:
+        self.run_dir = self.dir / "run"
+        config = self.dir / "micdrv.toml"
+        text = (f'[global]\nfuse = false\nlog_level = "warning"\n'
+                f'[card.mic0]\nfirmware = "{firmware}"\nreset_timeout = 20\n'
+                f'[[card.mic0.blk]]\npath = "{self.image}"\nserial = "bench-vop"\n')
+        if self.net:
+            text += (f'[[card.mic0.net]]\ntap = "{self.tap}"\naddress = "{HOST_IP}/24"\n'
+                     f'card_address = "{CARD_IP}"\nnetns = "{self.ns}"\nmtu = {MTU}\n')
+        config.write_text(text)
+        self.log_path = self.dir / "daemon.log"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")) if p))
+        self.env = env
+        with open(self.log_path, "ab") as log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "micdrv.daemon", "--vfio-user", self.sim.socket, "--name", "mic0",
+                 "--run-dir", str(self.run_dir), "--config", str(config)],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.stack.callback(self._stop_daemon)
+        sock = self.run_dir / "mic0.sock"
+
+        def up() -> bool:
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"micdrv exited with {self.daemon.returncode}:\n{self.log()}")
+            return sock.exists()
+        wait_for(up, "the daemon's control socket")
+        if self.status()["state"] != "ready":
+            self.micctl("reset", "--wait", "mic0")
+        self.micctl("boot", "--wait", "mic0")
+        want = ("vda", "eth0") if self.net else ("vda",)
+        wait_for(lambda: all(d in (self.record() or {}).get("devices", {}) for d in want), "the card's devices")
+        if self.net:
+            self.to_card = self.sender(CARD_IP)      # the tap and its route exist now
+            self.shell(f"ping {HOST_IP} -c 1")       # ARP both ways before anything is timed
+
+    def micctl(self, *args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "micdrv.cli", "--run-dir", str(self.run_dir), *args],
+                           capture_output=True, text=True, timeout=WAIT * 2, env=self.env)
+        if r.returncode != 0:
+            raise RuntimeError(f"micctl {' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}\n{self.log()}")
+        return r.stdout
+
+    def status(self) -> dict:
+        return json.loads(self.micctl("status", "--json", "mic0"))[0]
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def _stop_daemon(self) -> None:
+        if self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(WAIT)
+
+    # --- the card ---------------------------------------------------------------------------------
     def record(self) -> dict | None:
         return self.ctl.call("os")["record"]
 
@@ -140,155 +342,57 @@ class Rig:
         return r["output"]
 
     def close(self) -> None:
-        try:
-            self.ctl.close()
-            dev = self.mic.dev
-            self.mic.close()
-            dev.close()
-            for b in self.backends:
-                b.close()
-            if self.ns is not None:
-                self.raw_tap.close()
-                self.sink.close()
-                self._ns.__exit__(None, None, None)
-        finally:
-            self.sim.stop()
+        self.stack.close()
 
 
 class Measure:
-    """The figures and their limits on one rig; VOP bytes and this process's CPU time kept for the summary."""
+    """The figures and their limits on one rig; the daemon's CPU time per figure."""
 
-    def __init__(self, rig: Rig, net_bytes: int, blk_bytes: int):
-        self.rig = rig
-        self.net_bytes = net_bytes
-        self.blk_bytes = blk_bytes
-        self.vop_bytes = 0
-        self.vop_cpu = 0.0
-        from tests import packets as P
-        self.P = P
+    def __init__(self, rig: Rig, seconds: float, window: int, blk_bytes: int, rand_count: int):
+        self.rig, self.seconds, self.window = rig, seconds, window
+        self.blk_bytes, self.rand_count = blk_bytes, rand_count
+        self.cpu: dict[str, list[float]] = {}      # figure -> [daemon CPU s, bytes through VOP, operations]
+        self.echo_stats: dict[str, dict] = {}
 
-    def _vop(self, moved: int, cpu_s: float) -> None:
-        self.vop_bytes += moved
-        self.vop_cpu += cpu_s
+    def _daemon_cpu(self, figure: str, fn):
+        pid = self.rig.daemon.pid
+        c0 = proc_cpu(pid)
+        value, moved, ops = fn()
+        acc = self.cpu.setdefault(figure, [0.0, 0, 0])
+        acc[0] += proc_cpu(pid) - c0
+        acc[1] += moved
+        acc[2] += ops
+        return value
 
-    # --- DMA limits ------------------------------------------------------------------------------
-    def dma(self, size: int, c2h: bool, total: int) -> float:
-        """The DMA engine copying ``size``-byte pieces between card memory and the arena, 16 per batch."""
-        mic = self.rig.mic
-        m = -(-size // 64) * 64
-        batch = 16
-        a = mic.arena.alloc(m * batch, 4096)
-        try:
-            host = mic.card.smpt.to_card(mic.arena.iova(a), m * batch)
-            card = 1 << 30   # 1 GiB into card memory: nothing of the card OS lives there
-            copies = [((host + i * m, card + i * m) if c2h else (card + i * m, host + i * m)) + (m,)
-                      for i in range(batch)]
-            n = max(1, total // (size * batch))
-            t0 = now()
-            for _ in range(n):
-                mic.dma.memcpy_batch(copies).result(WAIT)
-            return n * batch * size / (now() - t0)
-        finally:
-            mic.arena.free(a)
+    # --- net ---------------------------------------------------------------------------------------
+    def _echo(self, key: str, sock: socket.socket, size: int) -> tuple[float, int, int]:
+        r = echo_run(sock, size, self.window, self.seconds)
+        tot = self.echo_stats.setdefault(key, dict.fromkeys(r, 0))
+        for k, v in r.items():
+            tot[k] += v
+        rate = (r["bytes"] if size > 1500 else r["echoed"]) / r["seconds"]
+        return rate, 2 * r["bytes"], 2 * r["echoed"]
 
-    # --- net -------------------------------------------------------------------------------------
-    def net_c2h(self, size: int) -> float:
-        total = self.net_bytes if size > 1500 else max(size * 2000, self.net_bytes // 200)
-        c0 = cpu()
-        out = self.rig.shell(f"udp send {HOST_IP} 9000 {total} {size}")
-        self._vop(total, cpu() - c0)
-        m = re.search(r"sent (\d+) datagrams, (\d+) bytes in ([\d.]+) s", out)
-        if not m or int(m.group(1)) == 0:
-            raise RuntimeError(f"udp send: {out}")
-        self._drain_sink()
-        return int(m.group(2)) / float(m.group(3))
+    def echo_card(self, size: int) -> float:
+        return self._daemon_cpu(f"net_echo_udp{size}", lambda: self._echo(f"card {size}", self.rig.to_card, size))
 
-    def _drain_sink(self) -> None:
-        s = self.rig.sink
-        s.setblocking(False)
-        try:
-            while True:
-                s.recv(65536)
-        except BlockingIOError:
-            pass
+    def echo_veth(self, size: int) -> float:
+        return self._echo(f"veth {size}", self.rig.to_veth, size)[0]
 
-    def frame(self, size: int) -> bytes:
-        P = self.P
-        udp = P.udp(P.ip4(RAW_PEER), P.ip4(RAW_HOST), 4000, 9000, os.urandom(size))
-        return P.eth(self.rig.raw_tap_mac, self.rig.raw_mac, P.ETH_P_IP,
-                     P.ipv4(P.ip4(RAW_PEER), P.ip4(RAW_HOST), P.IPPROTO_UDP, udp))
-
-    def tap_write(self, size: int) -> float:
-        frame = self.frame(size)
-        iov = [memoryview(bytes(10)), memoryview(frame)]
-        fd = self.rig.raw_tap.fd
-        count = max(200, min(20000, self.net_bytes // len(frame)))
-        t0 = now()
-        writev_frames(fd, iov, count)
-        rate = count * size / (now() - t0)
-        self._drain_sink()
-        return rate
-
-    def _send_from_namespace(self, dst: str, port: int, size: int, count: int) -> None:
-        code = (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                f"s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)\nd = bytes({size})\n"
-                f"for _ in range({count}):\n    s.sendto(d, ({dst!r}, {port}))\n")
-        subprocess.run(["ip", "netns", "exec", self.rig.ns, sys.executable, "-c", code], check=True, timeout=WAIT)
-
-    def net_h2c(self, size: int) -> float:
-        count = max(100, self.net_bytes // size) if size > 1500 else 5000
-        rig = self.rig
-        rig.shell("udp sink 9001")
-        rig.shell("udp sink 9001 reset")
-        c0 = cpu()
-        self._send_from_namespace(CARD_IP, 9001, size, count)
-
-        def done():
-            m = re.search(r"sink port 9001: (\d+) datagrams, (\d+) bytes in ([\d.]+) s", rig.shell("udp stat"))
-            return m if m and int(m.group(1)) >= count * 0.98 else None
-        try:
-            m = wait_for(done, "the card's sink to count the datagrams", 30)
-        except TimeoutError:
-            m = re.search(r"sink port 9001: (\d+) datagrams, (\d+) bytes in ([\d.]+) s", rig.shell("udp stat"))
-        self._vop(int(m.group(2)), cpu() - c0)
-        return int(m.group(2)) / max(float(m.group(3)), 1e-6)
-
-    def tap_read(self, size: int) -> float:
-        count = max(100, self.net_bytes // size) if size > 1500 else 5000
-        fd = self.rig.raw_tap.fd
-        buf = memoryview(bytearray(65536 + 64))
-        while True:    # empty tap B first
-            try:
-                os.readv(fd, [buf])
-            except BlockingIOError:
-                break
-        self._send_from_namespace(RAW_PEER, 9000, size, count)
-        got = 0
-        t0 = now()
-        while got < count:
-            try:
-                os.readv(fd, [buf])
-                got += 1
-            except BlockingIOError:
-                if not select.select([fd], [], [], 1.0)[0]:
-                    break
-        return got * size / (now() - t0)
-
-    # --- blk -------------------------------------------------------------------------------------
+    # --- blk ---------------------------------------------------------------------------------------
     def blk_card(self, write: bool) -> float:
-        sectors = self.blk_bytes // 512
-        line = f"blk write vda 0 0x5a {sectors}" if write else f"blk read vda 0 {sectors}"
-        c0 = cpu()
-        t0 = now()
-        self.rig.shell(line)
-        t = now() - t0
-        self._vop(self.blk_bytes, cpu() - c0)
-        return self.blk_bytes / t
+        def run():
+            t0 = now()
+            for off in range(0, self.blk_bytes, BLK_COMMAND):
+                n = min(BLK_COMMAND, self.blk_bytes - off) // 512
+                self.rig.shell(f"blk write vda {off // 512} 0x5a {n}" if write else f"blk read vda {off // 512} {n}")
+            return self.blk_bytes / (now() - t0), self.blk_bytes, self.blk_bytes // MiB
+        return self._daemon_cpu(f"blk_seq_{'write' if write else 'read'}_card", run)
 
-    def blk_raw(self, write: bool) -> float:
+    def blk_host(self, write: bool) -> float:
         fd = os.open(self.rig.image, os.O_RDWR)
         try:
-            buf = memoryview(bytearray(MiB))
+            buf = memoryview(bytearray(MiB) if not write else bytearray(b"\x5a" * MiB))
             t0 = now()
             for off in range(0, self.blk_bytes, MiB):
                 (os.pwritev if write else os.preadv)(fd, [buf], off)
@@ -296,64 +400,114 @@ class Measure:
         finally:
             os.close(fd)
 
+    def rand_card(self, seed: int) -> float:
+        def run():
+            out = self.rig.shell(f"blk randread vda {self.rand_count} 32 {seed}")
+            m = re.search(r"randread vda: (\d+) requests of 4096 bytes at depth 32 in ([\d.]+) s", out)
+            if not m or int(m.group(1)) != self.rand_count:
+                raise RuntimeError(f"blk randread: {out}")
+            return int(m.group(1)) / float(m.group(2)), self.rand_count * 4 * KiB, self.rand_count
+        return self._daemon_cpu("blk_rand4k_qd32_read_card", run)
+
+    def rand_host(self, seed: int) -> float:
+        """``preadv`` of 4 KiB at the card's offsets (the shell's documented draw), one at a time."""
+        rng = random.Random(seed)
+        blocks = IMAGE_BYTES // (4 * KiB)
+        offsets = [rng.randrange(blocks) * 4 * KiB for _ in range(self.rand_count)]
+        fd = os.open(self.rig.image, os.O_RDONLY)
+        try:
+            buf = [memoryview(bytearray(4 * KiB))]
+            t0 = now()
+            for off in offsets:
+                os.preadv(fd, buf, off)
+            return self.rand_count / (now() - t0)
+        finally:
+            os.close(fd)
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--net-bytes", type=parse_size, default=32 * MiB, help="bytes per big-datagram measurement")
-    ap.add_argument("--blk-bytes", type=parse_size, default=32 * MiB, help="bytes per blk measurement")
-    ap.add_argument("--no-net", action="store_true", help="skip the net figures (they need root)")
-    ap.add_argument("--copy", choices=("spec", "bar0", "small-bar0"), default="spec",
-                    help="copy policy: upstream's rules (default), BAR0 both ways, or host -> card pieces under "
-                         "4 KiB through BAR0")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per echo measurement")
+    ap.add_argument("--window", type=int, default=32, help="echo datagrams kept in flight")
+    ap.add_argument("--blk-bytes", type=parse_size, default=64 * MiB, help="bytes per sequential blk measurement")
+    ap.add_argument("--rand-count", type=int, default=8000, help="random 4 KiB reads per measurement")
+    ap.add_argument("--no-net", action="store_true", help="skip the net figures")
     args = ap.parse_args()
     if not args.no_net and os.geteuid() != 0:
-        print("net figures need root (use --no-net)", file=sys.stderr)
+        print("the net figures need root (namespaces, a tap, a veth pair); --no-net skips them", file=sys.stderr)
         return 1
+    if not 0 < args.blk_bytes <= IMAGE_BYTES or args.blk_bytes % MiB:
+        print(f"--blk-bytes: whole MiB, at most {IMAGE_BYTES // MiB} MiB", file=sys.stderr)
+        return 2
     results = []
 
-    def report(figure: str, value: float, limits: dict[str, float], pkt: int | None = None) -> None:
-        unit, scale = ("pkt/s", pkt) if pkt else ("MB/s", 1e6)
-        limit = min(limits.values())
+    def report(figure: str, value: float, limit: float, unit: str, scale: float, what: str) -> None:
         ratio = value / limit if limit else 0.0
-        extra = ", ".join(f"{k} {v / scale:.1f}" for k, v in limits.items())
-        print(f"{figure:24s} {value / scale:10.1f} {unit:5s}  limit {limit / scale:10.1f} {unit:5s}  "
-              f"ratio {ratio:5.2f}   ({extra})", flush=True)
+        tunit, target = TARGETS[figure]
+        got = ratio if tunit == "ratio" else value / scale
+        verdict = "met" if got >= target else "NOT met"
+        tgt = f"target {target:g} x limit" if tunit == "ratio" else f"target {target:g} {tunit}"
+        print(f"{figure:28s} {value / scale:10.1f} {unit:5s}  limit {limit / scale:10.1f} {unit:5s} ({what})  "
+              f"ratio {ratio:5.2f}   {tgt}: {verdict}", flush=True)
         results.append({"figure": figure, "value": round(value / scale, 2), "unit": unit,
                         "limit": round(limit / scale, 2), "ratio": round(ratio, 3)})
 
-    from micdrv.vop.copy import CopyPolicy
-    policy = {"spec": None, "bar0": CopyPolicy(c2h_dma=False, h2c_dma=False),
-              "small-bar0": CopyPolicy(h2c_dma_min=4096)}[args.copy]
-    rig = Rig(net=not args.no_net, copy=policy)
-    print(f"copy policy: {args.copy} ({(policy or CopyPolicy()).describe()})")
+    t_start = now()
+    rig = Rig(net=not args.no_net)
+    print(f"rig up in {now() - t_start:.1f} s: daemon pid {rig.daemon.pid}, window {args.window}, "
+          f"{args.seconds:g} s per echo run, {args.rounds} rounds", flush=True)
     try:
-        m = Measure(rig, args.net_bytes, args.blk_bytes)
-        for write in (True, False):
-            v, raw, dma = best(args.rounds, lambda: m.blk_card(write), lambda: m.blk_raw(write),
-                               lambda: m.dma(MiB, c2h=write, total=args.blk_bytes))
-            report(f"blk_seq_{'write' if write else 'read'}_card", v,
-                   {"pwritev" if write else "preadv": raw, "DMA": dma})
+        m = Measure(rig, args.seconds, args.window, args.blk_bytes, args.rand_count)
         if not args.no_net:
             for size in (64000, 64):
-                pkt = None if size > 1500 else size
-                v, tap, dma = best(args.rounds, lambda: m.net_c2h(size), lambda: m.tap_write(size),
-                                   lambda: m.dma(size, c2h=True, total=args.net_bytes))
-                report(f"net_card_to_host_udp{size}", v, {"tap writev": tap, "DMA": dma}, pkt)
-                v, tap, dma = best(args.rounds, lambda: m.net_h2c(size), lambda: m.tap_read(size),
-                                   lambda: m.dma(size, c2h=False, total=args.net_bytes))
-                report(f"net_host_to_card_udp{size}", v, {"tap readv": tap, "DMA": dma}, pkt)
-        for dev in rig.mic.vop.devices:
-            print(f"{dev.name + ' copy paths':24s} {json.dumps(dev.engine.counters)}")
-            for q in dev.queues:
-                c = q.counters
-                print(f"{dev.name + ' vring ' + str(q.index):24s} chains {c['chains']}, batches {c['batches']} "
-                      f"(max {c['max_batch']}), interrupts {c['interrupts']}, suppressed {c['interrupts_suppressed']}")
-        if m.vop_bytes:
-            print(f"{'host CPU time':24s} {m.vop_cpu / (m.vop_bytes / 1e9):10.2f} s per GB through VOP")
-        print(f"{'resident memory (max)':24s} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:10.1f} MiB")
+                v, lim = best(args.rounds, lambda: m.echo_card(size), lambda: m.echo_veth(size))
+                unit, scale = ("MB/s", 1e6) if size > 1500 else ("pkt/s", 1.0)
+                report(f"net_echo_udp{size}", v, lim, unit, scale, "veth + Python echo")
+                for key in (f"card {size}", f"veth {size}"):
+                    s = m.echo_stats[key]
+                    print(f"  {key + ' B echo':22s} sent {s['sent']}, echoed {s['echoed']}, lost {s['lost']}, "
+                          f"late {s['late']}, refused {s['refused']}, compared {s['checked']}, wrong {s['bad']}",
+                          flush=True)
+        for write in (True, False):
+            v, lim = best(args.rounds, lambda: m.blk_card(write), lambda: m.blk_host(write))
+            report(f"blk_seq_{'write' if write else 'read'}_card", v, lim, "MB/s", 1e6,
+                   "pwritev" if write else "preadv")
+        seeds = iter(range(1, 1000))
+        v, lim = best(args.rounds, lambda: m.rand_card(next(seeds)), lambda: m.rand_host(next(seeds)))
+        report("blk_rand4k_qd32_read_card", v, lim, "IOPS", 1.0, "preadv 4 KiB, one at a time")
+
+        devices = json.loads(rig.micctl("devices", "--json", "mic0"))
+        for dev in devices:
+            vop = dev.get("vop") or {}
+            print(f"{dev['name'] + ' copy paths':28s} {json.dumps(vop.get('copy'))}")
+            for q in vop.get("queues", []):
+                print(f"{dev['name'] + ' vring ' + str(q.get('index')):28s} chains {q.get('chains')}, batches "
+                      f"{q.get('batches')} (max {q.get('max_batch')}), interrupts {q.get('interrupts')}, "
+                      f"suppressed {q.get('interrupts_suppressed')}")
+        bulk_cpu = bulk_bytes = 0.0
+        for figure, (c, moved, ops) in m.cpu.items():
+            per_gb = c / (moved / 1e9) if moved else 0.0
+            print(f"{'daemon CPU ' + figure:40s} {c:6.2f} s for {moved / 1e6:8.1f} MB: {per_gb:6.2f} s/GB, "
+                  f"{c / ops * 1e6 if ops else 0:7.1f} us per {'datagram' if 'net' in figure else 'request'}")
+            if figure in ("net_echo_udp64000", "blk_seq_write_card", "blk_seq_read_card"):
+                bulk_cpu += c
+                bulk_bytes += moved
+        per_gb = bulk_cpu / (bulk_bytes / 1e9) if bulk_bytes else 0.0
+        print(f"{'daemon CPU per GB (bulk)':28s} {per_gb:10.2f} s/GB (64000-byte echo both ways, sequential blk)")
+        mem = proc_mem_kib(rig.daemon.pid)
+        print(f"{'daemon resident memory':28s} {mem['VmHWM'] / 1024:10.1f} MiB peak (VmHWM), "
+              f"{mem['VmRSS'] / 1024:.1f} MiB now (VmRSS)")
+        results.append({"figure": "daemon_cpu_per_gb", "value": round(per_gb, 3), "unit": "s/GB",
+                        "limit": None, "ratio": None})
+        results.append({"figure": "daemon_rss", "value": round(mem["VmHWM"] / 1024, 1), "unit": "MiB",
+                        "limit": None, "ratio": None})
+        if rig.daemon.poll() is not None or "Traceback" in rig.log():
+            print(f"the daemon failed:\n{rig.log()}", file=sys.stderr)
+            return 1
     finally:
         rig.close()
+    print(f"total {now() - t_start:.1f} s", flush=True)
     for r in results:
         print(json.dumps(r))
     return 0
