@@ -10,7 +10,7 @@ operator does after that goes through /run/micdrv/mic0-style files: a shell's
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
 import re
 import select
@@ -27,6 +27,7 @@ import pytest
 
 from micdrv import install
 from micdrv.fs.mount import FSTYPE, MNT_DETACH, mounts_at, umount
+from micdrv.sim.cardos.shell_commands import pattern_bytes
 from tests.daemon_harness import REPO, WAIT, control_call, wait_for
 from tests.test_sdnotify import Manager
 
@@ -65,46 +66,28 @@ def destdir():
     return d
 
 
-# The card's disk half needs the daemon to serve virtio-blk (micdrv.vop.devices) and a card-side
-# block driver (the VOP tests' prober, tests/vop_card_drivers.py); until both are on main the tree's
-# disks are covered by tests/test_fs_block.py against a BlkBackend's own image. Once micdrv.vop.devices
-# exists, the half runs, and a missing prober is a failure, not a quiet skip.
-SERVES_DISKS = importlib.util.find_spec("micdrv.vop.devices") is not None
-
-
-def card_call(run_dir: Path, cmd: str, **args) -> dict:
-    reply = control_call(str(run_dir / "mic0.sim" / "control.sock"), cmd, **args)
-    assert reply["ok"], reply
-    return reply
-
-
-def card_disk(run_dir: Path, serial: str) -> tuple[int] | None:
-    """(the card's index of its block device whose ID is ``serial``,), or None before it is probed."""
-    for dev in card_call(run_dir, "os")["record"]["devices"]["vop"]["devices"]:
-        if dev["type"] == 2 and dev["state"] == "probed":
-            if card_call(run_dir, "vop", switch="driver", device=dev["index"], op="get_id")["id"] == serial:
-                return (dev["index"],)
-    return None
+def card_shell(run_dir: Path, line: str) -> str:
+    """One line typed into the simulated card OS's shell (through the simulator's control socket)."""
+    reply = control_call(str(run_dir / "mic0.sim" / "control.sock"), "kernel", action="shell", message=line)
+    assert reply["ok"] and reply["succeeded"], reply
+    return reply["output"]
 
 
 def check_the_card_disk(run_dir: Path, tree: Path) -> None:
-    """What the card writes is what block/<disk> reads, and the other way round."""
-    from tests.vop_card_drivers import pattern
+    """What the card's own virtio-blk driver writes is what block/<disk> reads, and the other way round."""
     image = tree / "block" / "blk0"
     wait_for(image.exists, "the card's disk in the tree")
     assert image.stat().st_size == 4 << 20
-    (index,) = wait_for(lambda: card_disk(run_dir, "op-disk"), "the card to probe its disk")
-    w = card_call(run_dir, "vop", switch="driver", device=index, op="write", sector=16, length=64 << 10, seed=7)
-    assert w["status"] == 0
+    wait_for(lambda: "op-disk" in card_shell(run_dir, "blk list"), "the card to probe its disk (serial op-disk)")
+    card_shell(run_dir, "blk write vda 16 operator 128")
     with open(image, "rb") as f:
         f.seek(16 * 512)
-        assert f.read(64 << 10) == pattern(7, 64 << 10)
+        assert f.read(128 * 512) == pattern_bytes("operator", 16, 128)
     mine = os.urandom(4096)
     with open(image, "r+b") as f:
         f.seek(1024 * 512)
         f.write(mine)
-    r = card_call(run_dir, "vop", switch="driver", device=index, op="read", sector=1024, length=4096)
-    assert (r["status"], bytes.fromhex(r["data"])) == (0, mine)
+    assert card_shell(run_dir, "blk read vda 1024 8").split()[0] == hashlib.sha256(mine).hexdigest()
 
 
 def test_install_start_as_systemd_boot_and_shut_down_through_the_tree(destdir):
@@ -124,8 +107,6 @@ def test_install_start_as_systemd_boot_and_shut_down_through_the_tree(destdir):
     manager = Manager(b"\0" + name.encode())
     log_path = destdir / "micdrv.log"
     env = dict(os.environ, NOTIFY_SOCKET="@" + name, PYTHONPATH=str(REPO))
-    if SERVES_DISKS:
-        env["MICDRV_SIM_IMPORT"] = "tests.vop_card_drivers"   # the simulated card's block driver
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/")
     tree = run_dir / "mic0"
@@ -143,8 +124,7 @@ def test_install_start_as_systemd_boot_and_shut_down_through_the_tree(destdir):
             statuses.append(manager.receive()[0].get("STATUS"))
         assert "mic0: booting" in statuses
         assert "micdrv-sim-cardos" in (tree / "log").read_text()
-        if SERVES_DISKS:
-            check_the_card_disk(run_dir, tree)
+        check_the_card_disk(run_dir, tree)
 
         bash(f"echo shutdown > {tree}/state")
         wait_state(tree / "state", "ready")                 # powered off, then reset by the daemon (spec 6.5)
