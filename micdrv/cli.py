@@ -90,6 +90,9 @@ def select_cards(args) -> list[tuple[str, Path]]:
         names = found
     elif "all" in names:
         raise CliError("'all' cannot be combined with card names", EXIT_USAGE)
+    for n in names:
+        if not n or n.startswith(".") or "/" in n or not n.isprintable():
+            raise CliError(f"{n!r} is not a card name (micN, or all)", EXIT_USAGE)
     return [(n, rdir / f"{n}.sock") for n in names]
 
 
