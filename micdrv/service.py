@@ -52,10 +52,13 @@ setting one with its validation (:meth:`~CardService.set_attribute`), a write to
 methods of the service, so the control socket and the FUSE tree (:mod:`micdrv.fs`) share one
 definition of what each attribute means.
 
-Who may ask (SO_PEERCRED): root may do everything; members of the
-configured ``socket_group`` may use ``status``, ``info``, ``wait`` and
-``log``; anyone else is refused (EACCES). The socket's mode and group are
-the first line of defence, this check the second.
+Who may ask (SO_PEERCRED, SO_PEERGROUPS: the peer's uid, gid and groups when
+it connected): root may do everything; members of the configured
+``socket_group`` (its primary or a supplementary group) may use the
+read-only commands ``status``, ``info``, ``wait``, ``log``, ``ping``,
+``devices``, ``blk-list`` and ``console``; anyone else is refused (EACCES).
+The socket's mode and group are the first line of defence, this check the
+second.
 """
 
 from __future__ import annotations
@@ -255,7 +258,12 @@ class CardService:
             return True
         if cmd not in self._read_only or self.allowed_gid is None:
             return False
-        return peer.gid == self.allowed_gid or self.allowed_gid in _supplementary_groups(peer.pid)
+        if peer.gid == self.allowed_gid:
+            return True
+        # The groups the peer had when it connected (SO_PEERGROUPS); /proc only on kernels before 4.13,
+        # where the pid may meanwhile be another process's.
+        groups = peer.groups if peer.groups is not None else _supplementary_groups(peer.pid)
+        return self.allowed_gid in groups
 
     def handle(self, req: dict, peer: PeerCred) -> dict:
         cmd = req["cmd"]
