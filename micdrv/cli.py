@@ -117,7 +117,10 @@ def request(name: str, path: Path, cmd: str, /, io_timeout: float | None = None,
             raise CliError(f"{name}: the daemon did not answer {cmd!r}: {e}", EXIT_NOCARD) from None
     if not reply.get("ok"):
         code = EXIT_TIMEOUT if reply.get("errno") == "ETIMEDOUT" else EXIT_FAIL
-        raise CliError(f"{name}: {cmd} failed: {reply.get('error', 'unknown error')}", code)
+        error = reply.get("error", "unknown error")
+        for said in (f"{name}: ", f"{cmd} failed: "):  # the daemon's own prefix: not twice on one line
+            error = error[len(said):] if error.startswith(said) else error
+        raise CliError(f"{name}: {cmd} failed: {error}", code)
     return reply
 
 
