@@ -504,8 +504,10 @@ def load(path: str | Path | None = None) -> Config:
         if explicit:
             raise ConfigError(str(p), None, None, "no such file") from None
         return Config(None)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(p), None, None, f"cannot read: {e}") from None
+    except OSError as e:
+        raise ConfigError(str(p), None, None, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, None, f"not UTF-8 text (byte {e.start})") from None
     return loads(text, str(p))
 
 
