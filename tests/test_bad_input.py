@@ -90,6 +90,12 @@ def test_a_group_that_does_not_exist_names_file_line_and_key(tmp_path, key):
     assert not (tmp_path / "run").exists()  # refused before anything was made
 
 
+def test_a_configuration_that_is_not_a_readable_text_file(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(b'[card.mic0]\ncmdline = "caf\xe9"\n')
+    for path, why in ((tmp_path, "cannot read: Is a directory"), (tmp_path / "latin1.toml", "not UTF-8 text")):
+        one_line(run_main("micdrv.daemon", ["--simulate", "--config", str(path)]), 2, f"micdrv: {path}: {why}")
+
+
 def test_a_syntax_error_stops_the_daemon_before_it_starts(tmp_path):
     r = daemon(tmp_path, "--simulate", config='[card.mic0]\ncmdline = "unterminated\n')
     one_line(r, 2, f"{tmp_path}/micdrv.toml:2: TOML syntax")
@@ -224,10 +230,13 @@ def test_a_boot_with_an_unusable_image_is_refused_before_the_card_is_touched(mic
     for extra, needle in _boot_cases(tmp_path, info["memory_size"], firmware):
         r = mic3.micctl("boot", "mic3", *extra)
         assert r.returncode == 1 and "Traceback" not in r.stderr, (extra, r.stderr)
-        assert r.stderr.count("\n") == 1 and "mic3: boot failed" in r.stderr and needle in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("micctl: mic3: boot failed: ") \
+            and r.stderr.count("mic3") == 1 and needle in r.stderr, r.stderr
         assert mic3.status()["state"] == "ready"
     after = mic3.card("counters")["counters"]["bootstrap"]
     assert (after["kicks"], after["resets"]) == (before["kicks"], before["resets"])
+    mic3.ok("set", "mic3", "firmware", firmware)  # a refused boot still set the attributes, as micctrl -b did
+    mic3.ok("set", "mic3", "ramdisk", "")
 
 
 def test_hot_adding_an_image_that_is_not_there_or_not_a_file(mic3, tmp_path):
@@ -237,6 +246,14 @@ def test_hot_adding_an_image_that_is_not_there_or_not_a_file(mic3, tmp_path):
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert f"blk-add failed: {path}: cannot open read-write: {needle}" in r.stderr
     assert json.loads(mic3.ok("blk", "list", "mic3", "--json")) == []
+
+
+def test_a_second_daemon_for_a_card_is_refused_and_the_first_serves_on(mic3):
+    r = run_main("micdrv.daemon", ["--simulate", "--name", "mic3", "--run-dir", str(mic3.run_dir),
+                                   "--config", str(mic3.config_path)])
+    line = one_line(r, 1, f"mic3: {mic3.socket}: another server is listening there: micdrv is running for mic3")
+    assert r.err.strip() == line
+    assert mic3.status()["state"] == "ready" and mic3.card("counters")  # its card and simulator untouched
 
 
 def test_micctl_as_a_user_outside_the_socket_group_is_denied_in_one_line(mic3):
