@@ -75,6 +75,16 @@ def test_a_malformed_device_address_is_a_usage_error(tmp_path):
     one_line(daemon(tmp_path, "--device", "03:00"), 2, "--device '03:00' is not a PCI address like 0000:03:00.0")
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--vfio-user", "/nonexistent/card.sock"],
+     "connect to vfio-user socket /nonexistent/card.sock failed: [ENOENT] No such file or directory"),
+    (["--device", "0000:7f:1f.7"], "look up PCI device 0000:7f:1f.7 failed: [ENODEV]"),
+])
+def test_a_card_that_is_not_there_is_one_line_and_exit_1(tmp_path, argv, needle):
+    line = one_line(daemon(tmp_path, *argv), 1, needle)
+    assert line.count("No such file or directory") <= 1
+
+
 def test_a_card_name_the_daemon_cannot_use(tmp_path):
     one_line(daemon(tmp_path, "--simulate", "--name", "card7"), 2, "card name 'card7'", "micN")
 
