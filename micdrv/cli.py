@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,20 @@ from .pci import PciError, bind
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOCARD, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 REQUEST_TIMEOUT = 60.0  # a boot may reset and poll ready first; the daemon answers within this
 SHORT_FLAGS = {"-b": "boot", "-S": "shutdown", "-r": "reset", "-R": "reboot", "-s": "status", "-w": "wait"}
+
+
+MAX_TIMEOUT = 1e9  # seconds (31 years): "wait forever", and still below threading.TIMEOUT_MAX
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more (not nan, not inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to {MAX_TIMEOUT:g}")
+    return v
 
 
 class CliError(Exception):
@@ -333,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("cards", nargs="*", metavar="CARD", help="micN, or all (default: every running card)")
         if wait:
             sp.add_argument("--wait", action="store_true", help="wait until the card is online or ready")
-        sp.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait (default {timeout:g})")
+        sp.add_argument("--timeout", type=seconds, default=timeout, help=f"seconds to wait (default {timeout:g})")
         sp.set_defaults(func=func)
         return sp
 

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_STATUS_WAIT = 60.0   # mpssd waits up to 60 s for shutdown_status (spec 6.5)
 DEFAULT_WAIT = 120.0          # micctl wait's default (mpssd waits up to 120 s for ready, spec 6.5)
+MAX_WAIT = 1e9                # longer is "forever"; a nan, inf or 1e300 would make Condition.wait raise
 READ_ONLY = frozenset({"status", "info", "wait", "log", "ping"})
 WAIT_STATES = (MicState.ONLINE, MicState.READY)
 
@@ -328,8 +329,8 @@ class CardService:
         except (ValueError, TypeError) as e:
             raise _errno_error(errno.EINVAL, str(e)) from None
         timeout = req.get("timeout", DEFAULT_WAIT)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise _errno_error(errno.EINVAL, '"timeout" must be a number of seconds')
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_WAIT:
+            raise _errno_error(errno.EINVAL, f'"timeout" must be a number of seconds from 0 to {MAX_WAIT:g}')
         if not self.cosm.wait_states(states, timeout):
             raise RequestError(f"{self.card.name}: still {self.cosm.state.sysfs} after {timeout:g} s "
                                f"(waiting for {' or '.join(names)})", errno="ETIMEDOUT",

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from micdrv import config as C
 from micdrv import default_config
+from micdrv.jsonlines import JsonLinesClient
 from tests.as_user import NOBODY, as_user, run_main
 from tests.daemon_harness import Daemon
 
@@ -46,7 +47,11 @@ def one_line(r, code: int, *needles: str) -> str:
 @pytest.mark.parametrize("argv, needle", [
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["set", "mic0"], "the following arguments are required: attr, value"),
-    (["wait", "--timeout", "soon", "mic0"], "invalid float value: 'soon'"),
+    (["wait", "--timeout", "soon", "mic0"], "argument --timeout: 'soon' is not a number of seconds from 0 to 1e+09"),
+    (["wait", "--timeout", "nan", "mic0"], "'nan' is not a number of seconds"),
+    (["boot", "--wait", "--timeout", "inf", "mic0"], "'inf' is not a number of seconds"),
+    (["reset", "--timeout", "-1", "mic0"], "'-1' is not a number of seconds"),
+    (["wait", "--timeout", "1e300", "mic0"], "'1e300' is not a number of seconds"),
     (["blk", "add", "mic0"], "the following arguments are required: path"),
     (["status", "../../etc/passwd"], "'../../etc/passwd' is not a card name"),
     (["log", ""], "'' is not a card name"),
@@ -264,6 +269,16 @@ def test_a_second_daemon_for_a_card_is_refused_and_the_first_serves_on(mic3):
     line = one_line(r, 1, f"mic3: {mic3.socket}: another server is listening there: micdrv is running for mic3")
     assert r.err.strip() == line
     assert mic3.status()["state"] == "ready" and mic3.card("counters")  # its card and simulator untouched
+
+
+def test_a_wait_the_daemon_cannot_do_is_refused_not_a_traceback(mic3):
+    """What micctl no longer sends, another client may: the daemon checks the timeout itself."""
+    with JsonLinesClient(str(mic3.socket)) as c:
+        for timeout in (float("nan"), float("inf"), 1e300, -1, "5", True):
+            r = c.call("wait", timeout=timeout)
+            assert (r["ok"], r["errno"]) == (False, "EINVAL") and "number of seconds" in r["error"], (timeout, r)
+        assert c.call("wait", timeout=0)["state"] == "ready"
+    assert "Traceback" not in mic3.log()
 
 
 def test_micctl_as_a_user_outside_the_socket_group_is_denied_in_one_line(mic3):
