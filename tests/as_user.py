@@ -65,7 +65,7 @@ class Run:
 
 
 def run_main(module: str, argv: list[str], *, uid: int | None = None, gid: int | None = None,
-             groups: tuple[int, ...] = (), preload: tuple[str, ...] = ()) -> Run:
+             groups: tuple[int, ...] = (), preload: tuple[str, ...] = (), cwd: str | None = None) -> Run:
     """``module.main(argv)`` in a forked child (as ``uid``:``gid`` if given), as the console script runs it.
 
     A child, even for root, because a daemon's ``main`` installs signal handlers. An exception that
@@ -81,6 +81,8 @@ def run_main(module: str, argv: list[str], *, uid: int | None = None, gid: int |
             try:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
+                if cwd is not None:
+                    os.chdir(cwd)
                 # Under pytest sys.stdout and sys.stderr are its capture objects: write to the fds instead.
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)

@@ -281,6 +281,28 @@ def test_a_wait_the_daemon_cannot_do_is_refused_not_a_traceback(mic3):
     assert "Traceback" not in mic3.log()
 
 
+_words = st.one_of(st.sampled_from(["mic3", "mic9", "all", "online", "ready", "blk0", "firmware", "cmdline",
+                                    "bootmode", "heartbeat_enable", "log_buf_addr", "--json", "--readonly",
+                                    "--serial", "--state", "--timeout", "-1", "0", "0x10", "", "-", "--", "/",
+                                    "/dev/zero", "/nonexistent", "nan"]),
+                   st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\0"),
+                           max_size=30))
+_commands = st.sampled_from([["status"], ["info"], ["wait"], ["log"], ["set", "mic3"], ["devices"],
+                             ["blk", "list"], ["blk", "add", "mic3"], ["blk", "remove", "mic3"], ["-s"], ["-w"]])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cmd=_commands, words=st.lists(_words, max_size=4))
+def test_whatever_is_typed_micctl_answers_with_a_documented_status_and_no_traceback(mic3, tmp_path, cmd, words):
+    """Commands that may change the card (boot, shutdown, reset, console) are left out; the rest get any
+    words. A wait never waits: the last --timeout is 0."""
+    tail = ["--timeout", "0"] if cmd[0] in ("wait", "-w") else []
+    r = run_main("micdrv.cli", ["--run-dir", str(mic3.run_dir), *cmd, *words, *tail], cwd=str(tmp_path))
+    assert r.code in (0, 1, 2, 3, 4) and "Traceback" not in r.err, (cmd, words, r)
+    if r.code not in (0, 2):
+        assert all(line.startswith("micctl: ") for line in r.lines), r.err
+
+
 def test_micctl_as_a_user_outside_the_socket_group_is_denied_in_one_line(mic3):
     r = run_main("micdrv.cli", ["--run-dir", str(mic3.run_dir), "status", "mic3"], uid=NOBODY, gid=NOBODY)
     one_line(r, 1, f"mic3: permission denied on {mic3.socket} (root or the socket group only)")
