@@ -203,10 +203,10 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
             return EXIT_FAIL
         # A second daemon for a card is refused before it touches anything of the first (with --simulate,
         # the simulator's sockets beside the control socket).
-        from .jsonlines import remove_stale_socket
+        from .jsonlines import ServerRunning, remove_stale_socket
         try:
             remove_stale_socket(str(cfg.socket_path(card)))
-        except FileExistsError as e:
+        except ServerRunning as e:
             log.error("%s: %s: micdrv is running for %s already", card.name, e, card.name)
             return EXIT_FAIL
         with open_device(args, cfg, card) as (dev, sim):

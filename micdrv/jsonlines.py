@@ -68,8 +68,13 @@ def peer_groups(conn: socket.socket) -> tuple[int, ...] | None:
     return struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
 
 
+class ServerRunning(FileExistsError):
+    """The socket is live: another server answers on it."""
+
+
 def remove_stale_socket(path: str) -> None:
-    """Unlink ``path`` if it is a socket nobody answers on (a crashed server's); refuse a live one."""
+    """Unlink ``path`` if it is a socket nobody answers on (a crashed server's); refuse a live one
+    (:class:`ServerRunning`) or anything that is not a socket (FileExistsError)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -84,7 +89,7 @@ def remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise FileExistsError(f"{path}: another server is listening there")
+    raise ServerRunning(f"{path}: another server is listening there")
 
 
 Handler = Callable[[dict, PeerCred], dict]
