@@ -220,6 +220,11 @@ def test_devices_that_cannot_be_opened_are_reported_and_the_card_runs_without_th
     assert mic3.status()["state"] == "ready"
 
 
+# A file root cannot read either: a write-only sysfs attribute refuses every open for reading (kernfs).
+# Opening it for reading and writing fails too, so nothing is ever written to it.
+UNREADABLE = "/sys/bus/pci/drivers_probe"
+
+
 def _sparse(path: Path, size: int) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -232,6 +237,7 @@ def _boot_cases(tmp: Path, memory: int, firmware: str) -> list[tuple[list[str], 
     return [
         (["--firmware", str(tmp / "dir")], f"{tmp}/dir: not a regular file"),
         (["--firmware", "/dev/zero"], "/dev/zero: not a regular file"),  # would read forever
+        (["--firmware", UNREADABLE], f"{UNREADABLE}: Permission denied"),
         (["--firmware", huge], f"{huge} is {memory + 4096} bytes, more than the"),
         (["--firmware", firmware, "--ramdisk", str(tmp / "no.initrd")], f"{tmp}/no.initrd: No such file"),
         (["--firmware", firmware, "--ramdisk", huge], f"{huge} is {memory + 4096} bytes, more than the"),
@@ -254,12 +260,14 @@ def test_a_boot_with_an_unusable_image_is_refused_before_the_card_is_touched(mic
     mic3.ok("set", "mic3", "ramdisk", "")
 
 
-def test_hot_adding_an_image_that_is_not_there_or_not_a_file(mic3, tmp_path):
-    for path, needle in ((tmp_path / "absent.img", "No such file or directory"),
-                         (tmp_path, "Is a directory")):
-        r = mic3.micctl("blk", "add", "mic3", str(path))
+def test_hot_adding_an_image_that_is_missing_unreadable_or_not_a_file(mic3, tmp_path):
+    for path, flags, needle in ((tmp_path / "absent.img", (), "read-write: No such file or directory"),
+                                (tmp_path, (), "read-write: Is a directory"),
+                                (UNREADABLE, (), "read-write: Permission denied"),
+                                (UNREADABLE, ("--readonly",), "read-only: Permission denied")):
+        r = mic3.micctl("blk", "add", "mic3", str(path), *flags)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert f"blk-add failed: {path}: cannot open read-write: {needle}" in r.stderr
+        assert f"blk-add failed: {path}: cannot open {needle}" in r.stderr
     assert json.loads(mic3.ok("blk", "list", "mic3", "--json")) == []
 
 
