@@ -369,7 +369,8 @@ DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, 
     # kind: (dataclass, field checkers, required keys)
     "net": (NetConfig, {"tap": _ifname, "address": _ipv4_interface, "card_address": _ipv4, "bridge": _ifname,
                         "netns": _netns, "mtu": _mtu, "mac": _mac}, ()),
-    "blk": (BlkConfig, {"path": _nonempty, "readonly": _bool, "serial": _serial}, ("path",)),
+    # An image path is absolute: relative to what would it be, the daemon's working directory ("/")?
+    "blk": (BlkConfig, {"path": _abs_path, "readonly": _bool, "serial": _serial}, ("path",)),
     "console": (ConsoleConfig, {"path": _abs_path}, ()),
 }
 
