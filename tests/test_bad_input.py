@@ -369,3 +369,22 @@ def test_a_tap_name_that_an_interface_of_someone_else_has_is_refused_with_what_i
                  f"program, owner uid 1000); {tail}",
         "fresh": "ok fresh",
     }
+
+
+def test_a_tap_name_taken_in_the_namespace_the_tap_goes_to_is_refused_with_what_it_is():
+    from pyroute2 import IPRoute
+
+    from backends.net import NetBackend
+    from backends.net.link import LinkError
+    from tests.netns_harness import namespace
+
+    name = f"mdv{os.getpid() % 100000}c"
+    with namespace() as ns:
+        with IPRoute(netns=ns) as ip:
+            ip.link("add", ifname=name, kind="bridge")
+        with pytest.raises(LinkError) as e:
+            NetBackend.open("mic0", tap=name, netns=ns)
+        assert str(e.value) == (f"{name}: move into network namespace {ns}: an interface named {name} exists there "
+                                f"already (a bridge interface); give the card another tap name")
+        with IPRoute() as ip:
+            assert ip.link_lookup(ifname=name) == []  # the tap made for the move is gone again

@@ -108,8 +108,9 @@ def check_ifname(name: str) -> str:
     return name
 
 
-def describe_interface(name: str) -> str | None:
-    """What interface ``name`` of this network namespace is, for an error message; None if there is none.
+def describe_interface(name: str, netns: str | None = None) -> str | None:
+    """What interface ``name`` of this (or the named) network namespace is, for an error message; None if
+    there is none.
 
     Asked over rtnetlink (IFLA_LINKINFO, and IFLA_TUN_* for a tun device), which answers for the caller's
     namespace, as TUNSETIFF does.
@@ -117,7 +118,7 @@ def describe_interface(name: str) -> str | None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
     try:
-        with IPRoute() as ip:
+        with (IPRoute(netns=netns) if netns else IPRoute()) as ip:
             link = ip.link("get", ifname=name)[0]
     except NetlinkError:
         return None
