@@ -6,7 +6,9 @@ micctl: 0 ok, 1 the request failed (permission denied included), 2 usage, 3 no s
 configuration. Commands run in-process (``main(argv)`` in a forked child, :mod:`tests.as_user`), the
 ones that need a card against a real ``micdrv --simulate`` daemon. What test_config.py, test_cli.py
 and test_daemon.py already check (configuration messages, doctor, bind, -b -S, unknown cards, invalid
-transitions, a missing firmware file) is not repeated here.
+transitions, a missing firmware file) is not repeated here. Hypothesis types at the configuration
+loader, at micctl and straight at the control socket; tap name clashes are made in network namespaces
+the tests create.
 """
 
 from __future__ import annotations
