@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import textwrap
 from pathlib import Path
@@ -206,6 +207,7 @@ def mic3():
     yield d
     assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log(), d.log()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_devices_that_cannot_be_opened_are_reported_and_the_card_runs_without_them(mic3):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def mic4():
     d = Daemon(base / "run", "mic4", '[global]\nsocket_group = "nogroup"\nsocket_mode = 0o666\nfuse = false\n')
     yield d
     assert d.stop() == 0, d.log()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def commands(d: Daemon) -> list[str]:
