@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,20 @@ from .pci import PciError, bind
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOCARD, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 REQUEST_TIMEOUT = 60.0  # a boot may reset and poll ready first; the daemon answers within this
 SHORT_FLAGS = {"-b": "boot", "-S": "shutdown", "-r": "reset", "-R": "reboot", "-s": "status", "-w": "wait"}
+
+
+MAX_TIMEOUT = 1e9  # seconds (31 years): "wait forever", and still below threading.TIMEOUT_MAX
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more (not nan, not inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to {MAX_TIMEOUT:g}")
+    return v
 
 
 class CliError(Exception):
@@ -90,6 +105,9 @@ def select_cards(args) -> list[tuple[str, Path]]:
         names = found
     elif "all" in names:
         raise CliError("'all' cannot be combined with card names", EXIT_USAGE)
+    for n in names:
+        if not n or n.startswith(".") or "/" in n or not n.isprintable():
+            raise CliError(f"{n!r} is not a card name (micN, or all)", EXIT_USAGE)
     return [(n, rdir / f"{n}.sock") for n in names]
 
 
@@ -114,7 +132,10 @@ def request(name: str, path: Path, cmd: str, /, io_timeout: float | None = None,
             raise CliError(f"{name}: the daemon did not answer {cmd!r}: {e}", EXIT_NOCARD) from None
     if not reply.get("ok"):
         code = EXIT_TIMEOUT if reply.get("errno") == "ETIMEDOUT" else EXIT_FAIL
-        raise CliError(f"{name}: {cmd} failed: {reply.get('error', 'unknown error')}", code)
+        error = reply.get("error", "unknown error")
+        for said in (f"{name}: ", f"{cmd} failed: "):  # the daemon's own prefix: not twice on one line
+            error = error[len(said):] if error.startswith(said) else error
+        raise CliError(f"{name}: {cmd} failed: {error}", code)
     return reply
 
 
@@ -327,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("cards", nargs="*", metavar="CARD", help="micN, or all (default: every running card)")
         if wait:
             sp.add_argument("--wait", action="store_true", help="wait until the card is online or ready")
-        sp.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait (default {timeout:g})")
+        sp.add_argument("--timeout", type=seconds, default=timeout, help=f"seconds to wait (default {timeout:g})")
         sp.set_defaults(func=func)
         return sp
 

@@ -47,6 +47,7 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import math
 import re
@@ -162,6 +163,22 @@ class Config:
     settings: GlobalConfig = GlobalConfig()
     defaults: CardConfig = CardConfig()
     cards: dict[str, CardConfig] = field(default_factory=dict)
+    lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)  # key path -> line
+
+    def error(self, keypath: tuple, message: str) -> ConfigError:
+        """A :class:`ConfigError` about ``keypath`` (("global", "socket_group")), at its line in the file."""
+        return ConfigError(self.path or "<defaults>", _line_of(self.lines, keypath), _dotted(keypath), message)
+
+    def check_host(self) -> None:
+        """What only this host can tell: the groups named must exist. Raises :class:`ConfigError`."""
+        for key in ("socket_group", "fuse_group"):
+            name = getattr(self.settings, key)
+            if name:
+                try:
+                    grp.getgrnam(name)
+                except KeyError:
+                    raise self.error(("global", key), f"no group {name!r} on this host "
+                                                      f"(groupadd --system {name}, or remove the key)") from None
 
     def card(self, ident: str) -> CardConfig:
         """The configuration of card ``ident`` (``mic0`` or a PCI address): its section, else the defaults."""
@@ -352,7 +369,8 @@ DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, 
     # kind: (dataclass, field checkers, required keys)
     "net": (NetConfig, {"tap": _ifname, "address": _ipv4_interface, "card_address": _ipv4, "bridge": _ifname,
                         "netns": _netns, "mtu": _mtu, "mac": _mac}, ()),
-    "blk": (BlkConfig, {"path": _nonempty, "readonly": _bool, "serial": _serial}, ("path",)),
+    # An image path is absolute: relative to what would it be, the daemon's working directory ("/")?
+    "blk": (BlkConfig, {"path": _abs_path, "readonly": _bool, "serial": _serial}, ("path",)),
     "console": (ConsoleConfig, {"path": _abs_path}, ()),
 }
 
@@ -368,14 +386,7 @@ class _Parser:
         return ConfigError(self.path, self.line_of(keypath), _dotted(keypath), message)
 
     def line_of(self, keypath: tuple) -> int | None:
-        """The line of the key, or of the nearest enclosing one that the scanner found."""
-        for n in range(len(keypath), 0, -1):
-            line = self.lines.get(tuple(keypath[:n]))
-            if line:
-                return line
-        # A table only ever named as part of longer headers ([card.mic0] makes "card").
-        inside = [line for k, line in self.lines.items() if k[:len(keypath)] == keypath]
-        return min(inside, default=None)
+        return _line_of(self.lines, keypath)
 
     def table(self, v: Any, keypath: tuple) -> dict:
         if not isinstance(v, dict):
@@ -458,7 +469,18 @@ class _Parser:
                     raise self.error(kp, f"PCI address {c.pci} is already card {by_pci[c.pci]}")
                 by_pci[c.pci] = name
             cards[name] = c
-        return Config(self.path, settings, defaults, cards)
+        return Config(self.path, settings, defaults, cards, self.lines)
+
+
+def _line_of(lines: dict[tuple, int], keypath: tuple) -> int | None:
+    """The line of the key, or of the nearest enclosing one that the scanner found."""
+    for n in range(len(keypath), 0, -1):
+        line = lines.get(tuple(keypath[:n]))
+        if line:
+            return line
+    # A table only ever named as part of longer headers ([card.mic0] makes "card").
+    inside = [line for k, line in lines.items() if k[:len(keypath)] == keypath]
+    return min(inside, default=None)
 
 
 def loads(text: str, path: str = "<string>") -> Config:
@@ -483,8 +505,10 @@ def load(path: str | Path | None = None) -> Config:
         if explicit:
             raise ConfigError(str(p), None, None, "no such file") from None
         return Config(None)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(p), None, None, f"cannot read: {e}") from None
+    except OSError as e:
+        raise ConfigError(str(p), None, None, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, None, f"not UTF-8 text (byte {e.start})") from None
     return loads(text, str(p))
 
 

@@ -17,8 +17,9 @@ control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and its
 FUSE tree ``<fuse_dir>/<card>`` (:mod:`micdrv.fs`), and runs
 until SIGTERM, SIGINT or SIGHUP; on the way out it stops and resets a started card,
 as the kernel did when its driver was removed. Logs go to stderr (journald).
-Exit status: 0 after a clean stop, 1 when the card cannot be driven, 2 for
-a usage or configuration error.
+Exit status: 0 after a clean stop, 1 when the card cannot be driven (or the
+daemon is not run as root), 2 for a usage or configuration error. Each
+error is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 from . import config as configmod
 from .pci import BAR0, BAR4, PciDevice, PciError
 from .pci.device import PCI_DEVICE_ID, PCI_REVISION_ID, PCI_VENDOR_ID
-from .x100 import ids
+from .x100 import X100Error, ids
 from .x100.card import SILICON_RESET_DELAY
 
 log = logging.getLogger("micdrv")
@@ -105,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         from .sim.__main__ import main as sim_main
         return sim_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.device and configmod.normalize_pci(args.device) is None:
+        print(f"micdrv: --device {args.device!r} is not a PCI address like 0000:03:00.0", file=sys.stderr)
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        # Everything the daemon does needs root: VFIO, the arena pinned against RLIMIT_MEMLOCK, taps and
+        # netlink, the FUSE mount with allow_other, the control socket in /run/micdrv.
+        print(f"micdrv: must run as root (uid {os.geteuid()}): it drives the card through VFIO and makes taps "
+              f"and a FUSE mount; start it as micdrv@<pci>.service or with sudo", file=sys.stderr)
+        return EXIT_FAIL
     try:
         cfg = configmod.load(args.config)
+        cfg.check_host()
         if args.run_dir:
             cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings,
                                                                        run_dir=os.path.abspath(args.run_dir)))
@@ -185,7 +196,19 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     from .vop.layout import VringInfoPlacement
     notifier = notifier or Notifier(None)
     try:
-        os.makedirs(cfg.settings.run_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.settings.run_dir, exist_ok=True)
+        except OSError as e:
+            log.error("cannot make the run directory %s: %s", cfg.settings.run_dir, e.strerror or e)
+            return EXIT_FAIL
+        # A second daemon for a card is refused before it touches anything of the first (with --simulate,
+        # the simulator's sockets beside the control socket).
+        from .jsonlines import ServerRunning, remove_stale_socket
+        try:
+            remove_stale_socket(str(cfg.socket_path(card)))
+        except ServerRunning as e:
+            log.error("%s: %s: micdrv is running for %s already", card.name, e, card.name)
+            return EXIT_FAIL
         with open_device(args, cfg, card) as (dev, sim):
             reset_delay, reset_interval = SILICON_RESET_DELAY, None
             if sim is not None:
@@ -218,7 +241,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                     service.close()
             finally:
                 hw.close()
-    except (PciError, OSError) as e:
+    except (PciError, X100Error, OSError) as e:
         log.error("%s", e)
         return EXIT_FAIL
     return EXIT_OK

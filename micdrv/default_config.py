@@ -102,8 +102,8 @@ TEXT = """\
 # locally administered, the same on every boot.
 #mac = "02:6d:69:63:00:01"
 
-# A disk backed by an image file (spec 6.4); the file must be readable (and,
-# unless readonly, writable) by root through its mode bits.
+# A disk backed by an image file (spec 6.4), by its absolute path; the file must
+# be readable (and, unless readonly, writable) by root through its mode bits.
 #[[card.mic0.blk]]
 #path = "/var/lib/micdrv/mic0.img"
 #readonly = false

@@ -30,13 +30,19 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20  # a request longer than this closes the connection
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # asm-generic/socket.h (Linux 4.13); Python lacks it
+PEERGROUPS_BUF = 1024                                   # CPython's getsockopt limit: 256 gid_t
+
+
 @dataclass(frozen=True)
 class PeerCred:
-    """``struct ucred`` of the connecting process (SO_PEERCRED)."""
+    """``struct ucred`` of the connecting process (SO_PEERCRED) and, where the kernel tells them
+    (SO_PEERGROUPS), its supplementary groups: both as they were when it connected."""
 
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] | None = None
 
 
 class RequestError(Exception):
@@ -49,11 +55,26 @@ class RequestError(Exception):
 
 def peer_cred(conn: socket.socket) -> PeerCred:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return PeerCred(*struct.unpack("3i", raw))
+    return PeerCred(*struct.unpack("3i", raw), groups=peer_groups(conn))
+
+
+def peer_groups(conn: socket.socket) -> tuple[int, ...] | None:
+    """SO_PEERGROUPS: the peer's supplementary groups taken at connect(); None on a kernel without it, or
+    for a peer in more than 256 groups (Python's getsockopt reads at most 1024 bytes)."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_BUF)
+    except OSError:  # ENOPROTOOPT before Linux 4.13, ERANGE for more groups than fit
+        return None
+    return struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
+
+
+class ServerRunning(FileExistsError):
+    """The socket is live: another server answers on it."""
 
 
 def remove_stale_socket(path: str) -> None:
-    """Unlink ``path`` if it is a socket nobody answers on (a crashed server's); refuse a live one."""
+    """Unlink ``path`` if it is a socket nobody answers on (a crashed server's); refuse a live one
+    (:class:`ServerRunning`) or anything that is not a socket (FileExistsError)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -68,7 +89,7 @@ def remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise FileExistsError(f"{path}: another server is listening there")
+    raise ServerRunning(f"{path}: another server is listening there")
 
 
 Handler = Callable[[dict, PeerCred], dict]

@@ -52,10 +52,13 @@ setting one with its validation (:meth:`~CardService.set_attribute`), a write to
 methods of the service, so the control socket and the FUSE tree (:mod:`micdrv.fs`) share one
 definition of what each attribute means.
 
-Who may ask (SO_PEERCRED): root may do everything; members of the
-configured ``socket_group`` may use ``status``, ``info``, ``wait`` and
-``log``; anyone else is refused (EACCES). The socket's mode and group are
-the first line of defence, this check the second.
+Who may ask (SO_PEERCRED, SO_PEERGROUPS: the peer's uid, gid and groups when
+it connected): root may do everything; members of the configured
+``socket_group`` (its primary or a supplementary group) may use the
+read-only commands ``status``, ``info``, ``wait``, ``log``, ``ping``,
+``devices``, ``blk-list`` and ``console``; anyone else is refused (EACCES).
+The socket's mode and group are the first line of defence, this check the
+second.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_STATUS_WAIT = 60.0   # mpssd waits up to 60 s for shutdown_status (spec 6.5)
 DEFAULT_WAIT = 120.0          # micctl wait's default (mpssd waits up to 120 s for ready, spec 6.5)
+MAX_WAIT = 1e9                # longer is "forever"; a nan, inf or 1e300 would make Condition.wait raise
 READ_ONLY = frozenset({"status", "info", "wait", "log", "ping"})
 WAIT_STATES = (MicState.ONLINE, MicState.READY)
 
@@ -255,7 +259,12 @@ class CardService:
             return True
         if cmd not in self._read_only or self.allowed_gid is None:
             return False
-        return peer.gid == self.allowed_gid or self.allowed_gid in _supplementary_groups(peer.pid)
+        if peer.gid == self.allowed_gid:
+            return True
+        # The groups the peer had when it connected (SO_PEERGROUPS); /proc only on kernels before 4.13,
+        # where the pid may meanwhile be another process's.
+        groups = peer.groups if peer.groups is not None else _supplementary_groups(peer.pid)
+        return self.allowed_gid in groups
 
     def handle(self, req: dict, peer: PeerCred) -> dict:
         cmd = req["cmd"]
@@ -320,8 +329,8 @@ class CardService:
         except (ValueError, TypeError) as e:
             raise _errno_error(errno.EINVAL, str(e)) from None
         timeout = req.get("timeout", DEFAULT_WAIT)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise _errno_error(errno.EINVAL, '"timeout" must be a number of seconds')
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_WAIT:
+            raise _errno_error(errno.EINVAL, f'"timeout" must be a number of seconds from 0 to {MAX_WAIT:g}')
         if not self.cosm.wait_states(states, timeout):
             raise RequestError(f"{self.card.name}: still {self.cosm.state.sysfs} after {timeout:g} s "
                                f"(waiting for {' or '.join(names)})", errno="ETIMEDOUT",

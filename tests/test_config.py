@@ -277,6 +277,7 @@ def test_device_options_of_the_virtio_backends(tmp_path):
     ("blk", "serial", '"twenty-one-characters"', "holds 20"),
     ("blk", "serial", '"tab\there"', "printable ASCII"),
     ("console", "path", '"relative/console"', "absolute path"),
+    ("blk", "path", '"mic0.img"', "must be an absolute path, not 'mic0.img'"),
 ])
 def test_device_options_are_checked(tmp_path, kind, key, value, message):
     extra = 'path = "/x.img"\n' if kind == "blk" and key != "path" else ""

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from micdrv.jsonlines import JsonLinesClient
+from tests.as_user import as_user
 from tests.daemon_harness import Daemon, micctl, wait_for
 
 HEARTBEAT = 0.2
@@ -249,28 +250,10 @@ def test_the_socket_group_may_read_but_not_control(mic0):
 
 
 def _ask_as(user, path: str, cmds: list[str]) -> list[dict]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            with JsonLinesClient(path) as c:
-                out = [c.call(cmd) for cmd in cmds]
-            os.write(w, json.dumps(out).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    assert os.waitpid(pid, 0)[1] == 0
-    return json.loads(data)
+    def ask():
+        with JsonLinesClient(path) as c:
+            return [c.call(cmd) for cmd in cmds]
+    return as_user(user.pw_uid, user.pw_gid, ask)
 
 
 # --- no leaks (issue 4: 50 cycles) ----------------------------------------------------------------

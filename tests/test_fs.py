@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from micdrv.fs.mount import FSTYPE, FUSECTL, MNT_DETACH, mounts_at, umount
+from tests.as_user import NOBODY, as_user
 from tests.daemon_harness import Daemon, wait_for
 
 CONFIG = """
@@ -30,7 +31,6 @@ reset_timeout = 3
 [global]
 fuse_group = "nogroup"
 """
-NOBODY = 65534        # nobody's uid and nogroup's gid on Debian
 STRANGER_GID = 4242   # a group that is not fuse_group
 
 ATTRS = {"family", "stepping", "state", "shutdown_status", "heartbeat_enable", "cmdline", "firmware", "ramdisk",
@@ -188,28 +188,6 @@ def test_read_only_attributes_refuse_a_write_even_from_root(tree):
 
 
 # --- who may (spec 3.5 modes; fuse_group) ----------------------------------------------------------
-def as_user(uid: int, gid: int, fn) -> dict:
-    """``fn()`` in a forked child that dropped to ``uid``:``gid`` (no supplementary groups); its JSON result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.write(w, json.dumps(fn()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    assert os.waitpid(pid, 0)[1] == 0
-    return json.loads(data)
-
-
 def attempt(fn):
     try:
         result = fn()

@@ -26,7 +26,8 @@ from backends.console.pty import Pty
 from micdrv.fs import FuseTree
 from micdrv.fs.mount import FSTYPE, MNT_DETACH, mounts_at, umount
 from micdrv.virtio import blk as B
-from tests.test_fs import NOBODY, as_user, attempt
+from tests.as_user import NOBODY, as_user
+from tests.test_fs import attempt
 from tests.virtio_harness import Guest
 
 MiB = 1 << 20

@@ -12,6 +12,7 @@ This module is the only user of pyroute2 in micdrv. Every failure is a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import re
@@ -134,6 +135,10 @@ def configure(ifname: str, *, netns: str | None = None, address: str | None = No
                 step = "set up"
                 ip.link("set", index=idx, state="up")
     except NetlinkError as e:
+        if netns is not None and step.startswith("move") and e.code == errno.EEXIST:
+            from .tap import describe_interface
+            raise LinkError(f"{ifname}: {step}: an interface named {ifname} exists there already "
+                            f"({describe_interface(ifname, netns)}); give the card another tap name") from None
         raise LinkError(f"{ifname}{where}: {step}: {e}") from None
 
 

@@ -34,6 +34,7 @@ IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000  # TUNSETIFF fails with EBUSY when an interface of that name exists (tun_set_iff)
 
 TUN_F_CSUM = 0x01      # the reader accepts partial checksums (NEEDS_CSUM)
 TUN_F_TSO4 = 0x02      # ... TSOv4 frames (only with CSUM)
@@ -107,6 +108,35 @@ def check_ifname(name: str) -> str:
     return name
 
 
+def describe_interface(name: str, netns: str | None = None) -> str | None:
+    """What interface ``name`` of this (or the named) network namespace is, for an error message; None if
+    there is none.
+
+    Asked over rtnetlink (IFLA_LINKINFO, and IFLA_TUN_* for a tun device), which answers for the caller's
+    namespace, as TUNSETIFF does.
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        with (IPRoute(netns=netns) if netns else IPRoute()) as ip:
+            link = ip.link("get", ifname=name)[0]
+    except NetlinkError:
+        return None
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    if kind == "tun":
+        data = info.get_attr("IFLA_INFO_DATA")
+        tun = dict(data["attrs"]) if data else {}
+        what = "a tap" if tun.get("IFLA_TUN_TYPE") == IFF_TAP else "a tun device"
+        what += " of another program" if not tun.get("IFLA_TUN_PERSIST") else " made persistent by another program"
+        if tun.get("IFLA_TUN_OWNER") is not None:
+            what += f", owner uid {tun['IFLA_TUN_OWNER']}"
+        return what
+    if kind:
+        return f"a {kind} interface"
+    return "the loopback interface" if link["flags"] & 0x8 else "a network device"  # IFF_LOOPBACK (if.h)
+
+
 class Tap:
     """An open tap: ``fd`` carries ``virtio_net_hdr`` + frame per read/write."""
 
@@ -127,8 +157,18 @@ class Tap:
                                                        f"(needs IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)")
             ifr = ifreq()
             ifr.ifr_name = name.encode()
-            ifr.ifr_ifru.ifru_flags = self.NEEDED
-            self._ioctl("TUNSETIFF", name, TUNSETIFF, ifr)
+            # Always a new tap: an interface that has the name already belongs to someone else (another
+            # program's tap, a persistent one a VM waits for, a bridge or NIC), and is never taken over.
+            ifr.ifr_ifru.ifru_flags = self.NEEDED | IFF_TUN_EXCL
+            try:
+                fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            except OSError as e:
+                what = describe_interface(name) if e.errno == errno.EBUSY else None
+                if what:
+                    raise TapError("TUNSETIFF", name, f"an interface named {name} exists already ({what}); "
+                                                      f"micdrv makes a tap of its own: give the card another "
+                                                      f"tap name") from None
+                raise TapError("TUNSETIFF", name, e) from None
             self.name = ifr.ifr_name.decode()
             self._ioctl("TUNSETVNETHDRSZ", name, TUNSETVNETHDRSZ, ctypes.c_int(vnet_hdr_size))
             self.vnet_hdr_size = vnet_hdr_size

@@ -415,12 +415,17 @@ class PciDevice(abc.ABC):
                 readable: bool = True, writable: bool = True) -> DmaMapping:
         """Make ``backing[offset:offset+size]`` reachable by the device at ``iova``.
 
-        Only arena memory is ever mapped (ARCHITECTURE.md "Addresses"); the
-        caller is :class:`~micdrv.pci.arena.DmaArena`.
+        Only arena memory is ever mapped (ARCHITECTURE.md "Addresses"): a
+        backing that is not a :class:`~micdrv.pci.arena.DmaArena` is refused,
+        so no other host memory can reach the device's IOVA space.
         """
+        from .arena import DmaArena  # arena.py imports this module
         self._check_open()
         size = backing.size - offset if size is None else size
         step = f"DMA map of {size:#x} bytes at IOVA {iova:#x} on {self.name}"
+        if not isinstance(backing, DmaArena):
+            raise DmaMapError(step, f"{type(backing).__name__} is not a DmaArena: only the arena is ever mapped "
+                                    f"for a device")
         pg = self.iova_pgsize
         if size <= 0 or offset < 0 or offset + size > backing.size:
             raise DmaMapError(step, f"[{offset:#x}, +{size:#x}) is outside the {backing.size:#x}-byte backing")

@@ -109,6 +109,8 @@ class X100:
             except PciError:
                 arena.map(dev, iova_base)
                 card._mapped_arena = True
+            # Nothing but the arena is ever handed to the card (ARCHITECTURE.md "Addresses").
+            smpt.confine(arena.iova_base, arena.size)
             # One SMPT reference for the whole arena, as mic_map_single takes for
             # each buffer: the entries reaching it are never repurposed.
             card._arena_card = smpt.map(arena.iova_base, arena.size)

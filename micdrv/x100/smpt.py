@@ -17,6 +17,15 @@ vrings, SCIF queues) goes through it. :meth:`Smpt.map` / :meth:`Smpt.unmap`
 are ``mic_map`` / ``mic_unmap``: the same lookup plus the kernel's per-entry
 byte reference counts, and the kernel's fallback of rewriting a run of unused
 entries when no entry points at the pages.
+
+Only arena memory is ever handed to the card: once :meth:`Smpt.confine` has
+been told the DmaArena's IOVA range (:meth:`micdrv.x100.card.X100.open` does
+so before anything else is mapped), :meth:`~Smpt.to_card` and
+:meth:`~Smpt.map` refuse every range that is not wholly inside it, whatever
+the caller. The identity entries still translate the whole window (the
+kernel's layout, spec 2.4); what lies behind an IOVA outside the arena is
+nothing, because the arena is the only DMA mapping the IOMMU (or the
+vfio-user server) has for the card.
 """
 
 from __future__ import annotations
@@ -59,7 +68,21 @@ class Smpt:
         self.pages: list[int] = [i * PAGE for i in range(NUM)]  # host page address per entry
         self.refs: list[int] = [0] * NUM  # bytes mapped through each entry (mic_smpt.c ref_count)
         self._first: dict[int, int] = {}  # host page -> first entry pointing at it (the lookup's answer)
+        self._reach: tuple[int, int] | None = None  # [lo, hi): the only IOVAs the card may be given
         self._reindex()
+
+    def confine(self, iova: Iova | int, size: int) -> None:
+        """Hand the card only addresses in [iova, iova + size) from now on: the DmaArena's IOVA range."""
+        if size <= 0 or iova < 0:
+            raise SmptError(f"SMPT confinement to [{iova:#x}, +{size:#x})", "empty or negative range")
+        with self._lock:
+            self._reach = (int(iova), int(iova) + size)
+
+    def _check_reach(self, step: str, iova: int, size: int) -> None:
+        reach = self._reach
+        if reach is not None and not (reach[0] <= iova and iova + size <= reach[1]):
+            raise SmptError(step, f"outside the DmaArena [{reach[0]:#x}, {reach[1]:#x}): only arena memory is "
+                                  f"ever mapped for the card")
 
     # --- programming --------------------------------------------------------------
     def init(self) -> None:
@@ -122,6 +145,7 @@ class Smpt:
         """
         if size <= 0 or iova < 0:
             raise SmptError(f"SMPT lookup of [{iova:#x}, +{size:#x})", "empty or negative range")
+        self._check_reach(f"SMPT lookup of [{iova:#x}, +{size:#x})", iova, size)
         with self._lock:
             i = self._find_existing(iova, size)
         if i is None:
@@ -139,6 +163,7 @@ class Smpt:
         step = f"SMPT map of [{iova:#x}, +{size:#x})"
         if size <= 0 or iova < 0 or size > NUM * PAGE:
             raise SmptError(step, "empty range or larger than the 512 GiB window")
+        self._check_reach(step, iova, size)
         n = page_count(iova, size)
         refs = page_refs(iova, size)
         page = iova & ~(PAGE - 1)

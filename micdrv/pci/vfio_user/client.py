@@ -102,7 +102,9 @@ class VfioUserDevice(PciDevice):
             sock.connect(path)
         except OSError as e:
             sock.close()
-            raise DisconnectedError(f"connect to vfio-user socket {path}", str(e.strerror or e), errno=e.errno) from None
+            # The errno's text is in the message already; the detail only when there is no errno.
+            raise DisconnectedError(f"connect to vfio-user socket {path}", "" if e.errno else str(e),
+                                    errno=e.errno) from None
         dev = cls(sock, path, timeout=timeout, max_data_xfer_size=max_data_xfer_size, share_dma_fds=share_dma_fds)
         try:
             dev._negotiate()
