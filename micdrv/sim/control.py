@@ -126,22 +126,20 @@ class ControlServer:
         return self.card.os_control(action, **({"message": message} if message else {}))
 
     def _vop(self, req: dict) -> dict:
-        args = {k: v for k, v in req.items() if k != "cmd"}
-        if not isinstance(args.get("switch"), str):
-            raise RequestError('"switch" must be a string')
-        try:
-            return self.card.os_control("vop", **args) or {}
-        except (ValueError, KeyError, TypeError, IndexError) as e:   # a switch asked for what is not there
-            raise RequestError(f"vop switch {args['switch']}: {e}") from None
+        return self._os_switch(req, "vop", "switch")
 
     def _hostile(self, req: dict) -> dict:
+        return self._os_switch(req, "hostile", "op")
+
+    def _os_switch(self, req: dict, action: str, key: str) -> dict:
+        """A card OS switch named by ``req[key]``, the rest of ``req`` its arguments."""
         args = {k: v for k, v in req.items() if k != "cmd"}
-        if not isinstance(args.get("op"), str):
-            raise RequestError('"op" must be a string')
+        if not isinstance(args.get(key), str):
+            raise RequestError(f'"{key}" must be a string')
         try:
-            return self.card.os_control("hostile", **args) or {}
-        except (ValueError, KeyError, TypeError, IndexError) as e:   # an op asked for what is not there
-            raise RequestError(f"hostile {args['op']}: {e}") from None
+            return self.card.os_control(action, **args) or {}
+        except (ValueError, KeyError, TypeError, IndexError) as e:   # a switch asked for what is not there
+            raise RequestError(f"{action} {key} {args[key]}: {e}") from None
 
     def _ring(self, req: dict) -> dict:
         db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)
