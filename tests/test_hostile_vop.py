@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from backends.blk import BlkBackend
+from micdrv.bootparam import BOOTPARAM_SIZE
 from micdrv.virtio.ring import (DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VringLayout,
                                  used_size)
 from micdrv.vop import host as vop_host
@@ -283,6 +284,33 @@ def test_a_card_that_rewrites_entry_headers_cannot_steer_where_devices_go(card):
     wait_for(lambda: rig.blk.state == "active", "the card to drive the first disk again", WAIT)
     rig.vop.remove(other)
     hardening.fault(True)
+
+
+def test_hostile_bootparam_fields_never_stop_the_host_adding_and_removing_devices(card):
+    """The card's fields of ``struct mic_bootparam`` (spec 3.3) -- and the host's, which it can overwrite
+    too -- hold anything: a disk can still be added and removed (the host rings no doorbell that is none,
+    and skips the wait for an answer that cannot come), and the devices already there keep working."""
+    rig = card
+    good = hostile(rig, "page_read", offset=0, length=BOOTPARAM_SIZE)["data"]
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(writes=entry_writes(BOOTPARAM_SIZE))
+    def fuzz(writes):
+        for off, data in writes:
+            hostile(rig, "page_write", offset=off, data=data.hex())
+        rig.disks += 1
+        img = rig.tmp / f"disk{rig.disks}.img"
+        img.write_bytes(bytes(MiB))
+        other = rig.add(BlkBackend.open(str(img)), name=f"disk{rig.disks}", wait=False)
+        rig.vop.remove(other)
+        assert other.state == "removed"
+        hostile(rig, "page_write", offset=0, data=good)
+        rig.vs.switch("rescan")
+        assert echo(rig.fd, b"witness") == b"witness"
+        assert rig.blk.state == "active"
+        hardening.fuzz_cases()
+
+    fuzz()
 
 
 # --- used rings and doorbells ------------------------------------------------------------------------------
