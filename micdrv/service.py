@@ -10,7 +10,8 @@
   the card goes shutting_down, wait up to 60 s for its shutdown status, then
   reset it to ready; if the status was restart, boot it again. Deliberate
   difference: a card declared *crashed* (heartbeat watchdog, or its own
-  panic report) is left in shutting_down/crashed for the operator, so its
+  panic report, or a card that broke the COSM or SCIF protocol:
+  :meth:`~micdrv.cosm.host.CosmDevice.card_broken`) is left in shutting_down/crashed for the operator, so its
   log can still be read (the log is readable only while booting, online or
   shutting_down, spec 3.5) -- ``micctl reset`` then ``micctl boot``. With
   ``auto_reset = false`` no reset happens automatically at all;
@@ -169,6 +170,7 @@ class CardService:
     # --- life ----------------------------------------------------------------------------------
     def start(self) -> None:
         self._server = CosmServer(self.hw.scif, {self.hw.node_id: self.cosm})
+        self.hw.scif.on_peer_broken = self._scif_broken
         self.cosm.subscribe(self._on_change)
         if self.devices is not None:
             self.cosm.subscribe(self.devices.on_state)   # devices added once the card is booting (spec 6.1)
@@ -205,6 +207,11 @@ class CardService:
             self.cosm.start()
         except CosmError as e:
             log.error("%s: boot on start: %s", self.card.name, e)
+
+    def _scif_broken(self, node: int, why: str) -> None:
+        """The card broke SCIF (its node was given up): COSM declares it crashed, off the SCIF worker."""
+        if node == self.hw.node_id and not self._closing.is_set():
+            self._spawn(lambda: self.cosm.card_broken(f"SCIF: {why}"), "card broken")
 
     # --- the mpssd policy (spec 6.5) -------------------------------------------------------------
     def _on_change(self, dev: CosmDevice) -> None:

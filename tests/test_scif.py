@@ -24,6 +24,7 @@ from micdrv.scif.qp import (QP_INBOUND_SIZE, QP_LOCAL_BUF, QP_LOCAL_QP, QP_LOCAL
                             QP_REMOTE_QP, read_qp)
 from micdrv.scif.ring import circ_cnt, circ_space
 from tests.scif_harness import SMPT_BASE, WAIT, Heap, System
+from tests.sim_harness import wait_for
 
 # --- struct scifmsg (spec 8.2) ---------------------------------------------------------
 
@@ -564,6 +565,17 @@ def test_a_corrupted_node_queue_pointer_makes_the_host_give_the_card_up(booted):
     card.host_irq.ring()
     assert hep.poll(POLLIN, WAIT) & POLLHUP
     assert host.alive_peers() == []
+
+
+def test_a_stray_exit_ack_does_not_stand_for_the_answer_to_a_later_exit(booted):
+    host, card = booted.host, booted.cards[0]
+    card.node.send_msg(0, ScifMsg(Uop.EXIT_ACK, PortId(1, 0), PortId(0, 0)))   # answering nothing
+    wait_for(lambda: host.peer(1).link.received >= 2, "the host to take the stray SCIF_EXIT_ACK")
+    assert not host.peer(1).exit_acked.is_set()
+    # Removal waits for the card's own answer: by then the card has left (its QP reset), so nothing the
+    # card still writes can land in a queue pair the host freed.
+    assert host.remove_peer(1, timeout=WAIT) is True
+    assert not card.node.peer(0).qp_ready
 
 
 # --- node teardown (spec 8.4 step 6) -----------------------------------------------------------

@@ -37,6 +37,7 @@ import threading
 
 from micdrv.sim.cardos import virtio_bus
 from micdrv.virtio import blk as B
+from micdrv.virtio.ring import VringError
 from micdrv.virtio.device import (RING_FEATURES, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                                   VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE)
 
@@ -61,6 +62,17 @@ def _ring_features(offered: int) -> int:
     return 0 if config()["ring"] == "none" else offered & RING_FEATURES
 
 
+def _bad_ring_is_logged(callback):
+    """A queue callback that records a BAD_RING (a used entry the driver never posted: a hostile test wrote
+    the ring) in ``bad_ring`` instead of raising out of the card's interrupt handler."""
+    def run(self, vq) -> None:
+        try:
+            callback(self, vq)
+        except VringError as e:
+            self.bad_ring = str(e)
+    return run
+
+
 def _place(dev, size: int, offset: int) -> tuple[int, int]:
     """Card memory for ``size`` bytes starting ``offset`` past a 64-byte boundary: (address, allocation)."""
     base = dev.alloc(size + offset + 64, 64)
@@ -70,6 +82,7 @@ def _place(dev, size: int, offset: int) -> tuple[int, int]:
 class EchoConsole(virtio_bus.VirtioDriver):
     device_id = VIRTIO_ID_CONSOLE
     name = "test-echo-console"
+    bad_ring: str | None = None
 
     def __init__(self):
         cfg = config()
@@ -94,6 +107,7 @@ class EchoConsole(virtio_bus.VirtioDriver):
             self.rx.kick()
         dev.set_status(OK_STATUS)
 
+    @_bad_ring_is_logged
     def _rx_done(self, vq) -> None:
         with self.lock:
             self.counters["interrupts"] += 1
@@ -121,6 +135,7 @@ class EchoConsole(virtio_bus.VirtioDriver):
         self.counters["tx_chains"] += 1
         return head
 
+    @_bad_ring_is_logged
     def _tx_done(self, vq) -> None:
         with self.lock:
             for addrs, _n in vq.ring.get_all_used():
@@ -163,6 +178,7 @@ class EchoConsole(virtio_bus.VirtioDriver):
 class BlkProbe(virtio_bus.VirtioDriver):
     device_id = VIRTIO_ID_BLOCK
     name = "test-blk-probe"
+    bad_ring: str | None = None
 
     WANT = (1 << B.VIRTIO_BLK_F_SEG_MAX) | (1 << B.VIRTIO_BLK_F_BLK_SIZE) | (1 << B.VIRTIO_BLK_F_FLUSH) | \
         (1 << B.VIRTIO_BLK_F_RO)
@@ -185,6 +201,7 @@ class BlkProbe(virtio_bus.VirtioDriver):
         self.vq, = dev.find_vqs([self._done])
         dev.set_status(OK_STATUS)
 
+    @_bad_ring_is_logged
     def _done(self, vq) -> None:
         with self.lock:
             for token, n in vq.ring.get_all_used():
@@ -259,7 +276,8 @@ class BlkProbe(virtio_bus.VirtioDriver):
         self.dev.reset()
 
     def status(self) -> dict:
-        return {"capacity": self.capacity, "config_changes": self.config_changes, "requests": self.requests}
+        return {"capacity": self.capacity, "config_changes": self.config_changes, "requests": self.requests,
+                "bad_ring": self.bad_ring}
 
 
 def _register() -> None:

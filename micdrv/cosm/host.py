@@ -114,6 +114,7 @@ class CosmDevice:
         self.last_heartbeat: float | None = None
         self.heartbeats = 0
         self.generation = 0                       # bumped on every state change
+        self.broken: str | None = None            # why the card was declared crashed for breaking a protocol
         self.closed = False
 
     # --- notification --------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class CosmDevice:
             if self.state is MicState.RESETTING:
                 return
             self.prev_state = self.state
+            self.broken = None
             self._set_state(MicState.RESETTING)
             self._reset_work = threading.Thread(target=self.stop, args=(False,), name=f"{self.name} reset",
                                                 daemon=True)
@@ -326,40 +328,69 @@ class CosmDevice:
                 log.error("%s: scif_poll: %s", self.name, e)
                 revents = POLLHUP
             with self.mutex:
-                if revents & POLLIN:
-                    self._recv(ep)
+                if revents & POLLIN and not self._recv(ep):
+                    self._close_epd(ep)
+                    return
                 if revents & POLLHUP:
                     self._close_epd(ep)
                     return
                 if not revents and self.heartbeat_watchdog_enable:
                     self._set_crashed()
 
-    def _recv(self, ep: Endpoint) -> None:
-        """``cosm_scif_recv``: every whole message that is there now."""
+    def _recv(self, ep: Endpoint) -> bool:
+        """``cosm_scif_recv``: every whole message that is there now; False if the card broke the protocol.
+
+        Upstream logs a bad message and reads on. Here a message that is no
+        ``cosm_msg`` (an unknown id, a shutdown status outside 1..4), one only
+        the host sends (SHUTDOWN, SYNC_TIME) or a message cut short means the
+        card's COSM client is broken or hostile -- and the stream's framing
+        can no longer be trusted -- so the card is declared crashed
+        (:meth:`card_broken`) and nothing more is read from it.
+        """
         while True:
             try:
                 data = ep.recv_nowait(COSM_MSG_SIZE)
                 if data and len(data) < COSM_MSG_SIZE:  # the rest of a message is on its way
                     data += ep.recv(COSM_MSG_SIZE - len(data), timeout=SEND_TIMEOUT)
             except ScifTimeout:
-                log.error("%s: the card sent part of a cosm_msg and stopped", self.name)
-                return
+                self.card_broken(f"it sent part of a cosm_msg and stopped for {SEND_TIMEOUT:g} s")
+                return False
             except ScifError:
-                return  # HUP is seen by the poll
+                return True  # HUP is seen by the poll
             if not data:
-                return
+                return True
             try:
                 msg = CosmMsg.decode(data)
             except CosmProtocolError as e:
-                log.error("%s: bad COSM message from the card: %s", self.name, e)
-                continue
+                self.card_broken(f"bad COSM message: {e} ({data.hex()})")
+                return False
             self.last_heartbeat = time.monotonic()
             if msg.id is CosmMsgId.SHUTDOWN_STATUS:
                 self._shutdown_status_received(msg.shutdown_status)
             elif msg.id is CosmMsgId.HEARTBEAT:
                 self.heartbeats += 1  # only unblocks the poll (cosm_scif_recv)
             else:
-                log.error("%s: unexpected COSM message %s from the card", self.name, msg)
+                self.card_broken(f"unexpected COSM message {msg} (only the host sends it, spec 7.1)")
+                return False
+
+    def card_broken(self, why: str) -> None:
+        """The card broke the COSM or SCIF protocol: declared crashed, as the watchdog would (one log line).
+
+        It is left in shutting_down/crashed for the operator (``micctl log``,
+        then ``micctl reset``); :attr:`broken` says why until the reset.
+        A card that is not booting or online (being reset, already down) is
+        not declared anything more.
+        """
+        with self.mutex:
+            if self.state not in (MicState.BOOTING, MicState.ONLINE) or self.broken is not None:
+                log.warning("%s: the card broke a protocol while %s: %s", self.name, self.state.sysfs, why)
+                return
+            log.error("%s: the card broke the protocol, declared crashed: %s", self.name, why)
+            self.broken = why
+            self._shutdown_status_int = MicStatus.CRASHED
+            self.heartbeat_watchdog_enable = False
+            self._set_state(MicState.SHUTTING_DOWN)
+            self._update_status()
 
     def _shutdown_status_received(self, status: MicStatus) -> None:
         """``cosm_shutdown_status_int``: remember it, watchdog off, shutting_down."""
@@ -402,7 +433,7 @@ class CosmDevice:
         """State, status and attributes as plain data (the control socket's ``status``/``info``)."""
         return {"card": self.name, "state": self.state.sysfs, "shutdown_status": self.shutdown_status.sysfs,
                 "heartbeat_enable": int(self.attrs.heartbeat_enable), "heartbeats": self.heartbeats,
-                "connected": self.epd is not None}
+                "connected": self.epd is not None, "broken": self.broken}
 
 
 class CosmServer:

@@ -131,7 +131,7 @@ class ScifPeer:
         except RingError as e:
             log.error("node %d: node %d corrupted its queue pair, giving it up: %s",
                       self.node.node_id, self.peer_node, e)
-            self.node.peer_lost(self.peer_node, str(e))
+            self.node.peer_broken(self.peer_node, f"node {self.peer_node} corrupted its queue pair: {e}")
             return 0
 
     def __repr__(self) -> str:
@@ -161,6 +161,9 @@ class ScifNode:
         self._remove_acks: dict[int, int] = {}
         self.node_info: tuple[int, int] | None = None  # (maxid, total) from GET_NODE_INFO
         self.on_peer_change: Callable[[int, bool], None] | None = None
+        # Called (peer node, why) when a peer broke the protocol and was given up: its owner (COSM, on the
+        # host) declares that card crashed.
+        self.on_peer_broken: Callable[[int, str], None] | None = None
         from . import epd  # the connection-level handlers (spec 8.5)
         self._handlers: dict[Uop, Callable[[ScifPeer, ScifMsg], None]] = {
             Uop.INIT: self._on_init,
@@ -269,6 +272,16 @@ class ScifNode:
             log.info("%s: node %d lost%s", self.name, peer_node, f": {reason}" if reason else "")
             self._drop_peer(peer, close_link=True)
 
+    def peer_broken(self, peer_node: int, reason: str) -> None:
+        """The peer broke the protocol beyond repair: drop it (:meth:`peer_lost`), then tell ``on_peer_broken``."""
+        self.peer_lost(peer_node, reason)
+        cb = self.on_peer_broken
+        if cb is not None:
+            try:
+                cb(peer_node, reason)
+            except Exception:
+                log.exception("%s: on_peer_broken callback", self.name)
+
     def remove_peer(self, peer_node: int, timeout: float | None = None,
                     cancel: threading.Event | None = None) -> bool:
         """Orderly removal of ``peer_node`` (spec 8.4 step 6); True if it acknowledged.
@@ -296,6 +309,7 @@ class ScifNode:
             self._invalidate(peer_node)  # card-initiated: connections go first
         with self.lock:
             peer.exiting = peer.removing = True
+            peer.exit_acked.clear()   # only an answer to the EXIT about to leave counts (not a stray one)
         acked = True
         if was_alive:
             try:
@@ -482,7 +496,15 @@ class ScifNode:
             self._reset_peer(peer)
 
     def _on_exit_ack(self, peer: ScifPeer, msg: ScifMsg) -> None:
-        peer.exit_acked.set()
+        """The answer to our SCIF_EXIT. One that answers nothing is ignored: taken as the answer to a
+        later EXIT, it would let us free the queue pair while the peer still writes into it."""
+        with self.lock:
+            expected = peer.removing
+            if expected:
+                peer.exit_acked.set()
+        if not expected:
+            log.warning("%s: SCIF_EXIT_ACK from node %d, which was sent no SCIF_EXIT; ignored", self.name,
+                        peer.peer_node)
 
     def _on_node_add(self, peer: ScifPeer, msg: ScifMsg) -> None:
         """P2P between cards is not supported: refuse like a failed ``scif_nodeadd``."""

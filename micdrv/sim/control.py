@@ -31,6 +31,10 @@ request                                           reply (besides ``"ok": true``)
 ``{"cmd": "vop", "switch": S, "device": D,       a test switch of the card's VOP driver
   ...}``                                          (micdrv.sim.cardos.vop): ``storm``, ``bad_desc``,
                                                   ``used_address``, ``h2c_db``, ``driver``, ``rescan``
+``{"cmd": "hostile", "op": O, ...}``              the card OS turned hostile (micdrv.sim.cardos.hostile):
+                                                  ``page_read``, ``page_write``, ``vring_write``,
+                                                  ``kick``, ``doorbell``, ``scratch``,
+                                                  ``scif_send``, ``scif_write_ptr``, ``cosm_send``
 ``{"cmd": "ring", "db": 0..3}``                   the card rings host doorbell db (an SDBIC write
                                                   through the card's register window)
 ``{"cmd": "stall", "channel": 0..7,               stall (true) or release (false) a DMA channel
@@ -69,7 +73,7 @@ class ControlServer:
         self.path = path
         self._commands = {
             "ping": self._ping, "status": self._status, "counters": self._counters, "os": self._os,
-            "kernel": self._kernel, "vop": self._vop,
+            "kernel": self._kernel, "vop": self._vop, "hostile": self._hostile,
             "ring": self._ring, "stall": self._stall, "fail_next_reset": self._fail_next_reset,
             "drop_interrupt": self._drop_interrupt, "card_read": self._card_read, "card_write": self._card_write,
         }
@@ -122,13 +126,20 @@ class ControlServer:
         return self.card.os_control(action, **({"message": message} if message else {}))
 
     def _vop(self, req: dict) -> dict:
+        return self._os_switch(req, "vop", "switch")
+
+    def _hostile(self, req: dict) -> dict:
+        return self._os_switch(req, "hostile", "op")
+
+    def _os_switch(self, req: dict, action: str, key: str) -> dict:
+        """A card OS switch named by ``req[key]``, the rest of ``req`` its arguments."""
         args = {k: v for k, v in req.items() if k != "cmd"}
-        if not isinstance(args.get("switch"), str):
-            raise RequestError('"switch" must be a string')
+        if not isinstance(args.get(key), str):
+            raise RequestError(f'"{key}" must be a string')
         try:
-            return self.card.os_control("vop", **args) or {}
+            return self.card.os_control(action, **args) or {}
         except (ValueError, KeyError, TypeError, IndexError) as e:   # a switch asked for what is not there
-            raise RequestError(f"vop switch {args['switch']}: {e}") from None
+            raise RequestError(f"{action} {key} {args[key]}: {e}") from None
 
     def _ring(self, req: dict) -> dict:
         db = self._int(req, "db", 0, regs.SDBIC_COUNT - 1)

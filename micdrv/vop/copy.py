@@ -26,6 +26,14 @@ completion): DMA when the card address is 64-byte aligned **and**
 spec 5.7: the DMA may write up to 63 bytes past ``len``, into the same
 device-writable buffer); otherwise through BAR0, exactly ``len`` bytes.
 
+Every BAR0 access goes through the card memory's own bounds-checked
+accessors (:meth:`~micdrv.memory.Memory.view`, ``read``, ``write``), and
+every DMA address through :class:`~micdrv.x100.dma.DmaEngine`'s check
+(card memory or the arena's SMPT window): the ring validated each
+address, and a copy outside card memory would still raise
+:class:`~micdrv.memory.MemoryAccessError` (or ``DmaError``) rather than
+touch anything -- the checks are in the accessors, not a convention.
+
 Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
 every copy of a whole pop or completion batch and issue one
 :meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
@@ -84,7 +92,6 @@ class CopyEngine:
         self.policy = policy
         self.name = name
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._card_view = card.view(card.base, card.size)  # None when BAR0 cannot be mapped
 
     # --- card -> host ----------------------------------------------------------------------------
     def read_in(self, copies: Sequence[ReadCopy]) -> None:
@@ -104,14 +111,12 @@ class CopyEngine:
             self._dma(batch)
             c["c2h_dma_bytes"] += moved
         else:
-            cv = self._card_view
+            card = self.card
             total = 0
             for addr, n, _stage_card, view in copies:
                 h = addr & 63
-                if cv is not None:
-                    view[h:h + n] = cv[addr:addr + n]
-                else:
-                    view[h:h + n] = self.card.read(addr, n)
+                src = card.view(addr, n)   # bounds-checked: MemoryAccessError outside card memory
+                view[h:h + n] = src if src is not None else card.read(addr, n)
                 total += n
             c["c2h_bar0_bytes"] += total
         c["c2h_bytes"] += total
@@ -125,7 +130,7 @@ class CopyEngine:
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
         batch = []
-        cv = self._card_view
+        card = self.card
         total = 0
         for addr, n, room, stage_card, view in pieces:
             total += n
@@ -139,10 +144,11 @@ class CopyEngine:
             elif m > room:
                 c["h2c_unaligned_len_bytes"] += n
             c["h2c_bar0_bytes"] += n
-            if cv is not None:
-                cv[addr:addr + n] = view
+            dst = card.view(addr, n)       # bounds-checked: MemoryAccessError outside card memory
+            if dst is not None:
+                dst[:] = view
             else:
-                self.card.write(addr, view)
+                card.write(addr, view)
         if batch:
             self._dma(batch)
         c["h2c_bytes"] += total

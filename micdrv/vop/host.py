@@ -4,7 +4,8 @@ What ``vop_vringh.c`` and mpssd did together, for one card:
 
 * :meth:`VopHost.add` = ``MIC_VIRTIO_ADD_DEVICE`` (spec 5.3): the shape
   checked (num_vq <= 4, rings <= 128 entries, descriptor <= 256 bytes), a
-  slot found (:func:`~.layout.find_slot`), the entry written with type 0,
+  slot found in the host's own record of the page (:class:`~.layout.PageSlots`:
+  never by reading the page, which the card can rewrite), the entry written with type 0,
   ``mic_device_ctrl`` initialised, one zeroed vring per queue in the
   DmaArena with ``_mic_vring_info.magic`` = 0xC0FFEE00 + type + index at the
   configured place (:class:`~.layout.VringInfoPlacement`), ``vqconfig.address``
@@ -60,7 +61,7 @@ from .device import VopDevice, VopError, VringBlock
 from .layout import (CTRL_CONFIG_CHANGE, CTRL_C2H_VDEV_DB, CTRL_GUEST_ACK, INFO_MAGIC, MIC_MAX_VRING_ENTRIES,
                      MIC_VIRTIO_PARAM_CONFIG_CHANGED, MIC_VIRTIO_PARAM_DEV_REMOVE, PAGE_SIZE, TYPE_REMOVED,
                      DeviceEntry, EntryShape, VopLayoutError, VringInfoPlacement, VRING_INFO_ROUNDED, check_shape,
-                     find_slot, vring_bytes, vring_info_offset, vring_magic)
+                     PageSlots, vring_bytes, vring_info_offset, vring_magic)
 from .queue import StagingArea
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class VopHost:
         self.started = False
         self._lock = threading.Lock()        # the device list and the started flag
         self._dbs: dict[int, _Doorbell] = {}
+        self.slots = PageSlots()             # where our entries are: ours to know, not the page's to say
         self._closed = False
         self._loop_started = False
 
@@ -136,6 +138,7 @@ class VopHost:
                 return
             page = self.page.memory
             page.write(self.page.iova + DEVICE_DESC_OFFSET, bytes(MIC_DP_SIZE - DEVICE_DESC_OFFSET))
+            self.slots.clear()
             self.started = True
 
     def stop(self, force: bool = False) -> None:
@@ -192,14 +195,14 @@ class VopHost:
         shape = EntryShape(len(sizes), FEATURE_LEN, len(config))
         try:
             check_shape(shape.num_vq, shape.feature_len, shape.config_len)               # step 1
-            offset = find_slot(self.page.memory, self.page.iova, shape)                  # step 2
+            offset, reused = self.slots.find(shape)                                      # step 2
         except VopLayoutError as e:
             raise VopError(f"{name}: {e}", "ENOSPC" if "past" in str(e) else "EINVAL") from None
         entry = DeviceEntry(self.page.memory, self.page.iova, offset, shape)
         # Until the real type goes in last, a reused slot stays "removed" (-1) and a new one "end" (0):
         # a card scanning meanwhile never sees the list cut short or a half-made entry [choice: upstream
         # writes 0 in both cases].
-        placeholder = TYPE_REMOVED if entry.type == TYPE_REMOVED else 0
+        placeholder = TYPE_REMOVED if reused else 0
         entry.write_header(placeholder)
         entry.set_host_features(offered.to_bytes(FEATURE_LEN, "little"))
         entry.set_guest_acks(bytes(FEATURE_LEN))
@@ -232,6 +235,7 @@ class VopHost:
         entry.set_ctrl_u8(CTRL_C2H_VDEV_DB, db)
         full_barrier()                                                                   # step 6
         entry.type = vtype
+        self.slots.occupy(offset, shape)
         with self._lock:
             self.devices.append(dev)
         log.info("%s: added %s (type %d, %d queues, features %#x) at offset %d, doorbell %d", self.name, name,
@@ -288,6 +292,7 @@ class VopHost:
         dev.release_views()
         full_barrier()
         e.type = TYPE_REMOVED
+        self.slots.release(e.offset)
         with self._lock:
             if dev in self.devices:
                 self.devices.remove(dev)

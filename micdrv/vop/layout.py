@@ -305,8 +305,55 @@ def scan(mem: Memory, page_base: int) -> Iterator[DeviceEntry]:
         offset += shape.total
 
 
+class PageSlots:
+    """The host's own record of its device page entries: where each is, how big, whether it is in use.
+
+    Spec 5.3 step 2 finds a slot by scanning the page (:func:`find_slot`),
+    but every byte of the page can be written by the card, so a scan lets a
+    card steer where the host puts its next device -- over a live entry it
+    marked removed (type -1), or nowhere at all once it corrupted an entry's
+    sizes. The host therefore allocates from this record alone, with the
+    same rules (a removed slot of exactly the new entry's size, else the end
+    of the list), and the page is only ever written, never consulted.
+    """
+
+    def __init__(self):
+        self._slots: list[list] = []   # [offset, total, live], in page order
+
+    def clear(self) -> None:
+        self._slots = []
+
+    def find(self, shape: EntryShape) -> tuple[int, bool]:
+        """Where an entry of ``shape`` goes and whether that is a removed slot reused; VopLayoutError if full."""
+        end = DEVICE_DESC_OFFSET
+        for offset, total, live in self._slots:
+            if not live and total == shape.total:
+                return offset, True
+            end = offset + total
+        check_shape(shape.num_vq, shape.feature_len, shape.config_len, end)
+        return end, False
+
+    def occupy(self, offset: int, shape: EntryShape) -> None:
+        for s in self._slots:
+            if s[0] == offset:
+                s[2] = True
+                return
+        self._slots.append([offset, shape.total, True])
+
+    def release(self, offset: int) -> None:
+        for s in self._slots:
+            if s[0] == offset:
+                s[2] = False
+
+    def __repr__(self) -> str:
+        return f"<PageSlots {self._slots}>"
+
+
 def find_slot(mem: Memory, page_base: int, shape: EntryShape) -> int:
-    """Spec 5.3 step 2: where a new entry goes -- a removed slot (type -1), else the end of the list.
+    """Spec 5.3 step 2 as upstream does it: a removed slot (type -1) found by scanning the page, else the end.
+
+    A reader of a page that trusts it (tests, a dump) may use this; the host
+    does not (:class:`PageSlots` says why).
 
     The card steps from entry to entry by each one's size, so a removed slot
     is reused only by an entry of exactly its size (upstream takes the first

@@ -282,12 +282,15 @@ class Kernel:
             if self.vop is None:
                 raise ValueError("the card OS has no VOP driver (no device page)")
             return self.vop.control(**args)
+        if action == "hostile":
+            from .hostile import HostileCard
+            return HostileCard(self).control(**args)
         actions = {"panic": lambda: self.panic(message or "simulated panic (control socket)"),
                    "hang": self.hang, "poweroff": self.poweroff, "halt": self.halt, "reboot": self.reboot,
                    "shell": lambda: self._shell(message)}
         fn = actions.get(action)
         if fn is None:
-            raise ValueError(f"unknown kernel action {action!r}; one of {', '.join(actions)}, vop")
+            raise ValueError(f"unknown kernel action {action!r}; one of {', '.join(actions)}, vop, hostile")
         extra = fn() or {}
         return {"state": self.state, **extra}
 
