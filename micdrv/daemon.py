@@ -219,6 +219,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
             hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
                                 vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)))
             try:
+                fs.recover(cfg, card)  # a killed daemon's dead tree hides the console link's directory
                 devices = CardDevices.open(card, cfg, hw.vop)
                 card = dataclasses.replace(card, cmdline=devices.kernel_cmdline(card.cmdline))
                 service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim),

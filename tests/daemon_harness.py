@@ -132,3 +132,46 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(WAIT)
+
+
+class AttachedDaemon(Daemon):
+    """``micdrv --vfio-user SOCKET``: a daemon driving a card that lives in a process of its own.
+
+    The card (a :class:`micdrv.sim.process.SimulatedCardProcess` the test started) outlives the
+    daemon, so the daemon can be killed and started again over the same card, as a real card
+    outlives its daemon. ``sim`` is that card; ``start()`` runs a new daemon process.
+    """
+
+    def __init__(self, run_dir: Path, sim, name: str = "mic0", config: str = "", extra: tuple[str, ...] = ()):
+        self.run_dir = Path(run_dir)
+        self.name = name
+        self.sim = sim
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.run_dir.parent / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = self.run_dir.parent / f"{name}.log"
+        self.socket = self.run_dir / f"{name}.sock"
+        self.sim_control = sim.control
+        self.extra = extra
+        self.proc = None
+        self.start()
+
+    def start(self, *more: str) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "micdrv.daemon", "--vfio-user", self.sim.socket, "--name", self.name,
+                 "--run-dir", str(self.run_dir), "--config", str(self.config_path), *self.extra, *more],
+                cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_for(self._up, f"daemon {self.name} to answer on {self.socket}")
+        except BaseException:
+            self.kill()
+            raise
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"micdrv exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return control_call(str(self.socket), "ping")["pid"] == self.proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
