@@ -154,9 +154,13 @@ class AttachedDaemon(Daemon):
         self.sim_control = sim.control
         self.extra = extra
         self.proc = None
+        self.starts = 0
         self.start()
 
     def start(self, *more: str) -> None:
+        """Start a daemon; return once it is up: its control socket answers and its FUSE tree is mounted
+        (it logs "ready for commands" after both)."""
+        self.starts += 1
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "micdrv.daemon", "--vfio-user", self.sim.socket, "--name", self.name,
@@ -171,6 +175,8 @@ class AttachedDaemon(Daemon):
     def _up(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"micdrv exited with {self.proc.returncode}:\n{self.log()}")
+        if self.log().count("ready for commands") < self.starts:
+            return False
         try:
             return control_call(str(self.socket), "ping")["pid"] == self.proc.pid
         except (OSError, ValueError, KeyError):

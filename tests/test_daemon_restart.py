@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from micdrv.fs.mount import FSTYPE, mounts_at
 from micdrv.sim.cardos.image import write_files
 from micdrv.sim.process import SimulatedCardProcess
 from tests import hardening
-from tests.blk_stream import SECTOR
+from tests.blk_stream import SECTOR, Writer, check_image
 from tests.daemon_harness import WAIT, AttachedDaemon, control_call, wait_for
 from tests.netns_harness import namespace, socket_in
 
@@ -169,3 +171,87 @@ def test_a_daemon_killed_with_the_card_ready_leaves_nothing_the_next_one_trips_o
         survived = True
     finally:
         hardening.fault(survived)
+
+
+def traffic(d, stop: threading.Event, counts: dict) -> list[threading.Thread]:
+    """UDP echo from the namespace and shell commands on the console, until ``stop``; errors tolerated
+    (the daemon is killed under them)."""
+    def udp() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                data = os.urandom(1 + n % 1400)
+                if udp_echo(d.ns, data, timeout=0.5) == data:
+                    counts["udp"] += 1
+            except OSError:
+                counts["udp_lost"] += 1
+                time.sleep(0.1)
+            n += 1
+
+    def console() -> None:
+        while not stop.is_set():
+            try:
+                console_command(d, f"echo tick{counts['console']}", f"tick{counts['console']}")
+                counts["console"] += 1
+            except (OSError, AssertionError):
+                counts["console_lost"] += 1
+                time.sleep(0.2)
+    ts = [threading.Thread(target=udp, name="udp"), threading.Thread(target=console, name="console")]
+    for t in ts:
+        t.start()
+    return ts
+
+
+@pytest.mark.parametrize("boot", [False, True], ids=["reset-to-ready", "boot-again"])
+def test_sigkill_in_the_middle_of_traffic_then_a_restart_resets_the_card_and_serves_it_again(card, boot):
+    d = card
+    round_ = 1 + boot
+    survived = False
+    try:
+        if d.status()["state"] != "online":
+            d.ok("boot", "--wait", "mic0")
+        serving(d)
+        assert d.started_path().read_text().strip() == str(d.proc.pid)
+        rng = random.Random(7100 + round_)
+        w = Writer(d.sim_control, round_, rng, area=AREA).start()
+        stop = threading.Event()
+        counts = dict.fromkeys(("udp", "udp_lost", "console", "console_lost"), 0)
+        ts = traffic(d, stop, counts)
+        wait_for(lambda: (w.flushes >= 2 and counts["udp"] >= 3 and counts["console"] >= 1) or w.error,
+                 "block, network and console traffic")
+        assert w.error is None, w.error
+        w.sent.clear()
+        assert w.sent.wait(WAIT)
+        time.sleep(rng.uniform(0, 0.003))
+        old = kill(d)                                        # in the middle of it all
+        assert d.started_path().read_text().strip() == str(old)
+        time.sleep(0.5)                                      # the card, alone, carries on (or waits)
+        d.start(*(("--boot",) if boot else ()))
+        assert f"a daemon (pid {old}) died with the card started; resetting the card" in d.log()
+        if boot:
+            wait_for(lambda: d.status()["state"] == "online", "the card online again (--boot)")
+        else:
+            wait_for(lambda: d.status()["state"] == "ready", "the card reset to ready")
+            assert not d.started_path().exists()
+            d.ok("boot", "--wait", "mic0")
+        w.thread.join(WAIT)                                  # the reset ended the card's wait for its write
+        assert not w.thread.is_alive() and w.error is not None
+        stop.set()
+        for t in ts:
+            t.join(WAIT)
+        serving(d)
+        no_stale_state(d)
+        assert d.started_path().read_text().strip() == str(d.proc.pid)
+        rec = d.card_os()
+        assert rec["state"] == "online" and not rec["errors"], rec["errors"]
+        good = check_image(d.img, w)
+        assert good >= w.written_bytes(w.flushed) and w.flushed >= 2 * 4
+        sector, count, word = w.done[w.flushed - 1]
+        assert f"verified {count} sectors at {sector} of vda: OK" in shell(d, f"blk verify vda {sector} {word} {count}")
+        assert udp_echo(d.ns, b"after the restart") == b"after the restart"
+        console_command(d, f"echo restarted{round_}", f"restarted{round_}")
+        survived = True
+    finally:
+        hardening.fault(survived)
+    print(f"kill {round_}: {len(w.done)} writes ({w.flushed} flushed), {good} bytes verified; traffic {counts}; "
+          f"the card's write in flight ended with {w.error!r}")
