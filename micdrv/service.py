@@ -14,6 +14,9 @@
   log can still be read (the log is readable only while booting, online or
   shutting_down, spec 3.5) -- ``micctl reset`` then ``micctl boot``. With
   ``auto_reset = false`` no reset happens automatically at all;
+* the **started record** ``<run_dir>/<card>.started`` (:class:`StartedRecord`):
+  written before every boot kick, removed when the card is ready again, so a
+  daemon started after one that was killed knows to reset the card;
 * the **control socket** ``<run_dir>/<card>.sock`` (mode from the
   configuration, 0660 by default), speaking JSON lines (:mod:`micdrv.jsonlines`).
 

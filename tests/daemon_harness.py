@@ -106,6 +106,10 @@ class Daemon:
     def card_os(self) -> dict | None:
         return self.card("os")["record"]
 
+    def started_path(self) -> Path:
+        """The daemon's record that it started the card (micdrv.service.StartedRecord)."""
+        return self.run_dir / f"{self.name}.started"
+
     # --- the process ------------------------------------------------------------------------
     def proc_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

@@ -60,7 +60,7 @@ def card():
 [card.mic0]
 firmware = "{fw}"
 cmdline = "micdrv_sim.heartbeat=0.5"
-reset_timeout = 10
+reset_timeout = 3
 [[card.mic0.console]]
 [[card.mic0.net]]
 tap = "{tap}"
@@ -87,13 +87,6 @@ serial = "restart-disk0"
             sim.stop()
 
 
-def _started_path(self) -> Path:
-    return self.run_dir / f"{self.name}.started"
-
-
-AttachedDaemon.started_path = _started_path
-
-
 def devices(d) -> list[dict]:
     return json.loads(d.ok("devices", "--json", "mic0"))
 
@@ -117,12 +110,12 @@ def udp_echo(ns: str, data: bytes, timeout: float = WAIT) -> bytes:
         return s.recvfrom(65536)[0]
 
 
-def console_command(d, line: str, token: str) -> bytes:
+def console_command(d, line: str, token: str, timeout: float = WAIT) -> bytes:
     """Type ``line`` on the card's console pty; what came back up to the second ``token`` (echo, output)."""
     fd = os.open(d.run_dir / "mic0" / "console", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         os.write(fd, line.encode() + b"\r")
-        seen, deadline = b"", time.monotonic() + WAIT
+        seen, deadline = b"", time.monotonic() + timeout
         while seen.count(token.encode()) < 2 and time.monotonic() < deadline:
             if select.select([fd], [], [], 0.2)[0]:
                 seen += os.read(fd, 65536)
@@ -191,7 +184,7 @@ def traffic(d, stop: threading.Event, counts: dict) -> list[threading.Thread]:
     def console() -> None:
         while not stop.is_set():
             try:
-                console_command(d, f"echo tick{counts['console']}", f"tick{counts['console']}")
+                console_command(d, f"echo tick{counts['console']}", f"tick{counts['console']}", timeout=2)
                 counts["console"] += 1
             except (OSError, AssertionError):
                 counts["console_lost"] += 1
@@ -255,3 +248,28 @@ def test_sigkill_in_the_middle_of_traffic_then_a_restart_resets_the_card_and_ser
         hardening.fault(survived)
     print(f"kill {round_}: {len(w.done)} writes ({w.flushed} flushed), {good} bytes verified; traffic {counts}; "
           f"the card's write in flight ended with {w.error!r}")
+
+
+def test_a_card_that_does_not_come_back_from_the_reset_after_a_kill_is_reset_failed(card):
+    d = card
+    survived = False
+    try:
+        if d.status()["state"] != "online":
+            d.ok("boot", "--wait", "mic0")
+        serving(d)
+        old = kill(d)
+        d.card("fail_next_reset")                  # the reset the next daemon does never becomes ready
+        d.start("--boot")
+        assert f"a daemon (pid {old}) died with the card started; resetting the card" in d.log()
+        wait_for(lambda: d.status()["state"] == "reset_failed", "reset_failed")
+        wait_for(lambda: "boot on start: " in d.log(), "the boot on start to give up")
+        assert d.started_path().exists()           # the card is still not known to be stopped
+        no_stale_state(d)
+        d.ok("reset", "--wait", "mic0")            # the operator's way out
+        assert d.status()["state"] == "ready" and not d.started_path().exists()
+        d.ok("boot", "--wait", "mic0")
+        serving(d)
+        assert udp_echo(d.ns, b"after reset_failed") == b"after reset_failed"
+        survived = True
+    finally:
+        hardening.fault(survived)
