@@ -21,6 +21,7 @@ from pathlib import Path
 from tests import sim_harness
 
 REPO = Path(__file__).resolve().parents[1]
+READY_LINE = "ready for commands"   # micdrv.daemon logs it once the control socket and the tree are served
 WAIT = 30.0  # the longest a daemon may take to come up or go away on a loaded machine
 
 
@@ -63,6 +64,7 @@ class Daemon:
         self.log_path = self.run_dir.parent / f"{name}.log"
         self.socket = self.run_dir / f"{name}.sock"
         self.sim_control = str(self.run_dir / f"{name}.sim" / "control.sock")
+        self._ready_lines = self.log().count(READY_LINE)   # the log file is shared by a card's daemons
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "micdrv.daemon", "--simulate", "--no-devices", "--name", name,
@@ -75,9 +77,16 @@ class Daemon:
             raise
 
     def _up(self) -> bool:
+        """Up: it logged that it is ready (control socket and FUSE tree served) and its socket answers --
+        not merely socket files there, which a killed predecessor leaves behind."""
         if self.proc.poll() is not None:
             raise AssertionError(f"micdrv exited with {self.proc.returncode}:\n{self.log()}")
-        return self.socket.exists() and os.path.exists(self.sim_control)
+        if self.log().count(READY_LINE) <= self._ready_lines or not os.path.exists(self.sim_control):
+            return False
+        try:
+            return control_call(str(self.socket), "ping")["pid"] == self.proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
 
     def log(self) -> str:
         try:
@@ -158,13 +167,12 @@ class AttachedDaemon(Daemon):
         self.sim_control = sim.control
         self.extra = extra
         self.proc = None
-        self.starts = 0
         self.start()
 
     def start(self, *more: str) -> None:
         """Start a daemon; return once it is up: its control socket answers and its FUSE tree is mounted
         (it logs "ready for commands" after both)."""
-        self.starts += 1
+        self._ready_lines = self.log().count(READY_LINE)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "micdrv.daemon", "--vfio-user", self.sim.socket, "--name", self.name,
@@ -175,13 +183,3 @@ class AttachedDaemon(Daemon):
         except BaseException:
             self.kill()
             raise
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"micdrv exited with {self.proc.returncode}:\n{self.log()}")
-        if self.log().count("ready for commands") < self.starts:
-            return False
-        try:
-            return control_call(str(self.socket), "ping")["pid"] == self.proc.pid
-        except (OSError, ValueError, KeyError):
-            return False

@@ -273,3 +273,37 @@ def test_a_card_that_does_not_come_back_from_the_reset_after_a_kill_is_reset_fai
         survived = True
     finally:
         hardening.fault(survived)
+
+
+def test_a_killed_simulate_daemon_takes_its_card_along_and_the_next_one_starts_clean(tmp_path):
+    """``micdrv --simulate``: the simulated card is the daemon's own hardware and dies with it
+    (PR_SET_PDEATHSIG); the next daemon starts a fresh card over the stale sockets and tree."""
+    from tests.daemon_harness import Daemon
+    base = Path(tempfile.mkdtemp(prefix="micdrv-restart-sim"))
+    os.chmod(base, 0o755)
+    config = "[card.mic0]\ncmdline = \"micdrv_sim.heartbeat=0.5\"\nreset_timeout = 5\n[[card.mic0.console]]\n"
+    d = Daemon(base / "run", "mic0", config)
+    survived = False
+    try:
+        d.ok("boot", "--wait", "mic0")
+        sim_pid = d.card("ping")["pid"]
+        kill(d)
+        wait_for(lambda: not os.path.exists(f"/proc/{sim_pid}") or
+                 Path(f"/proc/{sim_pid}/stat").read_text().split()[2] == "Z", "the card to die with its daemon")
+        d2 = Daemon(base / "run", "mic0", config)
+        try:
+            assert "died with the card started" in d2.log()   # a fresh card: the reset costs nothing
+            wait_for(lambda: d2.status()["state"] == "ready", "the fresh card ready")
+            d2.ok("boot", "--wait", "mic0")
+            wait_for(lambda: all(x["state"] == "active" for x in devices(d2)), "the console active")
+            no_stale_state(d2)
+            assert d2.card("ping")["pid"] != sim_pid
+        finally:
+            assert d2.stop() == 0, d2.log()
+        assert not d2.started_path().exists() and not mounts_at(str(d2.run_dir / "mic0"))
+        survived = True
+    finally:
+        d.kill()
+        for _ in mounts_at(str(d.run_dir / "mic0")):
+            os.system(f"umount -l {d.run_dir / 'mic0'}")
+        hardening.fault(survived)
