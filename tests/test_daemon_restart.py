@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from micdrv.fs.mount import FSTYPE, mounts_at
+from micdrv.fs.mount import FSTYPE, MNT_DETACH, mounts_at, umount
 from micdrv.sim.cardos.image import write_files
 from micdrv.sim.process import SimulatedCardProcess
 from tests import hardening
@@ -83,7 +83,7 @@ serial = "restart-disk0"
             if d is not None:
                 d.kill()
                 for _ in mounts_at(str(d.run_dir / "mic0")):    # a failed test's dead tree goes with it
-                    os.system(f"umount -l {d.run_dir / 'mic0'}")
+                    umount(str(d.run_dir / "mic0"), MNT_DETACH)
             sim.stop()
 
 
@@ -305,5 +305,5 @@ def test_a_killed_simulate_daemon_takes_its_card_along_and_the_next_one_starts_c
     finally:
         d.kill()
         for _ in mounts_at(str(d.run_dir / "mic0")):
-            os.system(f"umount -l {d.run_dir / 'mic0'}")
+            umount(str(d.run_dir / "mic0"), MNT_DETACH)
         hardening.fault(survived)
