@@ -66,6 +66,7 @@ serial = "crash-disk0"
     d.img = img
     yield d
     rc = d.stop()
+    img.unlink()                         # tens of MiB written; the log stays
     log = d.log()
     assert rc == 0, log
     assert "Traceback" not in log, log

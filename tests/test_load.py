@@ -91,6 +91,8 @@ serial = "load-disk{n}"
                 rc = d.stop()
                 if rc != 0 or "Traceback" in d.log():
                     failures.append(f"{d.name}: exit {rc}\n{d.log()[-3000:]}")
+            for n in range(CARDS):           # the images (tens of MiB written each); the logs stay
+                (base / f"disk{n}.img").unlink(missing_ok=True)
             assert not failures, "\n".join(failures)
 
 
