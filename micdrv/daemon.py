@@ -16,7 +16,9 @@ The daemon probes the card (:class:`micdrv.mic.MicDevice`), serves its
 control socket ``<run_dir>/<card>.sock`` (:mod:`micdrv.service`) and its
 FUSE tree ``<fuse_dir>/<card>`` (:mod:`micdrv.fs`), and runs
 until SIGTERM, SIGINT or SIGHUP; on the way out it stops and resets a started card,
-as the kernel did when its driver was removed. Logs go to stderr (journald).
+as the kernel did when its driver was removed. A card that a killed daemon had started
+(``<run_dir>/<card>.started``, :class:`micdrv.service.StartedRecord`) is reset
+before anything is mapped for it: the daemon never reattaches. Logs go to stderr (journald).
 Exit status: 0 after a clean stop, 1 when the card cannot be driven (or the
 daemon is not run as root), 2 for a usage or configuration error. Each
 error is one line on stderr, never a traceback.
@@ -190,7 +192,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     from .doctor import ARENA_BYTES
     from .mic import MicDevice
     from .sdnotify import Notifier
-    from .service import CardService
+    from .service import CardService, started_record
     from .vop.devices import CardDevices
     from .vop.host import VopOptions
     from .vop.layout import VringInfoPlacement
@@ -216,13 +218,21 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                 if not args.no_devices:
                     card = _simulated_devices(card, sim)
                 reset_delay, reset_interval = SIMULATED_RESET_DELAY, SIMULATED_RESET_INTERVAL
+            left = started_record(cfg, card).read()
+            if left is not None:
+                log.warning("%s: a daemon (pid %s) died with the card started; resetting the card: its OS's "
+                            "devices, rings and SCIF queues were in that process's memory", card.name,
+                            left["pid"] if left["pid"] is not None else "?")
             hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
-                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)))
+                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)),
+                                reset=left is not None)
             try:
+                fs.recover(cfg, card)  # a killed daemon's dead tree hides the console link's directory
                 devices = CardDevices.open(card, cfg, hw.vop)
                 card = dataclasses.replace(card, cmdline=devices.kernel_cmdline(card.cmdline))
                 service = CardService(hw, card, cfg, hardware_info=lambda: _hardware_info(dev, sim),
-                                      reset_interval=reset_interval, devices=devices)
+                                      reset_interval=reset_interval, devices=devices,
+                                      reset_at_start=left is not None)
                 service.cosm.subscribe(lambda d: notifier.status(f"{d.name}: {d.state.sysfs}"))
                 service.start()
                 tree = None

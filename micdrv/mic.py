@@ -86,8 +86,14 @@ class MicDevice:
              reset_delay: float = SILICON_RESET_DELAY, iova_base: int = 0,
              irq_modes: tuple[IrqMode | str, ...] = (IrqMode.MSIX, IrqMode.MSI, IrqMode.INTX),
              scif_poll_interval: float = QP_POLL_INTERVAL,
-             scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT, vop: VopOptions | None = None) -> "MicDevice":
-        """``mic_probe`` (spec 1.4) on ``dev``; the card is not reset.
+             scif_timeout: float = SCIF_NODE_ALIVE_TIMEOUT, vop: VopOptions | None = None,
+             reset: bool = False) -> "MicDevice":
+        """``mic_probe`` (spec 1.4) on ``dev``; the card is not reset unless ``reset`` says so.
+
+        ``reset`` resets the card first of all (:meth:`X100.probe <micdrv.x100.card.X100.probe>`
+        ``reset_first``): for a card a daemon that died had started, whose OS may still be running.
+        The caller then waits for ready (:meth:`CosmDevice.await_ready
+        <micdrv.cosm.host.CosmDevice.await_ready>`).
 
         ``reset_delay`` is the pause after RGCR (1 s on silicon, spec 2.5);
         ``scif_poll_interval`` how often the device page is polled for the
@@ -100,7 +106,8 @@ class MicDevice:
         arena = DmaArena(arena_size, name=f"micdrv-mic{mic_id}")
         card = self = None
         try:
-            card = X100.probe(dev, arena, iova_base=iova_base, irq_modes=irq_modes, reset_delay=reset_delay)
+            card = X100.probe(dev, arena, iova_base=iova_base, irq_modes=irq_modes, reset_delay=reset_delay,
+                              reset_first=reset)
             self = cls(dev, arena, card, mic_id=mic_id, scif_poll_interval=scif_poll_interval,
                        scif_timeout=scif_timeout)
             self.device_page = DevicePage(arena, card.smpt.to_card)

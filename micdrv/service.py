@@ -15,6 +15,9 @@
   log can still be read (the log is readable only while booting, online or
   shutting_down, spec 3.5) -- ``micctl reset`` then ``micctl boot``. With
   ``auto_reset = false`` no reset happens automatically at all;
+* the **started record** ``<run_dir>/<card>.started`` (:class:`StartedRecord`):
+  written before every boot kick, removed when the card is ready again, so a
+  daemon started after one that was killed knows to reset the card;
 * the **control socket** ``<run_dir>/<card>.sock`` (mode from the
   configuration, 0660 by default), speaking JSON lines (:mod:`micdrv.jsonlines`).
 
@@ -88,6 +91,50 @@ READ_ONLY = frozenset({"status", "info", "wait", "log", "ping"})
 WAIT_STATES = (MicState.ONLINE, MicState.READY)
 
 
+class StartedRecord:
+    """``<run_dir>/<card>.started``: this card was booted by the daemon whose pid it holds.
+
+    Written just before every boot kick, removed whenever the card is back to ready (a reset, the
+    daemon's own stop). A record a daemon left behind therefore means it died with the card started:
+    the card may run an OS whose devices, rings and SCIF queues were in the dead daemon's memory, so
+    the next daemon resets the card before it maps anything for it (README "Running a card").
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> dict | None:
+        """What a record says (``pid``), or None when there is none."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return {"pid": None, "error": e.strerror}
+        pid = text.strip()
+        return {"pid": int(pid) if pid.isdigit() else None}
+
+    def write(self) -> None:
+        try:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)
+        except OSError as e:   # a boot is not refused for it; a restart after a crash then cannot know
+            log.error("%s: cannot record that the card is started: %s", self.path, e)
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("%s: cannot remove the started record: %s", self.path, e)
+
+
+def started_record(config: Config, card: CardConfig) -> StartedRecord:
+    return StartedRecord(Path(config.settings.run_dir) / f"{card.name}.started")
+
+
 def _errno_error(err: int, message: str) -> RequestError:
     return RequestError(message, errno=errno.errorcode.get(err, str(err)))
 
@@ -122,8 +169,10 @@ class CardService:
     def __init__(self, hw: CosmHwOps, card: CardConfig, config: Config, *,
                  hardware_info: Callable[[], dict] | None = None,
                  read_log: Callable[[CosmDevice], str] | None = None,
-                 reset_interval: float | None = None, devices=None):
+                 reset_interval: float | None = None, devices=None, reset_at_start: bool = False):
         self.hw = hw
+        self.started = started_record(config, card)
+        self.reset_at_start = reset_at_start   # the daemon reset the card at probe: COSM polls it to ready
         self.devices = devices   # micdrv.vop.devices.CardDevices: the card's virtio devices, or None
         self.card = card
         self.config = config
@@ -137,7 +186,7 @@ class CardService:
             kw["reset_interval"] = reset_interval
         polls = max(1, round(card.reset_timeout / (reset_interval or 1.0)))
         self.cosm = CosmDevice(hw, attributes=attrs, heartbeat_timeout=card.heartbeat.timeout, reset_polls=polls,
-                               resolve=config.firmware_path, **kw)
+                               resolve=config.firmware_path, before_start=self.started.write, **kw)
         self.socket_path = str(config.socket_path(card))
         self._server: CosmServer | None = None
         self._control: JsonLinesServer | None = None
@@ -171,6 +220,7 @@ class CardService:
     def start(self) -> None:
         self._server = CosmServer(self.hw.scif, {self.hw.node_id: self.cosm})
         self.hw.scif.on_peer_broken = self._scif_broken
+        self.cosm.subscribe(self._on_ready)
         self.cosm.subscribe(self._on_change)
         if self.devices is not None:
             self.cosm.subscribe(self.devices.on_state)   # devices added once the card is booting (spec 6.1)
@@ -179,6 +229,8 @@ class CardService:
                                         gid=self.allowed_gid, name=f"{self.card.name} control")
         self._control.start()
         log.info("%s: control socket %s", self.card.name, self.socket_path)
+        if self.reset_at_start:
+            self.cosm.await_ready()
         if self.card.boot_on_start:
             self._spawn(self._boot_on_start, "boot on start")
 
@@ -203,6 +255,8 @@ class CardService:
         t.start()
 
     def _boot_on_start(self) -> None:
+        # After a reset at start, the boot waits for its outcome (ready, or reset_failed: then it fails).
+        self.cosm.wait_for(lambda d: d.state is not MicState.RESETTING or self._closing.is_set(), None)
         try:
             self.cosm.start()
         except CosmError as e:
@@ -212,6 +266,10 @@ class CardService:
         """The card broke SCIF (its node was given up): COSM declares it crashed, off the SCIF worker."""
         if node == self.hw.node_id and not self._closing.is_set():
             self._spawn(lambda: self.cosm.card_broken(f"SCIF: {why}"), "card broken")
+
+    def _on_ready(self, dev: CosmDevice) -> None:
+        if dev.state is MicState.READY:
+            self.started.clear()
 
     # --- the mpssd policy (spec 6.5) -------------------------------------------------------------
     def _on_change(self, dev: CosmDevice) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from tests import sim_harness
 
 REPO = Path(__file__).resolve().parents[1]
+READY_LINE = "ready for commands"   # micdrv.daemon logs it once the control socket and the tree are served
 WAIT = 30.0  # the longest a daemon may take to come up or go away on a loaded machine
 
 
@@ -63,6 +64,7 @@ class Daemon:
         self.log_path = self.run_dir.parent / f"{name}.log"
         self.socket = self.run_dir / f"{name}.sock"
         self.sim_control = str(self.run_dir / f"{name}.sim" / "control.sock")
+        self._ready_lines = self.log().count(READY_LINE)   # the log file is shared by a card's daemons
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "micdrv.daemon", "--simulate", "--no-devices", "--name", name,
@@ -75,9 +77,16 @@ class Daemon:
             raise
 
     def _up(self) -> bool:
+        """Up: it logged that it is ready (control socket and FUSE tree served) and its socket answers --
+        not merely socket files there, which a killed predecessor leaves behind."""
         if self.proc.poll() is not None:
             raise AssertionError(f"micdrv exited with {self.proc.returncode}:\n{self.log()}")
-        return self.socket.exists() and os.path.exists(self.sim_control)
+        if self.log().count(READY_LINE) <= self._ready_lines or not os.path.exists(self.sim_control):
+            return False
+        try:
+            return control_call(str(self.socket), "ping")["pid"] == self.proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
 
     def log(self) -> str:
         try:
@@ -106,6 +115,10 @@ class Daemon:
     def card_os(self) -> dict | None:
         return self.card("os")["record"]
 
+    def started_path(self) -> Path:
+        """The daemon's record that it started the card (micdrv.service.StartedRecord)."""
+        return self.run_dir / f"{self.name}.started"
+
     # --- the process ------------------------------------------------------------------------
     def proc_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -132,3 +145,41 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(WAIT)
+
+
+class AttachedDaemon(Daemon):
+    """``micdrv --vfio-user SOCKET``: a daemon driving a card that lives in a process of its own.
+
+    The card (a :class:`micdrv.sim.process.SimulatedCardProcess` the test started) outlives the
+    daemon, so the daemon can be killed and started again over the same card, as a real card
+    outlives its daemon. ``sim`` is that card; ``start()`` runs a new daemon process.
+    """
+
+    def __init__(self, run_dir: Path, sim, name: str = "mic0", config: str = "", extra: tuple[str, ...] = ()):
+        self.run_dir = Path(run_dir)
+        self.name = name
+        self.sim = sim
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.run_dir.parent / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = self.run_dir.parent / f"{name}.log"
+        self.socket = self.run_dir / f"{name}.sock"
+        self.sim_control = sim.control
+        self.extra = extra
+        self.proc = None
+        self.start()
+
+    def start(self, *more: str) -> None:
+        """Start a daemon; return once it is up: its control socket answers and its FUSE tree is mounted
+        (it logs "ready for commands" after both)."""
+        self._ready_lines = self.log().count(READY_LINE)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "micdrv.daemon", "--vfio-user", self.sim.socket, "--name", self.name,
+                 "--run-dir", str(self.run_dir), "--config", str(self.config_path), *self.extra, *more],
+                cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_for(self._up, f"daemon {self.name} to answer on {self.socket}")
+        except BaseException:
+            self.kill()
+            raise

@@ -30,6 +30,9 @@ State transitions (spec 7.3), exactly as the kernel makes them:
   background ``stop``: ``hw.stop`` unless the card was ready or reset_failed
   before, ``hw.reset`` + ready polling (45 x 1 s by default) -> ready or
   reset_failed, shutdown status back to nop.
+* ``await_ready``: the daemon reset the card itself before COSM took it over
+  (a card a killed daemon left started): ready -> resetting, then the same
+  ready polling, without another reset.
 
 What the kernel left to mpssd (reset after a shutdown, boot again after a
 restart) is the service's policy (:mod:`micdrv.service`), not here.
@@ -91,8 +94,10 @@ class CosmDevice:
     def __init__(self, hw: CosmHwOps, *, attributes: Attributes | None = None,
                  heartbeat_timeout: float = COSM_HEARTBEAT_TIMEOUT_SEC,
                  reset_polls: int = COSM_RESET_POLLS, reset_interval: float = RESET_POLL_INTERVAL,
-                 resolve: Callable[[str], "object"] | None = None):
+                 resolve: Callable[[str], "object"] | None = None,
+                 before_start: Callable[[], None] | None = None):
         self.hw = hw
+        self._before_start = before_start        # called just before every hw.start (the boot kick)
         self.name = hw.name
         self.attrs = attributes or Attributes()
         self.heartbeat_timeout = heartbeat_timeout
@@ -181,10 +186,12 @@ class CosmDevice:
         self._changed()
 
     # --- hw reset (cosm_hw_reset) -------------------------------------------------------------------
-    def _hw_reset(self, force: bool) -> None:
-        """Reset, then poll ready up to ``reset_polls`` times: ready or reset_failed (spec 2.5)."""
+    def _hw_reset(self, force: bool, reset: bool = True) -> None:
+        """Reset (unless ``reset`` is false: done already), then poll ready up to ``reset_polls`` times:
+        ready or reset_failed (spec 2.5)."""
         try:
-            self.hw.reset()
+            if reset:
+                self.hw.reset()
             for i in range(self.reset_polls):
                 if self.hw.ready():
                     self._set_state(MicState.READY)
@@ -221,6 +228,8 @@ class CosmDevice:
                 log.info("%s: not ready for a download, resetting first", self.name)
                 self._hw_reset(False)
             try:
+                if self._before_start is not None:
+                    self._before_start()
                 self.hw.start(spec)
             except BootError as e:
                 raise CosmError(errno.EINVAL if e.step != "firmware" else errno.ENOENT,
@@ -258,6 +267,20 @@ class CosmDevice:
             self._set_state(MicState.RESETTING)
             self._reset_work = threading.Thread(target=self.stop, args=(False,), name=f"{self.name} reset",
                                                 daemon=True)
+            self._reset_work.start()
+
+    def await_ready(self) -> None:
+        """The card was reset before COSM took it over: resetting now, ready polling in the background."""
+        with self.mutex:
+            if self.state is not MicState.READY:
+                raise CosmError(errno.EINVAL, f"{self.name}: await_ready is for a card just probed")
+            self.prev_state = MicState.READY
+            self._set_state(MicState.RESETTING)
+
+            def poll() -> None:
+                with self.mutex:
+                    self._hw_reset(False, reset=False)
+            self._reset_work = threading.Thread(target=poll, name=f"{self.name} reset", daemon=True)
             self._reset_work.start()
 
     def stop(self, force: bool = False) -> None:

@@ -37,7 +37,7 @@ import grp
 import logging
 from typing import Callable
 
-from .mount import FuseError, FuseMount
+from .mount import FuseError, FuseMount, normalize, recover_stale
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,20 @@ def group_id(name: str | None) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise FuseError(f"fuse_group {name!r} is no group on this host") from None
+
+
+def recover(config, card) -> None:
+    """Detach a dead tree a killed daemon left at the card's mount point (:func:`.mount.recover_stale`).
+
+    The daemon calls this first thing, before it opens the card's devices: the console's pty link
+    lives in the mount point's directory, which a dead mount makes unreachable (ENOTCONN). Only a
+    dead ``fuse.micdrv`` mount is touched; anything else there is logged and left for :func:`serve`.
+    """
+    path = str(config.fuse_path(card))
+    try:
+        recover_stale(normalize(path))
+    except (FuseError, OSError) as e:
+        log.warning("%s: %s", card.name, e)
 
 
 def serve(service, config, block_images: Callable[[], dict] | None = None) -> FuseTree | None:

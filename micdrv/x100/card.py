@@ -59,6 +59,13 @@ def post_code_text(raw: int) -> str:
     return bytes((raw & 0xFF, (raw >> 8) & 0xFF)).decode("latin-1")
 
 
+def _reset(registers: Registers, delay: float) -> None:
+    """``_mic_reset`` (spec 2.5): SPAD2 = 0, RGCR bit 0 set (read-modify-write), then the pause."""
+    registers.write(regs.spad(regs.SPAD_DOWNLOAD_INFO), 0)
+    registers.set_bits(regs.RGCR, regs.RGCR_RESET)
+    time.sleep(delay)
+
+
 class X100:
     """A probed X100 card. Create with :meth:`probe`; close with :meth:`close` (or ``with``)."""
 
@@ -82,23 +89,28 @@ class X100:
     @classmethod
     def probe(cls, dev: PciDevice, arena: DmaArena, *, iova_base: int = 0,
               irq_modes: tuple[IrqMode | str, ...] = (IrqMode.MSIX, IrqMode.MSI, IrqMode.INTX),
-              reset_delay: float = SILICON_RESET_DELAY) -> "X100":
+              reset_delay: float = SILICON_RESET_DELAY, reset_first: bool = False) -> "X100":
         """``mic_probe`` steps 2-6 on ``dev`` (spec 1.4), plus mapping ``arena`` for the card.
 
         ``arena`` is DMA-mapped at ``iova_base`` unless it is mapped already;
         it must lie below 512 GiB of IOVA so the identity SMPT reaches it.
         ``reset_delay`` is the pause after RGCR (1 s on silicon; the simulated
-        card is ready much sooner).
+        card is ready much sooner). ``reset_first`` resets the card (``_mic_reset``) before anything
+        else is set up -- before bus mastering, the SMPT and the arena's mapping -- for a card that may
+        still run an OS started by a host driver that is gone: that OS's DMA and its pointers into the old
+        driver's memory must not reach the new arena, which is mapped at the same IOVAs.
         """
         vendor = dev.config_read(PCI_VENDOR_ID, 2)
         device = dev.config_read(PCI_DEVICE_ID, 2)
         revision = dev.config_read(PCI_REVISION_ID, 1)
         if not ids.is_x100(vendor, device):
             raise NotX100Error(f"probe of {dev.name}", f"{vendor:04x}:{device:04x} is not an X100 (spec 1.1)")
-        dev.enable_bus_master()
         registers = Registers(dev)
         aperture = interrupts = None
         try:
+            if reset_first:
+                _reset(registers, reset_delay)
+            dev.enable_bus_master()
             aperture = Aperture(dev)
             interrupts = Interrupts(dev, registers, revision, irq_modes)
             smpt = Smpt(registers)
@@ -165,9 +177,7 @@ class X100:
     # --- reset and ready (spec 2.5) -------------------------------------------------------------
     def reset(self, delay: float | None = None) -> None:
         """``_mic_reset``: SPAD2 = 0, RGCR |= 1, then wait ``delay`` (default :attr:`reset_delay`)."""
-        self.write_spad(regs.SPAD_DOWNLOAD_INFO, 0)
-        self.regs.set_bits(regs.RGCR, regs.RGCR_RESET)
-        time.sleep(self.reset_delay if delay is None else delay)
+        _reset(self.regs, self.reset_delay if delay is None else delay)
 
     def ready(self) -> bool:
         """``is_fw_ready``: SPAD2 bit 0."""
