@@ -264,3 +264,23 @@ def test_power_off_flushes_and_resets_the_disks(tmp_path):
     finally:
         c.close()
         be.close()
+
+
+def test_a_write_and_a_read_bigger_than_card_memory_wait_for_room_instead_of_failing(tmp_path):
+    # 4 MiB of transport memory (rings take some): a 12 MiB write is twelve 1 MiB requests that cannot all
+    # hold memory at once; the driver waits for completions to give it back, as it waits for ring room.
+    c = BootedCard(bus_size=4 * MiB)
+    be = BlkBackend.open(make_image(tmp_path / "a.img", 16 * MiB))
+    try:
+        disk = c.bus.add(be).driver
+        data = os.urandom(12 * MiB)
+        disk.write(8, data)
+        assert file_bytes(be.image.path, 8 * 512, len(data)) == data
+        assert disk.read(8, len(data) // 512) == data
+        assert disk.c["heap_waits"] > 0 and disk.c["errors"] == 0 and not disk._inflight
+        buf = bytearray(2 * MiB)
+        disk.read_into(8 + 2048, memoryview(buf))                     # into the caller's buffer
+        assert buf == data[MiB:3 * MiB]
+    finally:
+        c.close()
+        be.close()
