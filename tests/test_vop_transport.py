@@ -13,6 +13,7 @@ mismatch, and the drain and notification counters.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import select
@@ -215,6 +216,33 @@ def test_a_burst_is_drained_in_one_batch_with_one_interrupt(rig, vs):
     # One kick for the burst; the host drains what is there per wake-up (a wake-up from an earlier doorbell
     # may catch the burst half made): at most two batches, one completion decision each.
     assert tx["batches"] <= 2 and tx["max_batch"] >= 12
+
+
+def test_a_burst_of_1_mib_reads_shares_batches_past_the_staging_area_within_its_bound(vs, tmp_path):
+    # Two 1 MiB requests (plus header and status slots) do not fit the 2 MiB staging area: without the
+    # overflow allocations every request is a batch of its own.
+    data = os.urandom(8 << 20)
+    img = tmp_path / "burst.img"
+    img.write_bytes(data)
+    want = [hashlib.sha256(data[i << 20:(i + 1) << 20]).hexdigest() for i in range(6)]
+    for overflow in (0, 8 << 20):
+        vs.configure()
+        r = Rig(vs, VopOptions(staging_overflow=overflow))
+        try:
+            dev = r.add(BlkBackend.open(str(img)))
+            out = vs.driver("blk", "burst", sector=0, length=1 << 20, count=6)["requests"]
+            assert [x["status"] for x in out] == [0] * 6 and [x["sha256"] for x in out] == want
+            q = dev.queues[0]
+            c = q.counters
+            if overflow:
+                # one kick for all six: the first wake-up takes what fits -- one in staging, the rest within
+                # the bound (6 x (1 MiB + 128) < 2 + 8 MiB) -- unless a late wake-up split the burst
+                assert c["max_batch"] >= 3 and c["overflow"] >= 2 and c["batches"] <= 3
+            else:
+                assert c["max_batch"] == 1 and c["overflow"] == 0 and c["batches"] >= 6
+            assert q.staging.own_bytes == 0 and q.staging.ring.allocated == 0      # all given back
+        finally:
+            r.close()
 
 
 # --- _mic_vring_info placement (spec 5.6) -------------------------------------------------------------
