@@ -26,6 +26,7 @@ from backends.console import ConsoleBackend
 from micdrv.virtio.device import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                                   VIRTIO_CONFIG_S_FAILED)
 from micdrv.vop import layout as L
+from micdrv.vop.copy import CopyPolicy
 from micdrv.vop.host import VopOptions
 from micdrv.x100 import regs
 from tests.sim_harness import wait_for
@@ -146,6 +147,38 @@ def test_blk_data_crosses_every_copy_path_and_lands_in_the_image(rig, vs, image)
     assert c["h2c_unaligned_dst_bytes"] >= 200 << 10                 # the read 7 bytes past a line
     assert c["h2c_unaligned_len_bytes"] >= 4                         # the 1-byte status of each request
     assert c["c2h_bar0_bytes"] == 0
+
+
+def test_h2c_direct_hands_backends_views_of_card_memory_and_moves_no_payload_by_dma(vs, image):
+    # The opt-in policy: writable buffers are BAR0 views, the backend writes the card itself -- at any
+    # offset, in any number of segments, and for a writable-only chain (console receive) as well.
+    vs.configure(rx=(16, 4096, 3))
+    r = Rig(vs, VopOptions(copy=CopyPolicy(h2c_direct=True)))
+    try:
+        blk = BlkBackend.open(str(image))
+        dev = r.add(blk)
+        w = vs.driver("blk", "write", sector=16, length=300 << 10, offset=13, segments=3, seed=9)
+        assert w["status"] == 0
+        for offset, segments in ((0, 1), (7, 5)):
+            got = vs.driver("blk", "read", sector=16, length=300 << 10, offset=offset, segments=segments)
+            assert got["status"] == 0 and got["sha256"] == w["sha256"], (offset, segments)
+        bad = vs.driver("blk", "read", sector=(4 << 20) // 512, length=4096)     # past the end: IOERR
+        assert bad["status"] == 1
+        c = dev.engine.counters
+        assert c["h2c_direct_bytes"] == c["h2c_bytes"] >= 2 * (300 << 10)
+        assert c["h2c_dma_bytes"] == c["h2c_bar0_bytes"] == 0
+        assert c["c2h_dma_bytes"] >= 300 << 10                 # card -> host stays DMA
+        q = dev.queues[0]
+        assert q.staging.ring.allocated == 0 and not q._staged
+        cdev, fd = r.console()
+        try:
+            data = random.Random(8).randbytes(5000)
+            assert echo(fd, data) == data
+        finally:
+            os.close(fd)
+        assert cdev.engine.counters["h2c_direct_bytes"] == 5000
+    finally:
+        r.close()
 
 
 def test_a_request_beyond_the_disk_fails_and_the_device_carries_on(rig, vs, image):

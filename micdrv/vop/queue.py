@@ -117,17 +117,27 @@ class VopQueue(Virtqueue):
             return []
         st = self.staging
         view, card0 = st.view, st.arena_card
+        direct = self.engine.direct        # h2c_direct: card memory (bounds-checked views), else None
         out: list[Chain] = []
         copies = []
         taken = 0
         try:
             for d in descs:
-                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64)
+                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
+                # with h2c_direct: the backend gets views of card memory for those)
                 total = 0
                 for a, n in d.readable:
                     total += align64((a & 63) + n)
-                for _a, n in d.writable:
-                    total += align64(n)
+                if direct is None:
+                    for _a, n in d.writable:
+                        total += align64(n)
+                if not total:
+                    s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
+                    self._staged[d.head] = s
+                    out.append(Chain(d.head, [], [direct.view(a, n) for a, n in d.writable], d.readable_len,
+                                     d.writable_len, s))
+                    taken += 1
+                    continue
                 own = None
                 off = st.ring.alloc(total)
                 if off is None:
@@ -154,6 +164,10 @@ class VopQueue(Virtqueue):
                 writable = []
                 wslots = []
                 for a, n in d.writable:
+                    if direct is not None:
+                        writable.append(direct.view(a, n))
+                        wslots.append((a, n, -1))
+                        continue
                     writable.append(view[pos:pos + n])
                     wslots.append((a, n, pos))
                     pos += align64(n)
@@ -185,12 +199,17 @@ class VopQueue(Virtqueue):
         view, card0 = st.view, st.arena_card
         pieces = []
         used = []
+        direct = 0
         for chain, written in done:
             s: _Staged = chain.ctx
             tail = chain.tail
             if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
                 raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
                                  f"its writable buffers hold {s.desc.writable_len}")
+            used.append((chain.head, written + tail))
+            if s.writable and s.writable[0][2] < 0:      # h2c_direct: the backend wrote card memory itself
+                direct += written + tail
+                continue
             left = written
             for a, n, pos in s.writable:
                 if left <= 0:
@@ -206,7 +225,8 @@ class VopQueue(Virtqueue):
                 skip = n - k
                 pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))
                 left -= k
-            used.append((chain.head, written + tail))
+        if direct:
+            self.engine.wrote_direct(direct)
         self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
         self.vring.push_many(used)
         self._info[0] = self.vring.last_avail
@@ -226,6 +246,8 @@ class VopQueue(Virtqueue):
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.desc.head, None) is None:
             return
+        if s.offset < 0:
+            return                       # nothing staged (h2c_direct, no readable buffers)
         if s.own is not None:
             self.staging.free_own(s.own)
         else:
