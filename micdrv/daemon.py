@@ -193,6 +193,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     from .service import CardService
     from .vop.devices import CardDevices
     from .vop.host import VopOptions
+    from .vop.copy import CopyPolicy
     from .vop.layout import VringInfoPlacement
     notifier = notifier or Notifier(None)
     try:
@@ -217,7 +218,8 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                     card = _simulated_devices(card, sim)
                 reset_delay, reset_interval = SIMULATED_RESET_DELAY, SIMULATED_RESET_INTERVAL
             hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
-                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)))
+                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info),
+                                               copy=CopyPolicy(h2c_direct=card.vop_copy == "h2c-direct")))
             try:
                 devices = CardDevices.open(card, cfg, hw.vop)
                 card = dataclasses.replace(card, cmdline=devices.kernel_cmdline(card.cmdline))
