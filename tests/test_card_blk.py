@@ -284,3 +284,29 @@ def test_a_write_and_a_read_bigger_than_card_memory_wait_for_room_instead_of_fai
     finally:
         c.close()
         be.close()
+
+
+def test_read_stream_hands_each_request_over_in_order_through_reused_buffers(card, tmp_path):
+    data = os.urandom(5 * MiB + 3 * 512)
+    path = make_image(tmp_path / "a.img", 0, data + bytes(MiB))
+    _dev, disk = attach(card, path)
+    seen, ids = [], set()
+
+    def consume(view):
+        seen.append(bytes(view))
+        ids.add(id(view.obj))
+    disk.read_stream(0, len(data) // 512, consume, window=2)
+    assert b"".join(seen) == data and [len(x) for x in seen] == [MiB] * 5 + [1536]
+    assert len(ids) <= 3 and not disk._inflight        # two in flight at a time: their buffers come back
+    h = hashlib.sha256()
+    disk.read_stream(3, 4096, h.update)
+    assert h.hexdigest() == hashlib.sha256(data[1536:1536 + 4096 * 512]).hexdigest()
+    with pytest.raises(BlkError) as e:
+        disk.read_stream(len(data) // 512, 4096, h.update)     # past the end of the disk
+    assert e.value.errno == errno.EINVAL
+
+    def fail(view):
+        raise RuntimeError("consumer failed")
+    with pytest.raises(RuntimeError):
+        disk.read_stream(0, 8192, fail)
+    assert not disk._inflight and disk.broken is None          # nothing left running on a pooled buffer

@@ -43,12 +43,15 @@ What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
   the card OS carries on.
 
 The API is synchronous for the shell (:meth:`read`, :meth:`write`,
-:meth:`flush`, :meth:`get_id`); :meth:`submit` and :meth:`Request.wait`
-keep several requests in flight (the benchmarks' queue depth).
+:meth:`flush`, :meth:`get_id`); :meth:`read_stream` hands each request's
+data to a consumer in order (a hash, say) through a few reused buffers;
+:meth:`submit` and :meth:`Request.wait` keep several requests in flight (the
+benchmarks' queue depth).
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import struct
 import threading
@@ -71,6 +74,7 @@ MAX_REQUEST = 1 << 20          # bytes per request: Linux's default max_sectors_
 DATA_OFFSET = 64               # header at 0, status at 16, data from here (cache aligned)
 REMOVE_WAIT = 5.0              # seconds in-flight requests get to finish on hot remove
 REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
+STREAM_WINDOW = 8              # requests read_stream keeps in flight (8 MiB of buffers at 1 MiB requests)
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
@@ -169,6 +173,7 @@ class BlkDriver(VirtioDriver):
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._inflight: set[Request] = set()
+        self._pool: list[bytearray] = []     # read_stream's buffers, kept for the next call (list ops are atomic)
         self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
                                 "interrupts", "kicks", "ring_waits", "heap_waits"), 0)
 
@@ -371,6 +376,64 @@ class BlkDriver(VirtioDriver):
             self._wait_all(reqs, quiet=True)   # nothing left writing into the caller's buffer
             raise
         self._wait_all(reqs)
+
+    def read_stream(self, sector: int, count: int, consume, window: int = STREAM_WINDOW,
+                    check: bool = True) -> None:
+        """Read ``count`` sectors from ``sector`` as ``dd bs=max_request`` into a pipe would: ``consume(view)``
+        gets each request's data in order while up to ``window`` requests stay in flight, each into a
+        buffer of its own that is used again (from a pool kept warm across calls) -- no buffer the size
+        of the whole read, whose first touch costs more than the transfer. The view is valid only
+        during the call. The first error stops submission; those in flight are waited for, then raised."""
+        if check:
+            self._check_range(sector, count)
+        if count < 0:
+            raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
+        step = self.max_request
+        total = count * SECTOR
+        pending: collections.deque = collections.deque()
+        pos = 0
+        try:
+            while pos < total or pending:
+                while pos < total and len(pending) < max(1, window):
+                    n = min(step, total - pos)
+                    buf = self._take_buffer(step)
+                    mv = memoryview(buf)[:n]
+                    try:
+                        req = self.submit(B.VIRTIO_BLK_T_IN, sector + pos // SECTOR, nbytes=n, into=mv)
+                    except BaseException:
+                        self._give_buffer(buf)
+                        raise
+                    pending.append((req, buf, mv))
+                    pos += n
+                req, buf, mv = pending[0]
+                req.wait()
+                pending.popleft()
+                try:
+                    consume(mv)
+                finally:
+                    self._give_buffer(buf)
+        except BaseException:
+            self._wait_all([r for r, _b, _m in pending], quiet=True)   # nothing left writing into a buffer
+            for r, b, _m in pending:
+                if r.finished:            # one still in flight (timed out) may write its buffer yet: dropped
+                    self._give_buffer(b)
+            raise
+
+    def _take_buffer(self, size: int) -> bytearray:
+        """A request-sized buffer from the pool (a new one if it is empty or the request size changed)."""
+        pool = self._pool
+        while pool:
+            try:
+                b = pool.pop()
+            except IndexError:            # emptied by another reader meanwhile
+                break
+            if len(b) == size:
+                return b
+        return bytearray(size)
+
+    def _give_buffer(self, buf: bytearray) -> None:
+        if len(self._pool) < 2 * STREAM_WINDOW:
+            self._pool.append(buf)
 
     def write(self, sector: int, data: bytes | memoryview, check: bool = True) -> None:
         """Write ``data`` (whole sectors) at ``sector``; a read-only disk refuses unless ``check=False``."""
