@@ -21,8 +21,8 @@ rings the card once if it wants an interrupt.
 A chain bigger than the staging area gets an arena allocation of its own
 (up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
 chain that finds the staging area full while its batch already has chains,
-as long as the queue's own allocations stay under ``overflow`` bytes and the
-arena has room [choice]: a batch of 1 MiB block requests would otherwise be
+as long as the queue's own allocations stay under ``overflow`` bytes and
+the arena keeps a quarter of itself free [choice]: a batch of 1 MiB block requests would otherwise be
 one chain (two do not fit in 2 MiB), and every request would pay its own DMA
 round trips and card interrupt; with the overflow a batch carries several,
 their payload in one DMA batch over all channels.
@@ -72,7 +72,9 @@ class StagingArea:
         """An arena allocation for one chain; ``extra`` (the batch has chains already): only within the
         overflow bound and if the arena has room, else None. Otherwise raises when the arena is full."""
         if extra:
-            if self.own_bytes + n > self.overflow:
+            # within the queue's bound, and never into the arena's last quarter: what other devices and
+            # SCIF allocate at run time (a hot-added disk's staging, say) must still fit
+            if self.own_bytes + n > self.overflow or self.arena.free_bytes - n < self.arena.size // 4:
                 return None
             try:
                 a = self.arena.alloc(n, 64)
