@@ -37,7 +37,10 @@ touch anything -- the checks are in the accessors, not a convention.
 Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
 every copy of a whole pop or completion batch and issue one
 :meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
-doorbell and one completion per channel used), then wait for it.
+doorbell and one completion per channel used), then wait for it --
+or, with :meth:`CopyEngine.write_out_start`, leave the host -> card batch
+running and :meth:`CopyEngine.finish` it later (the queue's deferred
+completions, :mod:`.queue`).
 
 :class:`CopyPolicy` can turn either DMA direction off (BAR0 only) or send
 short host -> card pieces through BAR0; the defaults are upstream's rules.
@@ -149,8 +152,15 @@ class CopyEngine:
     # --- host -> card ----------------------------------------------------------------------------
     def write_out(self, pieces: Sequence[WritePiece]) -> None:
         """Copy ``pieces`` to the card: the DMA-able ones in one batch, the rest through BAR0; waits."""
+        c = self.write_out_start(pieces)
+        if c is not None:
+            self.finish(c)
+
+    def write_out_start(self, pieces: Sequence[WritePiece]):
+        """As :meth:`write_out`, but returns the DMA batch's completion (None: nothing left to wait for)
+        instead of waiting; :meth:`finish` it before the card may look at the data."""
         if not pieces:
-            return
+            return None
         c = self.counters
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
@@ -174,14 +184,31 @@ class CopyEngine:
                 dst[:] = view
             else:
                 card.write(addr, view)
-        if batch:
-            self._dma(batch)
         c["h2c_bytes"] += total
+        return self._dma_start(batch) if batch else None
 
-    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+    def done(self, completion) -> bool:
+        """Whether a batch :meth:`write_out_start` returned has finished (looks, never waits)."""
+        if not completion.settled:
+            for ch in completion.channels:
+                ch.poll()
+        return completion.settled
+
+    def finish(self, completion) -> None:
+        """Wait for a batch :meth:`write_out_start` returned; :class:`VopCopyError` if it failed."""
         try:
-            self.dma.memcpy_batch(batch).result(DMA_TIMEOUT)
+            completion.result(DMA_TIMEOUT)
+        except DmaError as e:
+            raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes failed: {e}") from None
+
+    def _dma_start(self, batch: list[tuple[int, int, int]]):
+        try:
+            completion = self.dma.memcpy_batch(batch)
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
         self.counters["dma_batches"] += 1
         self.counters["dma_copies"] += len(batch)
+        return completion
+
+    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+        self.finish(self._dma_start(batch))

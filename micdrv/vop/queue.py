@@ -18,6 +18,16 @@ waits for it, then publishes the used entries with one ``used.idx`` store,
 records the consumed index in ``_mic_vring_info.avail_idx`` (spec 5.6), and
 rings the card once if it wants an interrupt.
 
+Deferred completion (:meth:`VopQueue.complete_deferred`, what the drain
+loop uses): the batch's DMA to the card is started and the queue moves on --
+the backend processes the next batch (preadv into staging, say) while the
+engine copies this one -- and the batch is published, in order, once its DMA
+is done: at the next pop or completion that finds it done, when more than
+:data:`DEFERRED_BATCHES` are under way (the oldest is waited for), when the
+first chain of a batch finds staging held by them, and always before the
+drain returns (:meth:`VopQueue.flush`). Data is on the card before its used
+entry either way; one interrupt decision covers what one call publishes.
+
 A chain bigger than the staging area gets an arena allocation of its own
 (up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
 chain that finds the staging area full while its batch already has chains,
@@ -30,17 +40,22 @@ their payload in one DMA batch over all channels.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from typing import Callable, Iterable, Sequence
 
 from backends.virtqueue import Chain, Virtqueue
 from micdrv.virtio import DescChain, VringError, Vringh
 
 from ..pci import Allocation, DmaArena
-from .copy import CopyEngine
+from .copy import DMA_TIMEOUT, CopyEngine
 from .staging import StagingRing, align64
+
+log = logging.getLogger(__name__)
 
 MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest (126 x 64 KiB) is ~8 MiB
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
+DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 
 
 class _Staged:
@@ -109,11 +124,15 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        # completions under way, oldest first: (DMA completion or None, used entries, chains)
+        self._deferred: deque[tuple[object, list[tuple[int, int]], list[Chain]]] = deque()
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
-                                       "staging_full", "oversize", "overflow"), 0)
+                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits"), 0)
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._deferred:
+            self._publish(len(self._deferred))        # what has finished meanwhile, without waiting
         descs = self.vring.pop_many(limit)
         if not descs:
             return []
@@ -142,6 +161,9 @@ class VopQueue(Virtqueue):
                     continue
                 own = None
                 off = st.ring.alloc(total)
+                if off is None and not out and self._deferred:
+                    self.flush()                         # staging held by completions still copying
+                    off = st.ring.alloc(total)
                 if off is None:
                     if total > MAX_CHAIN_BYTES:
                         raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
@@ -195,8 +217,61 @@ class VopQueue(Virtqueue):
     # --- returning chains --------------------------------------------------------------------------
     def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
         done = list(done)
+        if self._deferred:
+            self.flush()
         if not done:
             return
+        pieces, used = self._pieces(done)
+        self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
+        self._deferred.append((None, used, done))
+        self._publish(0)
+
+    def complete_deferred(self, done: Iterable[tuple[Chain, int]]) -> None:
+        done = list(done)
+        if not done:
+            return
+        pieces, used = self._pieces(done)
+        completion = self.engine.write_out_start(pieces)
+        if completion is not None:
+            self.counters["deferred"] += 1
+        self._deferred.append((completion, used, done))
+        self._publish(DEFERRED_BATCHES)
+
+    def flush(self) -> None:
+        if self._deferred:
+            self._publish(0)
+
+    def _publish(self, keep: int) -> None:
+        """Publish the deferred completions, oldest first: those whose DMA is done, and -- waiting for
+        them -- as many more as it takes to leave at most ``keep`` under way; then one interrupt decision."""
+        q = self._deferred
+        engine = self.engine
+        n = 0
+        while q:
+            completion, used, done = q[0]
+            if completion is not None:
+                if not engine.done(completion):
+                    if len(q) <= keep:
+                        break
+                    self.counters["deferred_waits"] += 1
+                engine.finish(completion)   # raises if the DMA failed: the device breaks
+            q.popleft()
+            self.vring.push_many(used)
+            for chain, _w in done:
+                self._release(chain.ctx)
+            n += 1
+        if not n:
+            return
+        self._info[0] = self.vring.last_avail
+        if self.vring.needs_notify():
+            self.counters["interrupts"] += 1
+            self._notify()
+        else:
+            self.counters["interrupts_suppressed"] += 1
+
+    def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
+        """The host -> card pieces of completed chains (checked against their writable buffers), and their
+        used entries."""
         st = self.staging
         view, card0 = st.view, st.arena_card
         pieces = []
@@ -229,16 +304,7 @@ class VopQueue(Virtqueue):
                 left -= k
         if direct:
             self.engine.wrote_direct(direct)
-        self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
-        self.vring.push_many(used)
-        self._info[0] = self.vring.last_avail
-        for chain, _w in done:
-            self._release(chain.ctx)
-        if self.vring.needs_notify():
-            self.counters["interrupts"] += 1
-            self._notify()
-        else:
-            self.counters["interrupts_suppressed"] += 1
+        return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
         self.vring.abandon([c.ctx.desc for c in chains])
@@ -256,7 +322,15 @@ class VopQueue(Virtqueue):
             self.staging.ring.free(s.offset - self.staging.base)
 
     def release_all(self) -> None:
-        """Forget every chain in flight (the device was reset or broken): their staging is free again."""
+        """Forget every chain in flight (the device was reset or broken): their staging is free again --
+        once no DMA still reads it (a deferred completion's is waited for, its outcome ignored)."""
+        while self._deferred:
+            completion, _used, _done = self._deferred.popleft()
+            if completion is not None:
+                try:
+                    completion.wait(DMA_TIMEOUT)
+                except Exception:
+                    log.warning("%s: a completion's DMA did not finish; its staging is reused anyway", self.name)
         for s in list(self._staged.values()):
             self._release(s)
 
