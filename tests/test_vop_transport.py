@@ -177,6 +177,8 @@ def test_h2c_direct_hands_backends_views_of_card_memory_and_moves_no_payload_by_
         finally:
             os.close(fd)
         assert cdev.engine.counters["h2c_direct_bytes"] == 5000
+        for d in (cdev, dev):
+            r.vop.remove(d)                # with the card's ack, before the host goes away
     finally:
         r.close()
 
@@ -275,6 +277,7 @@ def test_a_burst_of_1_mib_reads_shares_batches_past_the_staging_area_within_its_
             else:
                 assert c["max_batch"] == 1 and c["overflow"] == 0 and c["batches"] >= 6
             assert q.staging.own_bytes == 0 and q.staging.ring.allocated == 0      # all given back
+            r.vop.remove(dev)              # with the card's ack, before the host goes away
         finally:
             r.close()
 
