@@ -133,6 +133,15 @@ class Virtqueue(abc.ABC):
         chain.tail = tail
         self.complete_many(((chain, written),))
 
+    def complete_deferred(self, done: Iterable[tuple[Chain, int]]) -> None:
+        """As :meth:`complete_many`, but the transport may hold the completion back -- its copies under
+        way -- until a later call or :meth:`flush`; only :meth:`drain` uses it, and flushes before it
+        returns. Here: at once."""
+        self.complete_many(done)
+
+    def flush(self) -> None:
+        """Publish every completion :meth:`complete_deferred` held back (waiting for its copies)."""
+
     def drain(self, process: Process, batch: int = DEFAULT_BATCH) -> Drained:
         """Process chains until the queue is empty or ``process`` says stop.
 
@@ -142,12 +151,15 @@ class Virtqueue(abc.ABC):
         and the rest of its batch are abandoned (left for later) and kicks
         stay disabled, because the backend itself will call drain again when
         its source or sink is ready. Each batch is completed with one
-        :meth:`complete_many`.
+        :meth:`complete_deferred` (the transport may still be copying it
+        while the next batch is processed) or, where it stops, one
+        :meth:`complete_many`; nothing is held back when drain returns.
         """
         self.disable_notify()
         while True:
             chains = self.pop_many(batch)
             if not chains:
+                self.flush()
                 if self.enable_notify():
                     return Drained.EMPTY
                 self.disable_notify()
@@ -168,7 +180,9 @@ class Virtqueue(abc.ABC):
                 self.complete_many(done)
                 self.abandon(chains[len(done):])
                 raise
-            self.complete_many(done)
             if i < len(chains):
+                self.complete_many(done)
                 self.abandon(chains[i:])
                 return Drained.STOPPED
+            # the next batch is taken (and processed) while this one's copies are under way
+            self.complete_deferred(done)

@@ -68,6 +68,7 @@ NET_MTU = 64512                             # the MPSS MTU of micN (spec 6.2)
 NET_MTU_RANGE = (68, 65521)                 # IPv4 minimum .. a tap's maximum (65535 - Ethernet header)
 BLK_SERIAL_MAX = 20                         # VIRTIO_BLK_ID_BYTES (virtio-legacy.md 3.3)
 VRING_INFO = ("rounded", "legacy")          # spec 5.6: the _mic_vring_info placements (micdrv.vop.layout)
+VOP_COPY = ("spec", "h2c-direct")           # spec 5.7's copy rules, or host -> card payload straight into BAR0
 
 _CARD_NAME = re.compile(r"^mic(0|[1-9][0-9]{0,2})$")
 _IFNAME = re.compile(r"[^/:\s]{1,15}")
@@ -140,6 +141,7 @@ class CardConfig:
     log_buf_addr: int | None = None   # spec 3.5: card kernel virtual address of __log_buf
     log_buf_len: int | None = None    # spec 3.5: ... of log_buf_len
     vring_info: str = "rounded"       # spec 5.6: where _mic_vring_info sits, "rounded" or "legacy" (card alike)
+    vop_copy: str = "spec"            # spec 5.7's rules, or "h2c-direct" (micdrv.vop.copy.CopyPolicy.h2c_direct)
     net: tuple[NetConfig, ...] = ()
     blk: tuple[BlkConfig, ...] = ()
     console: tuple[ConsoleConfig, ...] = ()
@@ -363,7 +365,7 @@ _HEARTBEAT_FIELDS = {"enable": _bool, "timeout": _seconds}
 _CARD_FIELDS: dict[str, Callable[[Any], Any]] = {
     "firmware": _nonempty, "ramdisk": _opt_str, "cmdline": _cmdline, "bootmode": _one_of(BOOTMODES),
     "boot_on_start": _bool, "auto_reset": _bool, "reset_timeout": _seconds, "log_buf_addr": _u64,
-    "log_buf_len": _u64, "vring_info": _one_of(VRING_INFO),
+    "log_buf_len": _u64, "vring_info": _one_of(VRING_INFO), "vop_copy": _one_of(VOP_COPY),
 }
 DEVICE_KINDS: dict[str, tuple[type, dict[str, Callable[[Any], Any]], tuple[str, ...]]] = {
     # kind: (dataclass, field checkers, required keys)

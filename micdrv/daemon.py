@@ -195,6 +195,7 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
     from .service import CardService, started_record
     from .vop.devices import CardDevices
     from .vop.host import VopOptions
+    from .vop.copy import CopyPolicy
     from .vop.layout import VringInfoPlacement
     notifier = notifier or Notifier(None)
     try:
@@ -224,7 +225,8 @@ def run_card(args, cfg: configmod.Config, card: configmod.CardConfig, stop: thre
                             "devices, rings and SCIF queues were in that process's memory", card.name,
                             left["pid"] if left["pid"] is not None else "?")
             hw = MicDevice.open(dev, mic_id=mic_id(card.name), arena_size=ARENA_BYTES, reset_delay=reset_delay,
-                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info)),
+                                vop=VopOptions(vring_info=VringInfoPlacement(card.vring_info),
+                                               copy=CopyPolicy(h2c_direct=card.vop_copy == "h2c-direct")),
                                 reset=left is not None)
             try:
                 fs.recover(cfg, card)  # a killed daemon's dead tree hides the console link's directory

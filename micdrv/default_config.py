@@ -74,6 +74,11 @@ TEXT = """\
 # 5.4.73) or "legacy" (v5.4-v5.9 releases before those fixes). Host and card
 # must agree; the simulated card reads micdrv_sim.vring_info= on its command line.
 #vring_info = "rounded"
+# How VOP moves host-to-card payload (spec 5.7): "spec" -- by DMA where
+# aligned, else through BAR0, from a staging copy (upstream's rules) -- or
+# "h2c-direct": the backends write card memory through the BAR0 mapping
+# themselves (one copy, no DMA; host CPU instead of the card's engine).
+#vop_copy = "spec"
 
 # --- one card ----------------------------------------------------------------
 # A card is named micN and tied to its PCI address, or named by the address

@@ -113,6 +113,12 @@ class MemoryBase:
         self.check(addr, 8, "write")
         self._write(addr, _U64.pack(value))
 
+    def read_into(self, addr: int, dst) -> None:
+        """``len(dst)`` bytes at ``addr`` into the writable buffer ``dst`` (subclasses may copy once)."""
+        dst = memoryview(dst).cast("B")
+        self.check(addr, len(dst), "read")
+        dst[:] = self._read(addr, len(dst))
+
     def fill(self, addr: int, n: int, byte: int = 0) -> None:
         self.write(addr, bytes([byte]) * n)
 

@@ -264,3 +264,57 @@ def test_power_off_flushes_and_resets_the_disks(tmp_path):
     finally:
         c.close()
         be.close()
+
+
+def test_a_write_and_a_read_bigger_than_card_memory_wait_for_room_instead_of_failing(tmp_path):
+    # 4 MiB of transport memory (rings take some): a 12 MiB write is twelve 1 MiB requests that cannot all
+    # hold memory at once; the driver waits for completions to give it back, as it waits for ring room.
+    c = BootedCard(bus_size=4 * MiB)
+    be = BlkBackend.open(make_image(tmp_path / "a.img", 16 * MiB))
+    try:
+        disk = c.bus.add(be).driver
+        data = os.urandom(12 * MiB)
+        # The host's loop held until the card has filled its memory with requests: the write must wait.
+        release = threading.Event()
+        threading.Thread(target=lambda: c.bus.loop.call(release.wait, 30), daemon=True).start()
+        writer = threading.Thread(target=disk.write, args=(8, data))
+        writer.start()
+        wait_for(lambda: disk.c["heap_waits"] > 0, "the write to wait for card memory")
+        release.set()
+        writer.join(30)
+        assert not writer.is_alive()
+        assert file_bytes(be.image.path, 8 * 512, len(data)) == data
+        assert disk.read(8, len(data) // 512) == data
+        assert disk.c["errors"] == 0 and not disk._inflight
+        buf = bytearray(2 * MiB)
+        disk.read_into(8 + 2048, memoryview(buf))                     # into the caller's buffer
+        assert buf == data[MiB:3 * MiB]
+    finally:
+        c.close()
+        be.close()
+
+
+def test_read_stream_hands_each_request_over_in_order_through_reused_buffers(card, tmp_path):
+    data = os.urandom(5 * MiB + 3 * 512)
+    path = make_image(tmp_path / "a.img", 0, data + bytes(MiB))
+    _dev, disk = attach(card, path)
+    seen, ids = [], set()
+
+    def consume(view):
+        seen.append(bytes(view))
+        ids.add(id(view.obj))
+    disk.read_stream(0, len(data) // 512, consume, window=2)
+    assert b"".join(seen) == data and [len(x) for x in seen] == [MiB] * 5 + [1536]
+    assert len(ids) <= 3 and not disk._inflight        # two in flight at a time: their buffers come back
+    h = hashlib.sha256()
+    disk.read_stream(3, 4096, h.update)
+    assert h.hexdigest() == hashlib.sha256(data[1536:1536 + 4096 * 512]).hexdigest()
+    with pytest.raises(BlkError) as e:
+        disk.read_stream(len(data) // 512, 4096, h.update)     # past the end of the disk
+    assert e.value.errno == errno.EINVAL
+
+    def fail(view):
+        raise RuntimeError("consumer failed")
+    with pytest.raises(RuntimeError):
+        disk.read_stream(0, 8192, fail)
+    assert not disk._inflight and disk.broken is None          # nothing left running on a pooled buffer

@@ -334,3 +334,20 @@ def test_the_fuse_tree_settings(tmp_path):
     assert (e.line, e.key) == (2, "global.fuse_dir") and "absolute" in e.message
     e = error(tmp_path, "[global]\nfuse = 'yes'\n")
     assert e.key == "global.fuse" and "true or false" in e.message
+
+
+def test_the_vop_copy_policy(tmp_path):
+    cfg = load(write(tmp_path, """\
+        [defaults]
+        vop_copy = "h2c-direct"
+        [card.mic0]
+        [card.mic1]
+        vop_copy = "spec"
+    """))
+    assert [cfg.cards[n].vop_copy for n in ("mic0", "mic1")] == ["h2c-direct", "spec"]
+    assert CardConfig(name="mic2").vop_copy == "spec"
+    e = error(tmp_path, """\
+        [card.mic0]
+        vop_copy = "bar0"
+    """)
+    assert str(e) == f"{tmp_path}/micdrv.toml:2: card.mic0.vop_copy: must be one of 'spec', 'h2c-direct', not 'bar0'"

@@ -13,6 +13,7 @@ goes on serving the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -198,3 +199,41 @@ def test_stopping_the_card_removes_its_devices_and_keeps_their_resources(online)
     assert os.path.realpath(link) == pty                # the same pty across boots
     d.ok("boot", "--wait", "mic0")
     wait_for(lambda: all(x["state"] == "active" for x in devices(d)), "every device active again")
+
+
+def test_vop_copy_h2c_direct_in_the_configuration_reaches_the_copy_engine(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="micdrv-vopd"))
+    os.chmod(base, 0o755)
+    img = base / "disk0.img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    saved = {k: os.environ.get(k) for k in ("MICDRV_SIM_IMPORT", "VOPTEST_CONFIG")}
+    os.environ["MICDRV_SIM_IMPORT"] = "tests.vop_card_drivers"
+    os.environ.pop("VOPTEST_CONFIG", None)
+    try:
+        d = Daemon(base / "run", "mic0", f"""
+[card.mic0]
+cmdline = "micdrv_sim.heartbeat=0.5"
+reset_timeout = 5
+vop_copy = "h2c-direct"
+[[card.mic0.blk]]
+path = "{img}"
+serial = "direct-disk"
+""")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        d.ok("boot", "--wait", "mic0")
+        wait_for(lambda: all(x["state"] == "active" for x in devices(d)), "the disk active")
+        i = card_blk(d, "direct-disk")
+        r = d.card("vop", switch="driver", device=i, op="read", sector=8, length=256 << 10, offset=5, segments=3)
+        assert r["status"] == 0 and r["sha256"] == hashlib.sha256(data[4096:4096 + (256 << 10)]).hexdigest()
+        copy = devices(d)[0]["vop"]["copy"]
+        assert copy["h2c_direct_bytes"] >= 256 << 10 and copy["h2c_dma_bytes"] == 0
+    finally:
+        rc = d.stop()
+        assert rc == 0, d.log()

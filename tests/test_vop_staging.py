@@ -67,3 +67,24 @@ def test_live_pieces_never_overlap_and_everything_comes_back(ops):
     for off in list(live):
         r.free(off)
     assert r.allocated == 0 and r.alloc(size) == 0
+
+
+def test_overflow_allocations_keep_to_their_bound_and_leave_the_arena_a_quarter_free():
+    from micdrv.pci import DmaArena
+    from micdrv.vop.queue import StagingArea
+    MiB = 1 << 20
+    with DmaArena(16 * MiB) as arena:
+        st = StagingArea(arena, 2 * MiB, 0, overflow=6 * MiB)
+        got = []
+        while (a := st.alloc_own(MiB + 128, extra=True)) is not None:
+            got.append(a)
+        assert len(got) == 5 and st.own_bytes <= 6 * MiB             # the queue's bound
+        st2 = StagingArea(arena, 2 * MiB, 0, overflow=16 * MiB)
+        more = []
+        while (a := st2.alloc_own(MiB + 128, extra=True)) is not None:
+            more.append(a)
+        assert arena.free_bytes >= 4 * MiB and len(more) == 2          # the arena's last quarter stays free
+        assert st2.alloc_own(MiB, extra=False) is not None             # a first chain may still take it
+        for a in got:
+            st.free_own(a)
+        assert st.own_bytes == 0

@@ -13,6 +13,7 @@ mismatch, and the drain and notification counters.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import select
@@ -25,6 +26,7 @@ from backends.console import ConsoleBackend
 from micdrv.virtio.device import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                                   VIRTIO_CONFIG_S_FAILED)
 from micdrv.vop import layout as L
+from micdrv.vop.copy import CopyPolicy
 from micdrv.vop.host import VopOptions
 from micdrv.x100 import regs
 from tests.sim_harness import wait_for
@@ -147,6 +149,40 @@ def test_blk_data_crosses_every_copy_path_and_lands_in_the_image(rig, vs, image)
     assert c["c2h_bar0_bytes"] == 0
 
 
+def test_h2c_direct_hands_backends_views_of_card_memory_and_moves_no_payload_by_dma(vs, image):
+    # The opt-in policy: writable buffers are BAR0 views, the backend writes the card itself -- at any
+    # offset, in any number of segments, and for a writable-only chain (console receive) as well.
+    vs.configure(rx=(16, 4096, 3))
+    r = Rig(vs, VopOptions(copy=CopyPolicy(h2c_direct=True)))
+    try:
+        blk = BlkBackend.open(str(image))
+        dev = r.add(blk)
+        w = vs.driver("blk", "write", sector=16, length=300 << 10, offset=13, segments=3, seed=9)
+        assert w["status"] == 0
+        for offset, segments in ((0, 1), (7, 5)):
+            got = vs.driver("blk", "read", sector=16, length=300 << 10, offset=offset, segments=segments)
+            assert got["status"] == 0 and got["sha256"] == w["sha256"], (offset, segments)
+        bad = vs.driver("blk", "read", sector=(4 << 20) // 512, length=4096)     # past the end: IOERR
+        assert bad["status"] == 1
+        c = dev.engine.counters
+        assert c["h2c_direct_bytes"] == c["h2c_bytes"] >= 2 * (300 << 10)
+        assert c["h2c_dma_bytes"] == c["h2c_bar0_bytes"] == 0
+        assert c["c2h_dma_bytes"] >= 300 << 10                 # card -> host stays DMA
+        q = dev.queues[0]
+        assert q.staging.ring.allocated == 0 and not q._staged
+        cdev, fd = r.console()
+        try:
+            data = random.Random(8).randbytes(5000)
+            assert echo(fd, data) == data
+        finally:
+            os.close(fd)
+        assert cdev.engine.counters["h2c_direct_bytes"] == 5000
+        for d in (cdev, dev):
+            r.vop.remove(d)                # with the card's ack, before the host goes away
+    finally:
+        r.close()
+
+
 def test_a_request_beyond_the_disk_fails_and_the_device_carries_on(rig, vs, image):
     blk = BlkBackend.open(str(image))
     dev = rig.add(blk)
@@ -215,6 +251,35 @@ def test_a_burst_is_drained_in_one_batch_with_one_interrupt(rig, vs):
     # One kick for the burst; the host drains what is there per wake-up (a wake-up from an earlier doorbell
     # may catch the burst half made): at most two batches, one completion decision each.
     assert tx["batches"] <= 2 and tx["max_batch"] >= 12
+
+
+def test_a_burst_of_1_mib_reads_shares_batches_past_the_staging_area_within_its_bound(vs, tmp_path):
+    # Two 1 MiB requests (plus header and status slots) do not fit the 2 MiB staging area: without the
+    # overflow allocations every request is a batch of its own.
+    data = os.urandom(8 << 20)
+    img = tmp_path / "burst.img"
+    img.write_bytes(data)
+    want = [hashlib.sha256(data[i << 20:(i + 1) << 20]).hexdigest() for i in range(6)]
+    for overflow in (0, 8 << 20):
+        vs.configure()
+        r = Rig(vs, VopOptions(staging_overflow=overflow))
+        try:
+            dev = r.add(BlkBackend.open(str(img)))
+            out = vs.driver("blk", "burst", sector=0, length=1 << 20, count=6)["requests"]
+            assert [x["status"] for x in out] == [0] * 6 and [x["sha256"] for x in out] == want
+            q = dev.queues[0]
+            c = q.counters
+            if overflow:
+                # one kick for all six: the first wake-up takes what fits -- one in staging, the rest within
+                # the bound (6 x (1 MiB + 128) < 2 + 8 MiB) -- unless a late wake-up split the burst
+                assert c["max_batch"] >= 3 and c["overflow"] >= 2 and c["batches"] <= 3
+                assert c["deferred"] >= 1          # the drain did not wait for the batch's DMA to the card
+            else:
+                assert c["max_batch"] == 1 and c["overflow"] == 0 and c["batches"] >= 6
+            assert q.staging.own_bytes == 0 and q.staging.ring.allocated == 0      # all given back
+            r.vop.remove(dev)              # with the card's ack, before the host goes away
+        finally:
+            r.close()
 
 
 # --- _mic_vring_info placement (spec 5.6) -------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_a_16_mib_copy_is_split_and_spread_over_the_channels(card, engine):
     assert bytes(arena.buf(src)[:16 * MiB]) == back
 
 
-def test_a_batch_of_small_copies_takes_one_doorbell_per_channel(sim, card, engine):
+def test_a_batch_takes_one_doorbell_per_channel_and_only_the_channels_its_bytes_are_worth(sim, card, engine):
     rng = random.Random(6)
     arena, aper = card.arena, card.aperture.view
     src = arena.alloc(1 * MiB, 4096)
@@ -117,9 +117,22 @@ def test_a_batch_of_small_copies_takes_one_doorbell_per_channel(sim, card, engin
         g = 0x200000 + k * 8 * KiB  # disjoint destinations
         copies.append((g, card.smpt.to_card(arena.iova(src) + h), n))
         expect[g] = data[h:h + n]
+    total = sum(n for _g, _s, n in copies)
     before = {ch: s["submitted"] for ch, s in engine.stats().items()}
-    c = engine.memcpy_batch(copies, channels=[0, 1])
-    assert c.result(WAIT) == sum(n for _g, _s, n in copies)
+    c = engine.memcpy_batch(copies, channels=[0, 1])          # far under 2 x spread_min: one channel
+    assert c.result(WAIT) == total and len(c.channels) == 1
+    assert all(bytes(aper[g:g + len(b)]) == b for g, b in expect.items())
+    used = {ch: s["submitted"] - before[ch] for ch, s in engine.stats().items()}
+    assert sorted(used.values()) == [0, 0, 0, 1] and used[2] == used[3] == 0
+    for g in expect:
+        aper[g:g + 64] = bytes(64)
+    spread, engine.spread_min = engine.spread_min, total // 2   # now worth two channels
+    try:
+        before = {ch: s["submitted"] for ch, s in engine.stats().items()}
+        c = engine.memcpy_batch(copies, channels=[0, 1])
+        assert c.result(WAIT) == total and len(c.channels) == 2
+    finally:
+        engine.spread_min = spread
     assert all(bytes(aper[g:g + len(b)]) == b for g, b in expect.items())
     assert {ch: s["submitted"] - before[ch] for ch, s in engine.stats().items()} == {0: 1, 1: 1, 2: 0, 3: 0}
     big = engine.memcpy_batch([(0, card.smpt.to_card(arena.iova(src)), MiB)] * 3, channels=[2])

@@ -15,7 +15,8 @@ purpose and checked byte for byte:
 * :class:`BlkProbe` (type 2): reads and writes sectors on request (switches
   ``write`` / ``read`` / ``get_id`` / ``flush`` / ``capacity``), the data a
   seeded pseudo-random pattern, in ``segments`` descriptors starting
-  ``offset`` bytes past a 64-byte boundary.
+  ``offset`` bytes past a 64-byte boundary; ``burst`` posts ``count`` reads
+  of ``length`` bytes together, with one kick.
 
 Switches arrive through the simulator's control socket:
 ``{"cmd": "vop", "switch": "driver", "device": "blk", "op": "write", ...}``.
@@ -260,6 +261,8 @@ class BlkProbe(virtio_bus.VirtioDriver):
             if length <= 4096:
                 out["data"] = data.hex()
             return out
+        if op == "burst":
+            return self._burst(sector, length, int(args.get("count", 4)))
         if op == "get_id":
             buf, base = _place(dev, B.VIRTIO_BLK_ID_BYTES, 0)
             status = self._request(B.VIRTIO_BLK_T_GET_ID, 0, [], [(buf, B.VIRTIO_BLK_ID_BYTES)])
@@ -271,6 +274,35 @@ class BlkProbe(virtio_bus.VirtioDriver):
         if op == "capacity":
             return {"capacity": self.capacity, "config_changes": self.config_changes}
         return self.status()
+
+    def _burst(self, sector: int, length: int, count: int) -> dict:
+        """``count`` reads of ``length`` bytes from ``sector`` on, made available together, then one kick."""
+        dev = self.dev
+        reqs = []
+        for i in range(count):
+            hdr, hbase = _place(dev, 16, 0)
+            buf, bbase = _place(dev, length + 1, 0)            # data, then the status byte
+            dev.memory.write(hdr, B.OUTHDR.pack(B.VIRTIO_BLK_T_IN, 0, sector + i * length // 512))
+            dev.memory.write(buf + length, b"\xff")
+            reqs.append((hdr, hbase, buf, bbase))
+        with self.lock:
+            tokens = []
+            for hdr, _hb, buf, _bb in reqs:
+                self.requests += 1
+                tokens.append(self.requests)
+                self.vq.ring.add([(hdr, 16)], [(buf, length), (buf + length, 1)], token=self.requests)
+            self.vq.kick()
+            if not self.done.wait_for(lambda: all(t in self.finished for t in tokens), WAIT):
+                raise TimeoutError(f"a burst of {count} reads not completed within {WAIT} s")
+            for t in tokens:
+                del self.finished[t]
+        out = []
+        for _hdr, hbase, buf, bbase in reqs:
+            out.append({"status": dev.memory.read(buf + length, 1)[0],
+                        "sha256": hashlib.sha256(dev.memory.read(buf, length)).hexdigest()})
+            dev.free(hbase, 80)
+            dev.free(bbase, length + 65)
+        return {"requests": out}
 
     def remove(self) -> None:
         self.dev.reset()

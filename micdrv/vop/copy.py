@@ -37,10 +37,22 @@ touch anything -- the checks are in the accessors, not a convention.
 Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
 every copy of a whole pop or completion batch and issue one
 :meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
-doorbell and one completion per channel used), then wait for it.
+doorbell and one completion per channel used), then wait for it --
+or, with :meth:`CopyEngine.write_out_start`, leave the host -> card batch
+running and :meth:`CopyEngine.finish` it later (the queue's deferred
+completions, :mod:`.queue`).
 
 :class:`CopyPolicy` can turn either DMA direction off (BAR0 only) or send
 short host -> card pieces through BAR0; the defaults are upstream's rules.
+``h2c_direct`` [choice, off by default] skips staging for host -> card: the
+queue hands the backend views of the BAR0 mapping for the chain's writable
+buffers, so a backend's ``preadv`` lands in card memory in one copy, by the
+host CPU through BAR0 (what upstream does for unaligned pieces), with no DMA
+and no completion to wait for; a fence orders those stores before the used
+entries. It needs BAR0 mapped (else staging as usual). On silicon that is a
+CPU store stream into a PCIe BAR (uncached as vfio-pci maps it: slower than
+the engine and paid in host CPU); here BAR0 is the simulator's memory and
+it is the fast path.
 :attr:`CopyEngine.counters` are upstream's debugfs counters (in/out bytes,
 DMA bytes, unaligned-length and unaligned-destination bytes) split by path.
 """
@@ -49,6 +61,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+from micdrv.virtio.access import full_barrier
 
 from ..memory import Memory
 from ..x100.errors import DmaError
@@ -68,13 +82,15 @@ class CopyPolicy:
     c2h_dma: bool = True      # card -> host by DMA (else BAR0 reads: slow on silicon)
     h2c_dma: bool = True      # host -> card by DMA where aligned and roundable (else always BAR0)
     h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream)
+    h2c_direct: bool = False  # writable buffers handed to the backend as BAR0 views: it writes the card itself
 
     def describe(self) -> dict:
-        return {"c2h_dma": self.c2h_dma, "h2c_dma": self.h2c_dma, "h2c_dma_min": self.h2c_dma_min}
+        return {"c2h_dma": self.c2h_dma, "h2c_dma": self.h2c_dma, "h2c_dma_min": self.h2c_dma_min,
+                "h2c_direct": self.h2c_direct}
 
 
 COUNTERS = ("c2h_bytes", "c2h_dma_bytes", "c2h_bar0_bytes", "h2c_bytes", "h2c_dma_bytes", "h2c_bar0_bytes",
-            "h2c_unaligned_dst_bytes", "h2c_unaligned_len_bytes", "dma_batches", "dma_copies")
+            "h2c_direct_bytes", "h2c_unaligned_dst_bytes", "h2c_unaligned_len_bytes", "dma_batches", "dma_copies")
 
 # One card -> host copy: (card address, length, staging card address, staging view of the widened slot).
 ReadCopy = tuple[int, int, int, memoryview]
@@ -92,6 +108,18 @@ class CopyEngine:
         self.policy = policy
         self.name = name
         self.counters = dict.fromkeys(COUNTERS, 0)
+        # h2c_direct: the card memory the queues take the backends' writable views from, through its
+        # bounds-checked view() (None: staged as usual -- the policy is off, or BAR0 cannot be mapped)
+        self.direct = card if policy.h2c_direct and card.view(card.base, 1) is not None else None
+
+    def wrote_direct(self, n: int) -> None:
+        """A completion's ``n`` bytes the backend wrote straight into card memory (h2c_direct): counted, and
+        ordered before the used entries that publish them (a locked instruction drains write-combining
+        buffers, as SFENCE would)."""
+        full_barrier()
+        c = self.counters
+        c["h2c_direct_bytes"] += n
+        c["h2c_bytes"] += n
 
     # --- card -> host ----------------------------------------------------------------------------
     def read_in(self, copies: Sequence[ReadCopy]) -> None:
@@ -124,8 +152,15 @@ class CopyEngine:
     # --- host -> card ----------------------------------------------------------------------------
     def write_out(self, pieces: Sequence[WritePiece]) -> None:
         """Copy ``pieces`` to the card: the DMA-able ones in one batch, the rest through BAR0; waits."""
+        c = self.write_out_start(pieces)
+        if c is not None:
+            self.finish(c)
+
+    def write_out_start(self, pieces: Sequence[WritePiece]):
+        """As :meth:`write_out`, but returns the DMA batch's completion (None: nothing left to wait for)
+        instead of waiting; :meth:`finish` it before the card may look at the data."""
         if not pieces:
-            return
+            return None
         c = self.counters
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
@@ -149,14 +184,31 @@ class CopyEngine:
                 dst[:] = view
             else:
                 card.write(addr, view)
-        if batch:
-            self._dma(batch)
         c["h2c_bytes"] += total
+        return self._dma_start(batch) if batch else None
 
-    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+    def done(self, completion) -> bool:
+        """Whether a batch :meth:`write_out_start` returned has finished (looks, never waits)."""
+        if not completion.settled:
+            for ch in completion.channels:
+                ch.poll()
+        return completion.settled
+
+    def finish(self, completion) -> None:
+        """Wait for a batch :meth:`write_out_start` returned; :class:`VopCopyError` if it failed."""
         try:
-            self.dma.memcpy_batch(batch).result(DMA_TIMEOUT)
+            completion.result(DMA_TIMEOUT)
+        except DmaError as e:
+            raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes failed: {e}") from None
+
+    def _dma_start(self, batch: list[tuple[int, int, int]]):
+        try:
+            completion = self.dma.memcpy_batch(batch)
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
         self.counters["dma_batches"] += 1
         self.counters["dma_copies"] += len(batch)
+        return completion
+
+    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+        self.finish(self._dma_start(batch))

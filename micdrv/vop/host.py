@@ -62,7 +62,7 @@ from .layout import (CTRL_CONFIG_CHANGE, CTRL_C2H_VDEV_DB, CTRL_GUEST_ACK, INFO_
                      MIC_VIRTIO_PARAM_CONFIG_CHANGED, MIC_VIRTIO_PARAM_DEV_REMOVE, PAGE_SIZE, TYPE_REMOVED,
                      DeviceEntry, EntryShape, VopLayoutError, VringInfoPlacement, VRING_INFO_ROUNDED, check_shape,
                      PageSlots, vring_bytes, vring_info_offset, vring_magic)
-from .queue import StagingArea
+from .queue import OVERFLOW_BYTES, StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,12 @@ class VopOptions:
     ring_features: int = RING_FEATURES                    # transport bits offered besides the device's own
     copy: CopyPolicy = field(default_factory=CopyPolicy)
     staging_bytes: int = STAGING_BYTES
+    staging_overflow: int = OVERFLOW_BYTES                # per queue, arena allocations beyond staging (.queue)
 
     def describe(self) -> dict:
         return {"vring_info": self.vring_info.value, "ring_features": self.ring_features,
-                "copy": self.copy.describe(), "staging_bytes": self.staging_bytes}
+                "copy": self.copy.describe(), "staging_bytes": self.staging_bytes,
+                "staging_overflow": self.staging_overflow}
 
 
 class _Doorbell:
@@ -221,7 +223,7 @@ class VopHost:
                 card_addr = self.card.smpt.to_card(iova, size)
                 vrings.append(VringBlock(a, iova, card_addr, num, info))
                 entry.set_vq(i, card_addr, num)
-                staging.append(StagingArea(self.arena, opts.staging_bytes, self.arena_card))
+                staging.append(StagingArea(self.arena, opts.staging_bytes, self.arena_card, opts.staging_overflow))
         except BaseException:
             for v in vrings:
                 self.arena.free(v.alloc)

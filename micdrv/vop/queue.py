@@ -18,22 +18,44 @@ waits for it, then publishes the used entries with one ``used.idx`` store,
 records the consumed index in ``_mic_vring_info.avail_idx`` (spec 5.6), and
 rings the card once if it wants an interrupt.
 
+Deferred completion (:meth:`VopQueue.complete_deferred`, what the drain
+loop uses): the batch's DMA to the card is started and the queue moves on --
+the backend processes the next batch (preadv into staging, say) while the
+engine copies this one -- and the batch is published, in order, once its DMA
+is done: at the next pop or completion that finds it done, when more than
+:data:`DEFERRED_BATCHES` are under way (the oldest is waited for), when the
+first chain of a batch finds staging held by them, and always before the
+drain returns (:meth:`VopQueue.flush`). Data is on the card before its used
+entry either way; one interrupt decision covers what one call publishes.
+
 A chain bigger than the staging area gets an arena allocation of its own
-(up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device.
+(up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
+chain that finds the staging area full while its batch already has chains,
+as long as the queue's own allocations stay under ``overflow`` bytes and
+the arena keeps a quarter of itself free [choice]: a batch of 1 MiB block requests would otherwise be
+one chain (two do not fit in 2 MiB), and every request would pay its own DMA
+round trips and card interrupt; with the overflow a batch carries several,
+their payload in one DMA batch over all channels.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from typing import Callable, Iterable, Sequence
 
 from backends.virtqueue import Chain, Virtqueue
 from micdrv.virtio import DescChain, VringError, Vringh
 
 from ..pci import Allocation, DmaArena
-from .copy import CopyEngine
+from .copy import DMA_TIMEOUT, CopyEngine
 from .staging import StagingRing, align64
 
+log = logging.getLogger(__name__)
+
 MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest (126 x 64 KiB) is ~8 MiB
+OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
+DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 
 
 class _Staged:
@@ -51,13 +73,36 @@ class _Staged:
 class StagingArea:
     """One queue's staging: an arena allocation and the FIFO allocator over it."""
 
-    def __init__(self, arena: DmaArena, size: int, arena_card: int):
+    def __init__(self, arena: DmaArena, size: int, arena_card: int, overflow: int = OVERFLOW_BYTES):
         self.arena = arena
         self.alloc_ = arena.alloc(size, 64)
         self.base = self.alloc_.offset
         self.ring = StagingRing(self.alloc_.size)
         self.arena_card = arena_card   # card address of arena offset 0 (the one Iova -> CardPhys conversion)
         self.view = arena.view
+        self.overflow = overflow       # bytes of arena allocations of its own a batch may add
+        self.own_bytes = 0             # ... in use now
+
+    def alloc_own(self, n: int, extra: bool) -> Allocation | None:
+        """An arena allocation for one chain; ``extra`` (the batch has chains already): only within the
+        overflow bound and if the arena has room, else None. Otherwise raises when the arena is full."""
+        if extra:
+            # within the queue's bound, and never into the arena's last quarter: what other devices and
+            # SCIF allocate at run time (a hot-added disk's staging, say) must still fit
+            if self.own_bytes + n > self.overflow or self.arena.free_bytes - n < self.arena.size // 4:
+                return None
+            try:
+                a = self.arena.alloc(n, 64)
+            except MemoryError:
+                return None
+        else:
+            a = self.arena.alloc(n, 64)
+        self.own_bytes += a.size
+        return a
+
+    def free_own(self, a: Allocation) -> None:
+        self.own_bytes -= a.size
+        self.arena.free(a)
 
     def close(self) -> None:
         if self.alloc_ is not None:
@@ -79,39 +124,57 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        # completions under way, oldest first: (DMA completion or None, used entries, chains)
+        self._deferred: deque[tuple[object, list[tuple[int, int]], list[Chain]]] = deque()
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
-                                       "staging_full", "oversize"), 0)
+                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits"), 0)
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._deferred:
+            self._publish(len(self._deferred))        # what has finished meanwhile, without waiting
         descs = self.vring.pop_many(limit)
         if not descs:
             return []
         st = self.staging
         view, card0 = st.view, st.arena_card
+        direct = self.engine.direct        # h2c_direct: card memory (bounds-checked views), else None
         out: list[Chain] = []
         copies = []
         taken = 0
         try:
             for d in descs:
-                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64)
+                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
+                # with h2c_direct: the backend gets views of card memory for those)
                 total = 0
                 for a, n in d.readable:
                     total += align64((a & 63) + n)
-                for _a, n in d.writable:
-                    total += align64(n)
+                if direct is None:
+                    for _a, n in d.writable:
+                        total += align64(n)
+                if not total:
+                    s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
+                    self._staged[d.head] = s
+                    out.append(Chain(d.head, [], [direct.view(a, n) for a, n in d.writable], d.readable_len,
+                                     d.writable_len, s))
+                    taken += 1
+                    continue
                 own = None
                 off = st.ring.alloc(total)
+                if off is None and not out and self._deferred:
+                    self.flush()                         # staging held by completions still copying
+                    off = st.ring.alloc(total)
                 if off is None:
-                    if out and total <= st.ring.size:
-                        self.counters["staging_full"] += 1
-                        break                            # no room now: the rest waits for the next batch
                     if total > MAX_CHAIN_BYTES:
                         raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
                                          f"than the {MAX_CHAIN_BYTES} a chain may stage")
-                    own = st.arena.alloc(total, 64)
+                    extra = bool(out) and total <= st.ring.size
+                    own = st.alloc_own(total, extra)
+                    if own is None:
+                        self.counters["staging_full"] += 1
+                        break                            # no room now: the rest waits for the next batch
                     base = own.offset
-                    self.counters["oversize"] += 1
+                    self.counters["overflow" if extra else "oversize"] += 1
                 else:
                     base = st.base + off
                 pos = base
@@ -125,6 +188,10 @@ class VopQueue(Virtqueue):
                 writable = []
                 wslots = []
                 for a, n in d.writable:
+                    if direct is not None:
+                        writable.append(direct.view(a, n))
+                        wslots.append((a, n, -1))
+                        continue
                     writable.append(view[pos:pos + n])
                     wslots.append((a, n, pos))
                     pos += align64(n)
@@ -150,18 +217,76 @@ class VopQueue(Virtqueue):
     # --- returning chains --------------------------------------------------------------------------
     def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
         done = list(done)
+        if self._deferred:
+            self.flush()
         if not done:
             return
+        pieces, used = self._pieces(done)
+        self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
+        self._deferred.append((None, used, done))
+        self._publish(0)
+
+    def complete_deferred(self, done: Iterable[tuple[Chain, int]]) -> None:
+        done = list(done)
+        if not done:
+            return
+        pieces, used = self._pieces(done)
+        completion = self.engine.write_out_start(pieces)
+        if completion is not None:
+            self.counters["deferred"] += 1
+        self._deferred.append((completion, used, done))
+        self._publish(DEFERRED_BATCHES)
+
+    def flush(self) -> None:
+        if self._deferred:
+            self._publish(0)
+
+    def _publish(self, keep: int) -> None:
+        """Publish the deferred completions, oldest first: those whose DMA is done, and -- waiting for
+        them -- as many more as it takes to leave at most ``keep`` under way; then one interrupt decision."""
+        q = self._deferred
+        engine = self.engine
+        n = 0
+        while q:
+            completion, used, done = q[0]
+            if completion is not None:
+                if not engine.done(completion):
+                    if len(q) <= keep:
+                        break
+                    self.counters["deferred_waits"] += 1
+                engine.finish(completion)   # raises if the DMA failed: the device breaks
+            q.popleft()
+            self.vring.push_many(used)
+            for chain, _w in done:
+                self._release(chain.ctx)
+            n += 1
+        if not n:
+            return
+        self._info[0] = self.vring.last_avail
+        if self.vring.needs_notify():
+            self.counters["interrupts"] += 1
+            self._notify()
+        else:
+            self.counters["interrupts_suppressed"] += 1
+
+    def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
+        """The host -> card pieces of completed chains (checked against their writable buffers), and their
+        used entries."""
         st = self.staging
         view, card0 = st.view, st.arena_card
         pieces = []
         used = []
+        direct = 0
         for chain, written in done:
             s: _Staged = chain.ctx
             tail = chain.tail
             if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
                 raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
                                  f"its writable buffers hold {s.desc.writable_len}")
+            used.append((chain.head, written + tail))
+            if s.writable and s.writable[0][2] < 0:      # h2c_direct: the backend wrote card memory itself
+                direct += written + tail
+                continue
             left = written
             for a, n, pos in s.writable:
                 if left <= 0:
@@ -177,17 +302,9 @@ class VopQueue(Virtqueue):
                 skip = n - k
                 pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))
                 left -= k
-            used.append((chain.head, written + tail))
-        self.engine.write_out(pieces)   # waits for the DMA: data before the used entries
-        self.vring.push_many(used)
-        self._info[0] = self.vring.last_avail
-        for chain, _w in done:
-            self._release(chain.ctx)
-        if self.vring.needs_notify():
-            self.counters["interrupts"] += 1
-            self._notify()
-        else:
-            self.counters["interrupts_suppressed"] += 1
+        if direct:
+            self.engine.wrote_direct(direct)
+        return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
         self.vring.abandon([c.ctx.desc for c in chains])
@@ -197,13 +314,23 @@ class VopQueue(Virtqueue):
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.desc.head, None) is None:
             return
+        if s.offset < 0:
+            return                       # nothing staged (h2c_direct, no readable buffers)
         if s.own is not None:
-            self.staging.arena.free(s.own)
+            self.staging.free_own(s.own)
         else:
             self.staging.ring.free(s.offset - self.staging.base)
 
     def release_all(self) -> None:
-        """Forget every chain in flight (the device was reset or broken): their staging is free again."""
+        """Forget every chain in flight (the device was reset or broken): their staging is free again --
+        once no DMA still reads it (a deferred completion's is waited for, its outcome ignored)."""
+        while self._deferred:
+            completion, _used, _done = self._deferred.popleft()
+            if completion is not None:
+                try:
+                    completion.wait(DMA_TIMEOUT)
+                except Exception:
+                    log.warning("%s: a completion's DMA did not finish; its staging is reused anyway", self.name)
         for s in list(self._staged.values()):
             self._release(s)
 
@@ -219,4 +346,5 @@ class VopQueue(Virtqueue):
         return {"index": self.index, "size": self.size, "last_avail": v.last_avail, "used_idx": v.used_idx,
                 "in_flight": v.in_flight, "event_idx": v.event_idx, "indirect": v.indirect,
                 "staging": {"size": self.staging.ring.size, "allocated": self.staging.ring.allocated,
-                            "high_water": self.staging.ring.high_water}, **self.counters}
+                            "high_water": self.staging.ring.high_water, "own_bytes": self.staging.own_bytes},
+                **self.counters}

@@ -338,20 +338,21 @@ class DmaEngine:
                      callback: Callable[[DmaCompletion], None] | None = None) -> DmaCompletion:
         """Several ``(dst, src, length)`` copies (card physical, as :meth:`memcpy`) with one completion.
 
-        Each channel used gets its share of the copies -- whole copies, each
-        to the channel with the fewest bytes so far -- as one submission: one
-        DHPR write and one STATUS for many copies, as the kernel's
-        ``issue_pending`` after several ``tx_submit`` calls. This is the path
-        for a ring's worth of small buffers (a VOP descriptor chain).
+        The batch goes to as many channels as its bytes are worth by the
+        rule :meth:`memcpy` follows -- one per ``spread_min``, at least one,
+        so anything under twice ``spread_min`` takes one channel -- each
+        getting its share of the copies (whole copies, each to the channel
+        with the fewest bytes so far) as one submission: one DHPR write and
+        one STATUS for many copies, as the kernel's ``issue_pending`` after
+        several ``tx_submit`` calls. This is the path for a ring's worth of
+        small buffers (a VOP descriptor chain), where every further channel
+        would only add a doorbell and a completion to wait for.
         """
         if not copies:
             raise DmaError("DMA batch", "no copies")
         chans = self._all if channels is None else self._pick(channels)
         start = self._rr % len(chans)
         self._rr = start + 1
-        order = chans[start:] + chans[:start]
-        load = {ch: 0 for ch in order}
-        descs: dict[DmaChannel, list[tuple[int, int]]] = {ch: [] for ch in order}
         total = 0
         for dst, src, length in copies:
             if length <= 0 or (dst | src | length) & (dma_desc.ALIGN - 1):
@@ -359,9 +360,13 @@ class DmaEngine:
                                "source, destination and length must be positive multiples of 64 (spec 4.1)")
             if self._where(dst, length, "destination") & self._where(src, length, "source"):
                 raise DmaError(f"DMA copy {src:#x} -> {dst:#x}", "host to host: the engine cannot do it (spec 4.1)")
-            ch = min(order, key=load.__getitem__)
-            load[ch] += length
             total += length
+        order = (chans[start:] + chans[:start])[:max(1, min(len(chans), total // max(self.spread_min, 1)))]
+        load = {ch: 0 for ch in order}
+        descs: dict[DmaChannel, list[tuple[int, int]]] = {ch: [] for ch in order}
+        for dst, src, length in copies:
+            ch = order[0] if len(order) == 1 else min(order, key=load.__getitem__)
+            load[ch] += length
             descs[ch].extend(dma_desc.memcpy_desc(dst + o, src + o, n) for o, n in dma_desc.split(length))
         plan = []
         for ch in order:

@@ -20,7 +20,15 @@ What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
   ``max_hw_sectors``).
 * **Completion**: on the queue's interrupt, every used chain's status byte
   is read; OK -> done, UNSUPP -> EOPNOTSUPP, anything else -> EIO. used.len
-  is ignored, as Linux does (section 3.4).
+  is ignored, as Linux does (section 3.4). An IN request's data is copied
+  once, from the request's card memory straight into the caller's buffer
+  (``into``; else a new ``bytearray``) -- the block layer's one copy to the
+  reader -- and the card memory is given back at once.
+* **Card memory** for a request comes from the kernel heap; when the heap
+  has no room, :meth:`BlkDriver.submit` waits for this disk's requests in
+  flight to give some back (at most :data:`REQUEST_TIMEOUT`), as it waits
+  for ring room, so one large read or write never fails for the heap's
+  size; with nothing of its own in flight it fails with ENOMEM at once.
 * **Disk names** are the lowest free ``vd<letter>`` in probe order, as the
   driver's ida does; a removed disk's name is reused by the next one.
 * **Hot remove** (:meth:`BlkDriver.remove`): new requests fail with ENODEV
@@ -35,12 +43,15 @@ What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
   the card OS carries on.
 
 The API is synchronous for the shell (:meth:`read`, :meth:`write`,
-:meth:`flush`, :meth:`get_id`); :meth:`submit` and :meth:`Request.wait`
-keep several requests in flight (the benchmarks' queue depth).
+:meth:`flush`, :meth:`get_id`); :meth:`read_stream` hands each request's
+data to a consumer in order (a hash, say) through a few reused buffers;
+:meth:`submit` and :meth:`Request.wait` keep several requests in flight (the
+benchmarks' queue depth).
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import struct
 import threading
@@ -63,6 +74,7 @@ MAX_REQUEST = 1 << 20          # bytes per request: Linux's default max_sectors_
 DATA_OFFSET = 64               # header at 0, status at 16, data from here (cache aligned)
 REMOVE_WAIT = 5.0              # seconds in-flight requests get to finish on hot remove
 REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
+STREAM_WINDOW = 8              # requests read_stream keeps in flight (8 MiB of buffers at 1 MiB requests)
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
@@ -91,22 +103,46 @@ def human_size(nbytes: int) -> str:
 
 
 class Request:
-    """One request in flight: its card memory, and how it ended."""
+    """One request in flight: its card memory, and how it ended.
 
-    __slots__ = ("type", "sector", "nbytes", "addr", "size", "status", "error", "done", "data")
+    Completion is a lock held from submission until the request ends (:meth:`finish` releases it): a
+    C-level wait and wake, where an Event is a Condition in Python on both sides -- a few microseconds
+    per request at the benchmarks' queue depth.
+    """
 
-    def __init__(self, type_: int, sector: int, nbytes: int, addr: int, size: int):
+    __slots__ = ("type", "sector", "nbytes", "addr", "size", "status", "error", "data", "into", "_done",
+                 "finished")
+
+    def __init__(self, type_: int, sector: int, nbytes: int, addr: int, size: int, into: memoryview | None = None):
         self.type, self.sector, self.nbytes, self.addr, self.size = type_, sector, nbytes, addr, size
         self.status: int | None = None
         self.error: BlkError | None = None
-        self.done = threading.Event()
-        self.data: bytes | None = None
+        self.data: bytearray | memoryview | None = None
+        self.into = into              # where an IN request's data goes (None: a bytearray of its own)
+        self.finished = False
+        self._done = threading.Lock()
+        self._done.acquire()
 
-    def wait(self, timeout: float = REQUEST_TIMEOUT) -> bytes | None:
-        """Block until the request completed; its data (IN, GET_ID) or None; raises :class:`BlkError`."""
-        if not self.done.wait(timeout):
-            raise BlkError(errno.ETIMEDOUT, f"{TYPE_NAMES.get(self.type, self.type)} at sector {self.sector}: "
-                                            f"no completion within {timeout:g} s")
+    def finish(self) -> None:
+        """The request ended (its status, data or error set first); waiters wake. Idempotent."""
+        if not self.finished:
+            self.finished = True
+            try:
+                self._done.release()
+            except RuntimeError:      # released meanwhile by another path (a reset racing a completion)
+                pass
+
+    def wait(self, timeout: float = REQUEST_TIMEOUT) -> bytearray | memoryview | None:
+        """Block until the request completed; its data (IN, GET_ID: ``into`` if given) or None; raises
+        :class:`BlkError`."""
+        if not self.finished:
+            if not self._done.acquire(timeout=max(timeout, 0)):
+                raise BlkError(errno.ETIMEDOUT, f"{TYPE_NAMES.get(self.type, self.type)} at sector "
+                                                f"{self.sector}: no completion within {timeout:g} s")
+            try:
+                self._done.release()  # for the next waiter
+            except RuntimeError:
+                pass
         if self.error is not None:
             raise self.error
         return self.data
@@ -137,8 +173,9 @@ class BlkDriver(VirtioDriver):
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._inflight: set[Request] = set()
+        self._pool: list[bytearray] = []     # read_stream's buffers, kept for the next call (list ops are atomic)
         self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
-                                "interrupts", "kicks", "ring_waits"), 0)
+                                "interrupts", "kicks", "ring_waits", "heap_waits"), 0)
 
     # --- probe ---------------------------------------------------------------------------------
     def probe(self, dev: VirtioDevice) -> None:
@@ -174,8 +211,14 @@ class BlkDriver(VirtioDriver):
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, type_: int, sector: int = 0, data: bytes | memoryview | None = None,
-               nbytes: int = 0) -> Request:
-        """Queue one request (IN: ``nbytes`` to read; OUT: ``data``); returns at once with a :class:`Request`."""
+               nbytes: int = 0, into=None) -> Request:
+        """Queue one request (IN: ``nbytes`` to read, into the writable buffer ``into`` if given; OUT:
+        ``data``); returns with a :class:`Request` once it is on the ring (after waiting for ring or heap
+        room, if there was none)."""
+        if into is not None:
+            into = memoryview(into).cast("B")
+            if type_ != B.VIRTIO_BLK_T_IN or len(into) != nbytes:
+                raise ValueError(f"{self.disk}: 'into' is for IN requests, exactly nbytes ({nbytes}) long")
         if type_ == B.VIRTIO_BLK_T_OUT:
             nbytes = len(data)
         elif type_ == B.VIRTIO_BLK_T_GET_ID:
@@ -190,8 +233,8 @@ class BlkDriver(VirtioDriver):
         if dev is None or self.removing:
             raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
         size = DATA_OFFSET + nbytes
-        addr = dev.alloc(size, 64)
-        req = Request(type_, sector, nbytes, addr, size)
+        addr = self._alloc(dev, size)
+        req = Request(type_, sector, nbytes, addr, size, into)
         mem = dev.memory
         mem.write(addr, B.OUTHDR.pack(type_, 0, sector) + b"\xff")   # status 0xff until the device writes it
         if data is not None:
@@ -226,6 +269,30 @@ class BlkDriver(VirtioDriver):
                 self.c["kicks"] += 1
         return req
 
+    def _alloc(self, dev: VirtioDevice, size: int) -> int:
+        """Card memory for a request; without room, wait for our requests in flight to give some back."""
+        try:
+            return dev.alloc(size, 64)
+        except MemoryError:
+            pass
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        with self._room:
+            while True:
+                if self.broken is not None or self.removing or self.dev is None:
+                    raise BlkError(errno.EIO if self.broken else errno.ENODEV,
+                                   f"{self.disk}: {self.broken or 'the disk is gone'}")
+                try:
+                    return dev.alloc(size, 64)
+                except MemoryError as e:
+                    if not self._inflight:   # nothing of ours will give memory back
+                        raise BlkError(errno.ENOMEM, f"{self.disk}: {e}") from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BlkError(errno.ETIMEDOUT, f"{self.disk}: no card memory for {size} bytes within "
+                                                    f"{REQUEST_TIMEOUT:g} s")
+                self.c["heap_waits"] += 1
+                self._room.wait(left)
+
     def _interrupt(self, vq: Virtqueue) -> None:
         """Completions (the transport's interrupt thread): status bytes read, waiters woken."""
         self.c["interrupts"] += 1
@@ -254,7 +321,9 @@ class BlkDriver(VirtioDriver):
         what = TYPE_NAMES.get(req.type, str(req.type))
         if st == B.VIRTIO_BLK_S_OK:
             if req.type in (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_GET_ID):
-                req.data = mem.read(req.addr + DATA_OFFSET, req.nbytes)
+                dst = req.into if req.into is not None else bytearray(req.nbytes)
+                mem.read_into(req.addr + DATA_OFFSET, dst)
+                req.data = dst
             key = {B.VIRTIO_BLK_T_IN: "reads", B.VIRTIO_BLK_T_OUT: "writes", B.VIRTIO_BLK_T_FLUSH: "flushes",
                    B.VIRTIO_BLK_T_GET_ID: "get_ids"}.get(req.type)
             if key:
@@ -275,7 +344,7 @@ class BlkDriver(VirtioDriver):
             req.error = error
         self._inflight.discard(req)
         self.dev.free(req.addr, req.size)
-        req.done.set()
+        req.finish()
 
     # --- the synchronous API ---------------------------------------------------------------------
     def _check_range(self, sector: int, count: int) -> None:
@@ -283,14 +352,88 @@ class BlkDriver(VirtioDriver):
             raise BlkError(errno.EINVAL, f"{self.disk}: sectors [{sector}, +{count}) beyond the end of the disk "
                                          f"({self.capacity} sectors)")
 
-    def read(self, sector: int, count: int = 1, check: bool = True) -> bytes:
+    def read(self, sector: int, count: int = 1, check: bool = True) -> bytearray:
         """``count`` sectors from ``sector``; with ``check=False`` the device, not the driver, judges the range."""
+        out = bytearray(count * SECTOR)
+        self.read_into(sector, out, check)
+        return out
+
+    def read_into(self, sector: int, buf, check: bool = True) -> None:
+        """Fill ``buf`` (writable, whole sectors) from ``sector``: each request's data is copied once, into
+        its place in ``buf``."""
+        mv = memoryview(buf).cast("B")
+        if len(mv) % SECTOR:
+            raise BlkError(errno.EINVAL, f"{self.disk}: {len(mv)} bytes is not a whole number of sectors")
+        if check:
+            self._check_range(sector, len(mv) // SECTOR)
+        step = self.max_request
+        reqs = []
+        try:
+            for o in range(0, len(mv), step):
+                part = mv[o:o + step]
+                reqs.append(self.submit(B.VIRTIO_BLK_T_IN, sector + o // SECTOR, nbytes=len(part), into=part))
+        except BaseException:
+            self._wait_all(reqs, quiet=True)   # nothing left writing into the caller's buffer
+            raise
+        self._wait_all(reqs)
+
+    def read_stream(self, sector: int, count: int, consume, window: int = STREAM_WINDOW,
+                    check: bool = True) -> None:
+        """Read ``count`` sectors from ``sector`` as ``dd bs=max_request`` into a pipe would: ``consume(view)``
+        gets each request's data in order while up to ``window`` requests stay in flight, each into a
+        buffer of its own that is used again (from a pool kept warm across calls) -- no buffer the size
+        of the whole read, whose first touch costs more than the transfer. The view is valid only
+        during the call. The first error stops submission; those in flight are waited for, then raised."""
         if check:
             self._check_range(sector, count)
-        step = self.max_request // SECTOR
-        reqs = [self.submit(B.VIRTIO_BLK_T_IN, s, nbytes=min(step, sector + count - s) * SECTOR)
-                for s in range(sector, sector + count, step)]
-        return b"".join(self._wait_all(reqs))
+        if count < 0:
+            raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
+        step = self.max_request
+        total = count * SECTOR
+        pending: collections.deque = collections.deque()
+        pos = 0
+        try:
+            while pos < total or pending:
+                while pos < total and len(pending) < max(1, window):
+                    n = min(step, total - pos)
+                    buf = self._take_buffer(step)
+                    mv = memoryview(buf)[:n]
+                    try:
+                        req = self.submit(B.VIRTIO_BLK_T_IN, sector + pos // SECTOR, nbytes=n, into=mv)
+                    except BaseException:
+                        self._give_buffer(buf)
+                        raise
+                    pending.append((req, buf, mv))
+                    pos += n
+                req, buf, mv = pending[0]
+                req.wait()
+                pending.popleft()
+                try:
+                    consume(mv)
+                finally:
+                    self._give_buffer(buf)
+        except BaseException:
+            self._wait_all([r for r, _b, _m in pending], quiet=True)   # nothing left writing into a buffer
+            for r, b, _m in pending:
+                if r.finished:            # one still in flight (timed out) may write its buffer yet: dropped
+                    self._give_buffer(b)
+            raise
+
+    def _take_buffer(self, size: int) -> bytearray:
+        """A request-sized buffer from the pool (a new one if it is empty or the request size changed)."""
+        pool = self._pool
+        while pool:
+            try:
+                b = pool.pop()
+            except IndexError:            # emptied by another reader meanwhile
+                break
+            if len(b) == size:
+                return b
+        return bytearray(size)
+
+    def _give_buffer(self, buf: bytearray) -> None:
+        if len(self._pool) < 2 * STREAM_WINDOW:
+            self._pool.append(buf)
 
     def write(self, sector: int, data: bytes | memoryview, check: bool = True) -> None:
         """Write ``data`` (whole sectors) at ``sector``; a read-only disk refuses unless ``check=False``."""
@@ -300,9 +443,14 @@ class BlkDriver(VirtioDriver):
             if self.readonly:
                 raise BlkError(errno.EROFS, f"{self.disk}: read-only disk")
             self._check_range(sector, len(data) // SECTOR)
-        mv = memoryview(data)
-        reqs = [self.submit(B.VIRTIO_BLK_T_OUT, sector + o // SECTOR, mv[o:o + self.max_request])
-                for o in range(0, len(data), self.max_request)]
+        mv = memoryview(data).cast("B")
+        reqs = []
+        try:
+            for o in range(0, len(mv), self.max_request):
+                reqs.append(self.submit(B.VIRTIO_BLK_T_OUT, sector + o // SECTOR, mv[o:o + self.max_request]))
+        except BaseException:
+            self._wait_all(reqs, quiet=True)
+            raise
         self._wait_all(reqs)
 
     def flush(self) -> None:
@@ -312,20 +460,20 @@ class BlkDriver(VirtioDriver):
 
     def get_id(self) -> str:
         """GET_ID: the device's serial (up to 20 ASCII bytes, NUL-padded)."""
-        raw = self.submit(B.VIRTIO_BLK_T_GET_ID).wait()
+        raw = bytes(self.submit(B.VIRTIO_BLK_T_GET_ID).wait())
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
     @staticmethod
-    def _wait_all(reqs: list[Request]) -> list[bytes]:
-        out, first_error = [], None
+    def _wait_all(reqs: list[Request], quiet: bool = False) -> None:
+        """Wait for every request; raise the first error (unless ``quiet``)."""
+        first_error = None
         for r in reqs:
             try:
-                out.append(r.wait() or b"")
+                r.wait()
             except BlkError as e:
                 first_error = first_error or e
-        if first_error is not None:
+        if first_error is not None and not quiet:
             raise first_error
-        return out
 
     # --- a broken device, removal --------------------------------------------------------------------
     def _break(self, why: str) -> None:
@@ -344,7 +492,7 @@ class BlkDriver(VirtioDriver):
             # broken queue's buffers) -- only the waiters are released.
             self._inflight.discard(req)
             req.error = BlkError(errno.EIO, f"{self.disk}: device broken: {why}")
-            req.done.set()
+            req.finish()
         self._room.notify_all()
         self.drivers.changed()
 
@@ -387,7 +535,7 @@ class BlkDriver(VirtioDriver):
         self.removing = True
         for req in list(self._inflight):
             req.error = BlkError(errno.ENODEV, f"{self.disk}: card reset")
-            req.done.set()
+            req.finish()
 
     def config_changed(self) -> None:
         dev = self.dev

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from micdrv.memory import MemoryBase
 
+from ..bus import copy_view
+
 if TYPE_CHECKING:
     from ..card import CardSide
 
@@ -42,6 +44,23 @@ class CardMemory(MemoryBase):
 
     def _write(self, addr: int, data) -> None:
         self.side.write(addr, data)
+
+    def read_into(self, addr: int, dst) -> None:
+        """``len(dst)`` bytes at ``addr`` into ``dst`` (writable, bytes-like): one copy, the GIL released
+        for large ones (:func:`~micdrv.sim.bus.copy_view`) -- where :meth:`read` makes a ``bytes`` first."""
+        dst = memoryview(dst).cast("B")
+        n = len(dst)
+        self.check(addr, n, "read")
+        if not n:
+            return
+        if addr + n > self.side.memory_size:     # not (all) GDDR: the checked, piecewise path
+            dst[:] = self.side.read(addr, n)
+            return
+        src = self.side.view(addr, n)
+        try:
+            copy_view(dst, src)
+        finally:
+            src.release()
 
     def read_u32(self, addr: int) -> int:
         self.check(addr, 4, "read")
