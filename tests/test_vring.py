@@ -404,6 +404,29 @@ def test_an_indirect_table_is_read_once_and_its_write_flag_ignored():
     assert sum(1 for a, n in p.mem.accesses if a == T) == 1 and (T, 32) in p.mem.accesses
 
 
+def test_a_table_seen_before_is_not_walked_again_and_a_changed_one_is():
+    p = broken_pair(INDIRECT)
+    good = [(B0, 8, VRING_DESC_F_NEXT, 1), (B0 + 64, 8, VRING_DESC_F_WRITE, 0)]
+    table(p, T, good)
+    p.desc(0, T, 32, VRING_DESC_F_INDIRECT)
+    p.post_head(0)
+    first = p.dev.pop()
+    p.dev.push(0, 0)
+    p.post_head(0)                        # the same buffers again, as virtio-net reposts its receive buffers
+    again = p.dev.pop()
+    assert again.shape is first.shape is not None and p.dev.shape_hits == 1
+    assert (again.readable, again.writable, again.writable_len) == ([(B0, 8)], [(B0 + 64, 8)], 8)
+    p.dev.push(0, 0)
+    table(p, T, [(B0, 8, VRING_DESC_F_NEXT, 1), (B0 + 128, 16, VRING_DESC_F_WRITE, 0)])
+    p.post_head(0)                        # other bytes: walked (and checked) afresh
+    other = p.dev.pop()
+    assert other.writable == [(B0 + 128, 16)] and other.shape is not first.shape and p.dev.shape_hits == 1
+    p.dev.push(0, 0)
+    table(p, T, [(B0, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1), (B0 + 64, 8, 0, 0)])
+    p.post_head(0)                        # a bad table where a good one was: still refused
+    expect_broken(p, r"indirect descriptor \(head 0\) 1: readable buffer after a writable one")
+
+
 def test_a_head_still_in_flight_cannot_be_taken_again():
     p = broken_pair()
     p.desc(0, B0, 8)
