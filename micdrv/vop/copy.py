@@ -29,7 +29,9 @@ device-writable buffer); otherwise through BAR0, exactly ``len`` bytes.
 Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
 every copy of a whole pop or completion batch and issue one
 :meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
-doorbell and one completion per channel used), then wait for it.
+doorbell and one completion per channel used), then wait for it. Copies
+that continue one another on both sides (the pages of a 64 KiB receive
+buffer) go as one: the same bytes to the same places in fewer descriptors.
 
 :class:`CopyPolicy` can turn either DMA direction off (BAR0 only) or send
 short host -> card pieces through BAR0; the defaults are upstream's rules.
@@ -95,10 +97,17 @@ class CopyEngine:
         if self.dma is not None and self.policy.c2h_dma:
             batch = []
             total = moved = 0
+            end_dst = end_src = -1
             for addr, n, stage_card, _view in copies:
                 h = addr & 63
                 m = align64(n + h)
-                batch.append((stage_card, addr - h, m))
+                src = addr - h
+                if src == end_src and stage_card == end_dst:
+                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
+                    batch[-1] = (d, s_, k + m)
+                else:
+                    batch.append((stage_card, src, m))
+                end_dst, end_src = stage_card + m, src + m
                 total += n
                 moved += m
             self._dma(batch)
@@ -127,11 +136,17 @@ class CopyEngine:
         batch = []
         cv = self._card_view
         total = 0
+        end_dst = end_src = -1
         for addr, n, room, stage_card, view in pieces:
             total += n
             m = align64(n)
             if use_dma and not (addr | stage_card) & 63 and m <= room and n >= pol.h2c_dma_min:
-                batch.append((addr, stage_card, m))
+                if addr == end_dst and stage_card == end_src:
+                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
+                    batch[-1] = (d, s_, k + m)
+                else:
+                    batch.append((addr, stage_card, m))
+                end_dst, end_src = addr + m, stage_card + m
                 c["h2c_dma_bytes"] += n
                 continue
             if addr & 63:

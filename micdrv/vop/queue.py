@@ -45,7 +45,60 @@ class _Staged:
         self.desc = desc
         self.offset = offset          # arena offset of the piece
         self.own = own                # an allocation of its own (oversize chain), else None
-        self.writable = writable      # (card address, length, arena offset of its slot)
+        self.writable = writable      # (card address, length, offset of its bytes in the piece), per descriptor
+
+
+class _Layout:
+    """Where a chain's buffers go in its staging piece, relative to the piece (the same for every chain with
+    the same buffers, so kept per :class:`~micdrv.virtio.vringh.ChainShape`).
+
+    Buffers adjacent in card memory are one *extent*: one copy in, one view
+    for the backend (a chain is a byte stream; where its descriptors end
+    means nothing to it). Each extent sits ``addr % 64`` bytes into a
+    64-aligned slot, so card and staging addresses agree modulo 64 and a
+    copy widened to the 64-byte grid lands on its own slot. The writable
+    descriptors are kept one by one: what goes back at completion follows
+    each descriptor's own room (spec 5.7).
+    """
+
+    __slots__ = ("total", "reads", "wviews", "wslots")
+
+    def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
+        pos = 0
+        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, slot offset, addr % 64)
+        for a, n in _extents(readable):
+            h = a & 63
+            self.reads.append((a, n, pos, h))
+            pos += align64(h + n)
+        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, length)
+        self.wslots: list[tuple[int, int, int]] = []         # per descriptor: (card address, length, offset)
+        ext_a = ext_start = ext_n = -1
+        for a, n in writable:
+            if a == ext_a + ext_n and ext_n > 0:
+                self.wslots.append((a, n, ext_start + ext_n))
+                ext_n += n
+                self.wviews[-1] = (ext_start, ext_n)
+                continue
+            if ext_n > 0:
+                pos = align64(ext_start + ext_n)
+            ext_a, ext_n = a, n
+            ext_start = pos + (a & 63)
+            self.wviews.append((ext_start, n))
+            self.wslots.append((a, n, ext_start))
+        if ext_n > 0:
+            pos = align64(ext_start + ext_n)
+        self.total = pos
+
+
+def _extents(bufs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``bufs`` with each run of buffers adjacent in card memory joined into one."""
+    out: list[list[int]] = []
+    for a, n in bufs:
+        if out and out[-1][0] + out[-1][1] == a:
+            out[-1][1] += n
+        else:
+            out.append([a, n])
+    return [(a, n) for a, n in out]
 
 
 class StagingArea:
@@ -89,19 +142,22 @@ class VopQueue(Virtqueue):
             return []
         st = self.staging
         view, card0 = st.view, st.arena_card
+        ring_alloc = st.ring.alloc
         out: list[Chain] = []
         copies = []
         taken = 0
         try:
             for d in descs:
-                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64)
-                total = 0
-                for a, n in d.readable:
-                    total += align64((a & 63) + n)
-                for _a, n in d.writable:
-                    total += align64(n)
+                shape = d.shape
+                if shape is None:
+                    lay = _Layout(d.readable, d.writable)
+                else:
+                    lay = shape.memo
+                    if lay is None:
+                        lay = shape.memo = _Layout(d.readable, d.writable)
+                total = lay.total
                 own = None
-                off = st.ring.alloc(total)
+                off = ring_alloc(total)
                 if off is None:
                     if out and total <= st.ring.size:
                         self.counters["staging_full"] += 1
@@ -114,21 +170,13 @@ class VopQueue(Virtqueue):
                     self.counters["oversize"] += 1
                 else:
                     base = st.base + off
-                pos = base
                 readable = []
-                for a, n in d.readable:
-                    h = a & 63
-                    m = align64(h + n)
-                    copies.append((a, n, card0 + pos, view[pos:pos + m]))
+                for a, n, rel, h in lay.reads:
+                    pos = base + rel
+                    copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
                     readable.append(view[pos + h:pos + h + n])
-                    pos += m
-                writable = []
-                wslots = []
-                for a, n in d.writable:
-                    writable.append(view[pos:pos + n])
-                    wslots.append((a, n, pos))
-                    pos += align64(n)
-                s = _Staged(d, base, own, wslots)
+                writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
+                s = _Staged(d, base, own, lay.wslots)
                 self._staged[d.head] = s
                 out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
                 taken += 1
@@ -162,17 +210,20 @@ class VopQueue(Virtqueue):
             if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
                 raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
                                  f"its writable buffers hold {s.desc.writable_len}")
+            base = s.offset
             left = written
-            for a, n, pos in s.writable:
+            for a, n, rel in s.writable:
                 if left <= 0:
                     break
+                pos = base + rel
                 k = n if n < left else left
                 pieces.append((a, k, n, card0 + pos, view[pos:pos + k]))
                 left -= k
             left = tail
-            for a, n, pos in reversed(s.writable):
+            for a, n, rel in reversed(s.writable):
                 if left <= 0:
                     break
+                pos = base + rel
                 k = n if n < left else left
                 skip = n - k
                 pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))
