@@ -41,6 +41,7 @@ DMA bytes, unaligned-length and unaligned-destination bytes) split by path.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,6 +50,11 @@ from ..x100.errors import DmaError
 from .staging import align64
 
 DMA_TIMEOUT = 10.0   # the longest a batch may take before the device is declared broken
+# A batch moving less than this goes to one channel, the device's own (round robin over the devices), as
+# upstream VOP used one channel per device: every channel a batch touches costs a doorbell and a completion
+# of its own, more than a few KiB take to copy. Larger batches are spread over every channel. [choice]
+ONE_CHANNEL_BYTES = 256 << 10
+_devices = itertools.count()
 
 
 class VopCopyError(Exception):
@@ -86,6 +92,8 @@ class CopyEngine:
         self.policy = policy
         self.name = name
         self.counters = dict.fromkeys(COUNTERS, 0)
+        chans = sorted(dma.channels) if dma is not None else []
+        self.channel = [chans[next(_devices) % len(chans)]] if chans else None
         self._card_view = card.view(card.base, card.size)  # None when BAR0 cannot be mapped
 
     # --- card -> host ----------------------------------------------------------------------------
@@ -110,7 +118,7 @@ class CopyEngine:
                 end_dst, end_src = stage_card + m, src + m
                 total += n
                 moved += m
-            self._dma(batch)
+            self._dma(batch, moved)
             c["c2h_dma_bytes"] += moved
         else:
             cv = self._card_view
@@ -135,7 +143,7 @@ class CopyEngine:
         use_dma = self.dma is not None and pol.h2c_dma
         batch = []
         cv = self._card_view
-        total = 0
+        total = dma_bytes = 0
         end_dst = end_src = -1
         for addr, n, room, stage_card, view in pieces:
             total += n
@@ -147,6 +155,7 @@ class CopyEngine:
                 else:
                     batch.append((addr, stage_card, m))
                 end_dst, end_src = addr + m, stage_card + m
+                dma_bytes += m
                 c["h2c_dma_bytes"] += n
                 continue
             if addr & 63:
@@ -159,12 +168,13 @@ class CopyEngine:
             else:
                 self.card.write(addr, view)
         if batch:
-            self._dma(batch)
+            self._dma(batch, dma_bytes)
         c["h2c_bytes"] += total
 
-    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
+    def _dma(self, batch: list[tuple[int, int, int]], nbytes: int) -> None:
         try:
-            self.dma.memcpy_batch(batch).result(DMA_TIMEOUT)
+            self.dma.memcpy_batch(batch, channels=self.channel if nbytes < ONE_CHANNEL_BYTES else None
+                                  ).result(DMA_TIMEOUT)
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
         self.counters["dma_batches"] += 1
