@@ -180,6 +180,21 @@ def test_random_chains_round_trip_driver_device_driver(data):
         assert p.drv.num_free == num and p.dev.in_flight == 0
 
 
+@pytest.mark.parametrize("features", [0, INDIRECT | EVENT_IDX])
+def test_a_prepared_chain_posts_what_add_would_again_and_again(features):
+    p = Pair(features=features)
+    out, in_ = [p.buf(10)], [p.buf(4080), p.buf(4096), p.buf(100)]
+    prepared = p.drv.prepare(out, in_)
+    assert (prepared.table is not None) == bool(features & INDIRECT)
+    for round_ in range(3 * p.num):           # past the ring size: heads and tables are reused
+        head = p.drv.add_prepared(prepared, token=("rx", round_))
+        c = p.dev.pop()
+        assert c.head == head and (c.readable, c.writable) == (out, in_) and c.writable_len == 8276
+        p.dev.push(c.head, 7)
+        assert p.drv.get_used() == (("rx", round_), 7)
+    assert p.drv.num_free == p.num and p.drv.in_flight == 0
+
+
 def test_indices_wrap_at_65536():
     p = Pair(num=4)
     # Fast-forward both sides to just below the wrap, as if 65530 chains had gone round.

@@ -142,6 +142,7 @@ class NetDriver(VirtioDriver):
         self.tx: Virtqueue | None = None
         self._rx_bufs: list[tuple[int, int]] = []   # token -> (card address, frame offset)
         self._rx_alloc: list[tuple[int, int]] = []
+        self._rx_prepared: list = []                # token -> its chain as DriverRing.prepare built it
         self._pools: list[_SlotPool] = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -227,8 +228,11 @@ class NetDriver(VirtioDriver):
     def _refill(self, tokens) -> None:
         """Post receive buffers ``tokens`` and kick once (rx lock held)."""
         ring = self.rx.ring
+        prepared = self._rx_prepared
+        if not prepared:     # each buffer's chain (its indirect table) is built once, then posted as built
+            prepared.extend(ring.prepare((), self._rx_chain(addr)) for addr, _off in self._rx_bufs)
         for t in tokens:
-            ring.add((), self._rx_chain(self._rx_bufs[t][0]), t)
+            ring.add_prepared(prepared[t], t)
         if self.rx.kick():
             self.c["kicks"] += 1
 
@@ -449,7 +453,7 @@ class NetDriver(VirtioDriver):
             dev.free(addr, size)
         for p in self._pools:
             dev.free(p.base, p.size * p.count)
-        self._rx_alloc, self._pools, self._rx_bufs = [], [], []
+        self._rx_alloc, self._pools, self._rx_bufs, self._rx_prepared = [], [], [], []
 
     def remove(self) -> None:
         """Hot remove / unbind: stop receiving, reset the device, give back every buffer."""
