@@ -184,7 +184,7 @@ class DriverRing:
         return PreparedChain(list(out), list(in_), table, sum(n for _a, n in in_))
 
     def add_prepared(self, chain: PreparedChain, token: Any = None) -> int:
-        """:meth:`add` of a :meth:`prepare`\ d chain: the same descriptors, the table written as built."""
+        """What :meth:`add` posts for a chain :meth:`prepare` built: the same descriptors, the table as built."""
         table = chain.table
         if table is None:
             return self.add(chain.out, chain.in_, token, indirect=False)
