@@ -156,6 +156,7 @@ class Vringh:
         self.buffers = buffers
         self._buf_lo = buffers.base
         self._buf_hi = buffers.base + buffers.size
+        self._buf_mv = buffers.view(buffers.base, buffers.size)   # indirect tables read straight (or None)
         self._shapes: dict[bytes, ChainShape] = {}   # indirect table bytes -> what walking them gave
         self.shape_hits = 0
         self.reset()
@@ -346,8 +347,12 @@ class Vringh:
                              f"longer than the ring ({self.num})")
         if addr < self._buf_lo or addr + length > self._buf_hi:
             self._bad_range(addr, length, f"{where} {i}: indirect table")
+        mv = self._buf_mv
+        if mv is not None:
+            off = addr - self._buf_lo
+            return bytes(mv[off:off + length])   # a snapshot, and a key for the shape cache
         data = self.buffers.read(addr, length)
-        return data if type(data) is bytes else bytes(data)   # a snapshot, and a key for the shape cache
+        return data if type(data) is bytes else bytes(data)
 
     def _bad_range(self, addr: int, length: int, what: str) -> None:
         if addr + length > 1 << 64:

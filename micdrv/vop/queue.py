@@ -34,6 +34,7 @@ from .copy import CopyEngine
 from .staging import StagingRing, align64
 
 MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest (126 x 64 KiB) is ~8 MiB
+POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
 
 
 class _Staged:
@@ -137,51 +138,57 @@ class VopQueue(Virtqueue):
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
-        descs = self.vring.pop_many(limit)
-        if not descs:
-            return []
         st = self.staging
         view, card0 = st.view, st.arena_card
         ring_alloc = st.ring.alloc
         out: list[Chain] = []
         copies = []
-        taken = 0
         try:
-            for d in descs:
-                shape = d.shape
-                if shape is None:
-                    lay = _Layout(d.readable, d.writable)
-                else:
-                    lay = shape.memo
-                    if lay is None:
-                        lay = shape.memo = _Layout(d.readable, d.writable)
-                total = lay.total
-                own = None
-                off = ring_alloc(total)
-                if off is None:
-                    if out and total <= st.ring.size:
-                        self.counters["staging_full"] += 1
-                        break                            # no room now: the rest waits for the next batch
-                    if total > MAX_CHAIN_BYTES:
-                        raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
-                                         f"than the {MAX_CHAIN_BYTES} a chain may stage")
-                    own = st.arena.alloc(total, 64)
-                    base = own.offset
-                    self.counters["oversize"] += 1
-                else:
-                    base = st.base + off
-                readable = []
-                for a, n, rel, h in lay.reads:
-                    pos = base + rel
-                    copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
-                    readable.append(view[pos + h:pos + h + n])
-                writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
-                s = _Staged(d, base, own, lay.wslots)
-                self._staged[d.head] = s
-                out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
-                taken += 1
-            if taken < len(descs):
-                self.vring.abandon(descs[taken:])
+            # Chains are taken from the ring a few at a time, so a staging area that fills up gives back
+            # at most the rest of one chunk, not all of ``limit`` walked for nothing.
+            while len(out) < limit:
+                descs = self.vring.pop_many(min(limit - len(out), POP_CHUNK))
+                if not descs:
+                    break
+                taken = 0
+                for d in descs:
+                    shape = d.shape
+                    if shape is None:
+                        lay = _Layout(d.readable, d.writable)
+                    else:
+                        lay = shape.memo
+                        if lay is None:
+                            lay = shape.memo = _Layout(d.readable, d.writable)
+                    total = lay.total
+                    own = None
+                    off = ring_alloc(total)
+                    if off is None:
+                        if out and total <= st.ring.size:
+                            break                        # no room now: the rest waits for the next batch
+                        if total > MAX_CHAIN_BYTES:
+                            raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
+                                             f"than the {MAX_CHAIN_BYTES} a chain may stage")
+                        own = st.arena.alloc(total, 64)
+                        base = own.offset
+                        self.counters["oversize"] += 1
+                    else:
+                        base = st.base + off
+                    readable = []
+                    for a, n, rel, h in lay.reads:
+                        pos = base + rel
+                        copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
+                        readable.append(view[pos + h:pos + h + n])
+                    writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
+                    s = _Staged(d, base, own, lay.wslots)
+                    self._staged[d.head] = s
+                    out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
+                    taken += 1
+                if taken < len(descs):
+                    self.counters["staging_full"] += 1
+                    self.vring.abandon(descs[taken:])
+                    break
+            if not out:
+                return out
             self.engine.read_in(copies)
         except BaseException:
             for c in reversed(out):
