@@ -67,7 +67,9 @@ class CopyPolicy:
 
     c2h_dma: bool = True      # card -> host by DMA (else BAR0 reads: slow on silicon)
     h2c_dma: bool = True      # host -> card by DMA where aligned and roundable (else always BAR0)
-    h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream)
+    h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream);
+    #                           a piece is what one descriptor takes, or a run of whole aligned descriptors
+    #                           continuing one another (see VopQueue.complete_many)
 
     def describe(self) -> dict:
         return {"c2h_dma": self.c2h_dma, "h2c_dma": self.h2c_dma, "h2c_dma_min": self.h2c_dma_min}

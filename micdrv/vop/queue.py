@@ -219,13 +219,27 @@ class VopQueue(Virtqueue):
                                  f"its writable buffers hold {s.desc.writable_len}")
             base = s.offset
             left = written
+            # A descriptor written whole, 64-byte aligned and a multiple of 64 long, is joined by the next one
+            # when that continues it and its rounded length fits it: the copy-out rule (spec 5.7) gives the
+            # joined piece the answer it gives each of them (DMA), and the pages of a big receive buffer leave
+            # as one piece, not 17.
+            run_a = run_k = run_room = run_pos = -1
+            joinable = False
             for a, n, rel in s.writable:
                 if left <= 0:
                     break
-                pos = base + rel
                 k = n if n < left else left
-                pieces.append((a, k, n, card0 + pos, view[pos:pos + k]))
+                if joinable and a == run_a + run_room and align64(k) <= n:
+                    run_k += k
+                    run_room += n
+                else:
+                    if run_k > 0:
+                        pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
+                    run_a, run_k, run_room, run_pos = a, k, n, base + rel
+                joinable = k == n and not (a | n) & 63 and run_k == run_room
                 left -= k
+            if run_k > 0:
+                pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
             left = tail
             for a, n, rel in reversed(s.writable):
                 if left <= 0:
