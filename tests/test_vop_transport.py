@@ -73,8 +73,10 @@ def test_an_added_device_is_laid_out_as_spec_5_3_and_the_card_probes_it(rig, vs)
     ctrl = off + L.aligned_desc_size(2, 4, 12)
     c2h, h2c = struct.unpack_from("<bb", raw, ctrl + L.CTRL_C2H_VDEV_DB)
     assert c2h == dev.db and 0 <= c2h < 4
-    card = vs.card_device(off)
-    assert card["state"] == "probed" and card["h2c_db"] == h2c and card["c2h_db"] == c2h
+    # The host activates the device on the card's DRIVER_OK, which the card writes before it records the probe
+    # as done: wait for that record.
+    card = wait_for(lambda: (c := vs.card_device(off))["state"] == "probed" and c, "the card's probe to finish", WAIT)
+    assert card["h2c_db"] == h2c and card["c2h_db"] == c2h
     assert card["status"] == LIVE
     for i, vr in enumerate(dev.vrings):
         addr, used, num = struct.unpack_from("<QQH", raw, off + 8 + 24 * i)
