@@ -75,8 +75,10 @@ def test_an_added_device_is_laid_out_as_spec_5_3_and_the_card_probes_it(rig, vs)
     ctrl = off + L.aligned_desc_size(2, 4, 12)
     c2h, h2c = struct.unpack_from("<bb", raw, ctrl + L.CTRL_C2H_VDEV_DB)
     assert c2h == dev.db and 0 <= c2h < 4
-    card = vs.card_device(off)
-    assert card["state"] == "probed" and card["h2c_db"] == h2c and card["c2h_db"] == c2h
+    # The host activates the device on the card's DRIVER_OK, which the card writes before it records the probe
+    # as done: wait for that record.
+    card = wait_for(lambda: (c := vs.card_device(off))["state"] == "probed" and c, "the card's probe to finish", WAIT)
+    assert card["h2c_db"] == h2c and card["c2h_db"] == c2h
     assert card["status"] == LIVE
     for i, vr in enumerate(dev.vrings):
         addr, used, num = struct.unpack_from("<QQH", raw, off + 8 + 24 * i)
@@ -280,6 +282,23 @@ def test_a_burst_of_1_mib_reads_shares_batches_past_the_staging_area_within_its_
             r.vop.remove(dev)              # with the card's ack, before the host goes away
         finally:
             r.close()
+
+
+def test_interrupts_to_the_card_are_rung_by_the_doorbell_thread_and_arrive(rig, vs):
+    dev, fd = rig.console()
+    try:
+        for n in (1, 100, 3000):
+            data = random.Random(n).randbytes(n)
+            assert echo(fd, data) == data
+    finally:
+        os.close(fd)
+    bells = rig.mic.vop.doorbells
+    asked = sum(d.counters["interrupts"] for d in rig.mic.vop.devices)
+    assert asked >= 1
+    # Every interrupt the loop asked for was rung, or folded into a ring still to come; none is lost.
+    wait_for(lambda: bells.rung + bells.coalesced == asked and not bells._marked, "the doorbell thread", WAIT)
+    assert bells.rung >= 1
+    wait_for(lambda: vs.card_device(dev.entry.offset)["interrupts"] >= 1, "the card to take an interrupt", WAIT)
 
 
 # --- _mic_vring_info placement (spec 5.6) -------------------------------------------------------------

@@ -180,6 +180,21 @@ def test_random_chains_round_trip_driver_device_driver(data):
         assert p.drv.num_free == num and p.dev.in_flight == 0
 
 
+@pytest.mark.parametrize("features", [0, INDIRECT | EVENT_IDX])
+def test_a_prepared_chain_posts_what_add_would_again_and_again(features):
+    p = Pair(features=features)
+    out, in_ = [p.buf(10)], [p.buf(4080), p.buf(4096), p.buf(100)]
+    prepared = p.drv.prepare(out, in_)
+    assert (prepared.table is not None) == bool(features & INDIRECT)
+    for round_ in range(3 * p.num):           # past the ring size: heads and tables are reused
+        head = p.drv.add_prepared(prepared, token=("rx", round_))
+        c = p.dev.pop()
+        assert c.head == head and (c.readable, c.writable) == (out, in_) and c.writable_len == 8276
+        p.dev.push(c.head, 7)
+        assert p.drv.get_used() == (("rx", round_), 7)
+    assert p.drv.num_free == p.num and p.drv.in_flight == 0
+
+
 def test_indices_wrap_at_65536():
     p = Pair(num=4)
     # Fast-forward both sides to just below the wrap, as if 65530 chains had gone round.
@@ -402,6 +417,29 @@ def test_an_indirect_table_is_read_once_and_its_write_flag_ignored():
     c = p.dev.pop()
     assert [tuple(b) for b in c.buffers] == [(B0, 8, False), (B0 + 64, 8, True)]
     assert sum(1 for a, n in p.mem.accesses if a == T) == 1 and (T, 32) in p.mem.accesses
+
+
+def test_a_table_seen_before_is_not_walked_again_and_a_changed_one_is():
+    p = broken_pair(INDIRECT)
+    good = [(B0, 8, VRING_DESC_F_NEXT, 1), (B0 + 64, 8, VRING_DESC_F_WRITE, 0)]
+    table(p, T, good)
+    p.desc(0, T, 32, VRING_DESC_F_INDIRECT)
+    p.post_head(0)
+    first = p.dev.pop()
+    p.dev.push(0, 0)
+    p.post_head(0)                        # the same buffers again, as virtio-net reposts its receive buffers
+    again = p.dev.pop()
+    assert again.shape is first.shape is not None and p.dev.shape_hits == 1
+    assert (again.readable, again.writable, again.writable_len) == ([(B0, 8)], [(B0 + 64, 8)], 8)
+    p.dev.push(0, 0)
+    table(p, T, [(B0, 8, VRING_DESC_F_NEXT, 1), (B0 + 128, 16, VRING_DESC_F_WRITE, 0)])
+    p.post_head(0)                        # other bytes: walked (and checked) afresh
+    other = p.dev.pop()
+    assert other.writable == [(B0 + 128, 16)] and other.shape is not first.shape and p.dev.shape_hits == 1
+    p.dev.push(0, 0)
+    table(p, T, [(B0, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1), (B0 + 64, 8, 0, 0)])
+    p.post_head(0)                        # a bad table where a good one was: still refused
+    expect_broken(p, r"indirect descriptor \(head 0\) 1: readable buffer after a writable one")
 
 
 def test_a_head_still_in_flight_cannot_be_taken_again():

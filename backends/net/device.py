@@ -43,7 +43,7 @@ from micdrv.virtio.device import VIRTIO_ID_NET
 
 from ..backend import Backend
 from ..eventloop import EVENT_READ, EVENT_WRITE
-from ..virtqueue import Chain, Drained
+from ..virtqueue import DEFAULT_BATCH, Chain, Drained
 from . import link
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
 
@@ -55,6 +55,7 @@ ETH_HLEN = 14
 MAX_FRAME = 0xFFFF + ETH_HLEN + 4
 
 DEFAULT_FEATURES = N.MPSSD_FEATURES | (1 << N.VIRTIO_NET_F_MAC)
+RX_BATCH_MIN = 4   # receive chains taken at a time at least (see NetBackend._receive)
 
 
 def tap_offloads(acked: int) -> int:
@@ -99,6 +100,7 @@ class NetBackend(Backend):
         self._overflow = memoryview(bytearray(MAX_FRAME + N.VIRTIO_NET_HDR_MRG_RXBUF_SIZE))
         self._rx_parked = False
         self._tx_stalled = False
+        self._rx_batch = RX_BATCH_MIN
         self._c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped_oversize", "rx_no_buffers", "rx_errors",
                                  "tx_packets", "tx_bytes", "tx_errors", "tx_stalls"), 0)
 
@@ -198,9 +200,14 @@ class NetBackend(Backend):
     # --- tap -> card (queue 0) ----------------------------------------------------------------
 
     def _receive(self) -> None:
-        if self.queues[N.RX_QUEUE].drain(self._rx) is Drained.EMPTY:
+        before = self._c["rx_packets"]
+        if self.queues[N.RX_QUEUE].drain(self._rx, self._rx_batch) is Drained.EMPTY:
             self._rx_parked = True   # no buffers: frames wait in the tap until the card posts some
             self._c["rx_no_buffers"] += 1
+        # The next drain takes chains in batches of what this one found: the tap's queue cannot be
+        # measured beforehand, and every chain taken beyond the frames waiting is staged for nothing
+        # and given back.
+        self._rx_batch = min(DEFAULT_BATCH, max(RX_BATCH_MIN, self._c["rx_packets"] - before))
 
     def _rx(self, chain: Chain) -> int | None:
         cap = chain.writable_len

@@ -48,6 +48,16 @@ class _Outstanding:
         self.token, self.descs, self.writable_len = token, descs, writable_len
 
 
+class PreparedChain:
+    """A chain a driver posts again and again (a receive buffer): its buffers, and its indirect table's bytes
+    built once when the ring would use one (:meth:`DriverRing.prepare`)."""
+
+    __slots__ = ("out", "in_", "table", "writable_len")
+
+    def __init__(self, out, in_, table: bytes | None, writable_len: int):
+        self.out, self.in_, self.table, self.writable_len = out, in_, table, writable_len
+
+
 class DriverRing:
     """The driver side of one split ring of ``num`` entries; zeroes its parts on creation (the card does, 5.4).
 
@@ -152,6 +162,39 @@ class DriverRing:
                 nxt = 0 if last else descs[j + 1]
                 self._desc.pack(DESC, descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
         self._out[head] = _Outstanding(head if token is None else token, descs, writable_len)
+        slot = self.avail_idx & self._mask
+        self._avail.set_u16(AVAIL_RING + 2 * slot, head)
+        # Write barrier: the descriptors and the ring entry before avail.idx (program order on x86).
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._avail.set_u16(AVAIL_IDX, self.avail_idx)
+        self._added += 1
+        return head
+
+    def prepare(self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]] = ()) -> PreparedChain:
+        """The chain :meth:`add` would post for ``out`` / ``in_``, for :meth:`add_prepared` to post many times."""
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        total = len(bufs)
+        if not total:
+            raise ValueError(f"{self.name}: a chain needs at least one buffer")
+        table = None
+        if self.use_indirect and 1 < total <= self._indirect_entries:
+            pack, last = DESC.pack, total - 1
+            table = b"".join([pack(a, n, f | VRING_DESC_F_NEXT, j + 1) for j, (a, n, f) in enumerate(bufs[:last])]
+                             + [pack(*bufs[last], 0)])
+        return PreparedChain(list(out), list(in_), table, sum(n for _a, n in in_))
+
+    def add_prepared(self, chain: PreparedChain, token: Any = None) -> int:
+        """What :meth:`add` posts for a chain :meth:`prepare` built: the same descriptors, the table as built."""
+        table = chain.table
+        if table is None:
+            return self.add(chain.out, chain.in_, token, indirect=False)
+        if not self._free:
+            raise RingFull(f"{self.name}: no free descriptor")
+        head = self._free.pop()
+        base = head * self._indirect_entries * DESC_SIZE
+        self._indirect_parts.write(base, table)
+        self._desc.pack(DESC, head * DESC_SIZE, self._indirect_parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
+        self._out[head] = _Outstanding(head if token is None else token, [head], chain.writable_len)
         slot = self.avail_idx & self._mask
         self._avail.set_u16(AVAIL_RING + 2 * slot, head)
         # Write barrier: the descriptors and the ring entry before avail.idx (program order on x86).

@@ -67,6 +67,10 @@ from .ring import (AVAIL_ALIGN, AVAIL_FLAGS, AVAIL_IDX, AVAIL_RING, DESC, DESC_A
                    VringLayout, avail_event_offset, avail_size, check_num, desc_table_size, used_event_offset,
                    used_size, vring_need_event)
 
+# Indirect tables remembered per ring (see Vringh._walk): two rings' worth of distinct buffers; past it the
+# cache starts again [choice: a driver cycling through more tables only walks them as before].
+MAX_SHAPES = 512
+
 RingAddress = tuple[Memory, int]  # where one part of a ring lives: a memory and an address in it
 
 
@@ -78,19 +82,40 @@ class Buffer(NamedTuple):
     writable: bool
 
 
-class DescChain:
-    """A validated descriptor chain: its head, its buffers as ``(addr, len)`` pairs (readable ones first)."""
+class ChainShape:
+    """What walking one indirect table gave (shared by every chain whose table held the same bytes).
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "avail_idx")
+    ``memo`` is free for a transport to keep what it derives from the
+    buffers alone (a staging layout), computed once per shape.
+    """
+
+    __slots__ = ("readable", "writable", "readable_len", "writable_len", "memo")
+
+    def __init__(self, readable: list[tuple[int, int]], writable: list[tuple[int, int]], readable_len: int,
+                 writable_len: int):
+        self.readable, self.writable = readable, writable
+        self.readable_len, self.writable_len = readable_len, writable_len
+        self.memo = None
+
+
+class DescChain:
+    """A validated descriptor chain: its head, its buffers as ``(addr, len)`` pairs (readable ones first).
+
+    The buffer lists may be shared with other chains of the same shape
+    (:class:`ChainShape`, then ``shape`` is it): read them, never change them.
+    """
+
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "avail_idx", "shape")
 
     def __init__(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]],
-                 readable_len: int, writable_len: int, avail_idx: int):
+                 readable_len: int, writable_len: int, avail_idx: int, shape: ChainShape | None = None):
         self.head = head
         self.readable = readable          # device-readable buffers, in chain order
         self.writable = writable          # device-writable buffers, in chain order (all after the readable ones)
         self.readable_len = readable_len
         self.writable_len = writable_len
         self.avail_idx = avail_idx        # the avail index this head was taken from (for abandon)
+        self.shape = shape                # the cached walk it came from (indirect chains), else None
 
     @property
     def buffers(self) -> list[Buffer]:
@@ -131,6 +156,9 @@ class Vringh:
         self.buffers = buffers
         self._buf_lo = buffers.base
         self._buf_hi = buffers.base + buffers.size
+        self._buf_mv = buffers.view(buffers.base, buffers.size)   # indirect tables read straight (or None)
+        self._shapes: dict[bytes, ChainShape] = {}   # indirect table bytes -> what walking them gave
+        self.shape_hits = 0
         self.reset()
 
     @classmethod
@@ -241,6 +269,7 @@ class Vringh:
         fetch = self._desc.unpack        # ... else read through the Memory, one descriptor at a time
         unpack_from = DESC.unpack_from
         in_table = False
+        table = b""                      # the indirect table's bytes, once in one
         size = num                       # entries in the table being walked
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
@@ -257,6 +286,15 @@ class Vringh:
                 addr, length, flags, nxt = fetch(DESC, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
                 src = self._indirect_table(head, i, count, addr, length, flags, in_table)
+                # The walk below depends on nothing but the table's bytes (and this ring's constants), so a
+                # table seen before gives the same chain again without walking it: a driver reposting the
+                # same buffers (virtio-net's receive buffers) costs one dictionary lookup.
+                shape = self._shapes.get(src)
+                if shape is not None:
+                    self.shape_hits += 1
+                    return DescChain(head, shape.readable, shape.writable, shape.readable_len, shape.writable_len,
+                                     avail_idx, shape)
+                table = src
                 in_table = True
                 size = length // DESC_SIZE
                 i = count = 0
@@ -274,7 +312,13 @@ class Vringh:
                 readable.append((addr, length))
                 readable_len += length
             if not flags & VRING_DESC_F_NEXT:
-                return DescChain(head, readable, writable, readable_len, writable_len, avail_idx)
+                if not in_table:
+                    return DescChain(head, readable, writable, readable_len, writable_len, avail_idx)
+                shape = ChainShape(readable, writable, readable_len, writable_len)
+                if len(self._shapes) >= MAX_SHAPES:
+                    self._shapes.clear()
+                self._shapes[table] = shape
+                return DescChain(head, readable, writable, readable_len, writable_len, avail_idx, shape)
             if nxt >= size:
                 raise self._fail(f"{self._where(head, in_table)} {i}: next {nxt} out of range 0..{size - 1}")
             i = nxt
@@ -303,7 +347,12 @@ class Vringh:
                              f"longer than the ring ({self.num})")
         if addr < self._buf_lo or addr + length > self._buf_hi:
             self._bad_range(addr, length, f"{where} {i}: indirect table")
-        return self.buffers.read(addr, length)
+        mv = self._buf_mv
+        if mv is not None:
+            off = addr - self._buf_lo
+            return bytes(mv[off:off + length])   # a snapshot, and a key for the shape cache
+        data = self.buffers.read(addr, length)
+        return data if type(data) is bytes else bytes(data)
 
     def _bad_range(self, addr: int, length: int, what: str) -> None:
         if addr + length > 1 << 64:

@@ -40,7 +40,9 @@ every copy of a whole pop or completion batch and issue one
 doorbell and one completion per channel used), then wait for it --
 or, with :meth:`CopyEngine.write_out_start`, leave the host -> card batch
 running and :meth:`CopyEngine.finish` it later (the queue's deferred
-completions, :mod:`.queue`).
+completions, :mod:`.queue`). Copies that continue one another on both
+sides (the pages of a 64 KiB receive buffer) go as one: the same bytes to
+the same places in fewer descriptors.
 
 :class:`CopyPolicy` can turn either DMA direction off (BAR0 only) or send
 short host -> card pieces through BAR0; the defaults are upstream's rules.
@@ -59,6 +61,7 @@ DMA bytes, unaligned-length and unaligned-destination bytes) split by path.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -69,6 +72,11 @@ from ..x100.errors import DmaError
 from .staging import align64
 
 DMA_TIMEOUT = 10.0   # the longest a batch may take before the device is declared broken
+# A batch moving less than this goes to one channel, the device's own (round robin over the devices), as
+# upstream VOP used one channel per device: every channel a batch touches costs a doorbell and a completion
+# of its own, more than a few KiB take to copy. Larger batches are spread over every channel. [choice]
+ONE_CHANNEL_BYTES = 256 << 10
+_devices = itertools.count()
 
 
 class VopCopyError(Exception):
@@ -81,7 +89,9 @@ class CopyPolicy:
 
     c2h_dma: bool = True      # card -> host by DMA (else BAR0 reads: slow on silicon)
     h2c_dma: bool = True      # host -> card by DMA where aligned and roundable (else always BAR0)
-    h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream)
+    h2c_dma_min: int = 0      # host -> card pieces shorter than this go through BAR0 (0: no threshold, upstream);
+    #                           a piece is what one descriptor takes, or a run of whole aligned descriptors
+    #                           continuing one another (see VopQueue.complete_many)
     h2c_direct: bool = False  # writable buffers handed to the backend as BAR0 views: it writes the card itself
 
     def describe(self) -> dict:
@@ -108,6 +118,8 @@ class CopyEngine:
         self.policy = policy
         self.name = name
         self.counters = dict.fromkeys(COUNTERS, 0)
+        chans = sorted(dma.channels) if dma is not None else []
+        self.channel = [chans[next(_devices) % len(chans)]] if chans else None
         # h2c_direct: the card memory the queues take the backends' writable views from, through its
         # bounds-checked view() (None: staged as usual -- the policy is off, or BAR0 cannot be mapped)
         self.direct = card if policy.h2c_direct and card.view(card.base, 1) is not None else None
@@ -130,13 +142,20 @@ class CopyEngine:
         if self.dma is not None and self.policy.c2h_dma:
             batch = []
             total = moved = 0
+            end_dst = end_src = -1
             for addr, n, stage_card, _view in copies:
                 h = addr & 63
                 m = align64(n + h)
-                batch.append((stage_card, addr - h, m))
+                src = addr - h
+                if src == end_src and stage_card == end_dst:
+                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
+                    batch[-1] = (d, s_, k + m)
+                else:
+                    batch.append((stage_card, src, m))
+                end_dst, end_src = stage_card + m, src + m
                 total += n
                 moved += m
-            self._dma(batch)
+            self._dma(batch, moved)
             c["c2h_dma_bytes"] += moved
         else:
             card = self.card
@@ -166,12 +185,19 @@ class CopyEngine:
         use_dma = self.dma is not None and pol.h2c_dma
         batch = []
         card = self.card
-        total = 0
+        total = dma_bytes = 0
+        end_dst = end_src = -1
         for addr, n, room, stage_card, view in pieces:
             total += n
             m = align64(n)
             if use_dma and not (addr | stage_card) & 63 and m <= room and n >= pol.h2c_dma_min:
-                batch.append((addr, stage_card, m))
+                if addr == end_dst and stage_card == end_src:
+                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
+                    batch[-1] = (d, s_, k + m)
+                else:
+                    batch.append((addr, stage_card, m))
+                end_dst, end_src = addr + m, stage_card + m
+                dma_bytes += m
                 c["h2c_dma_bytes"] += n
                 continue
             if addr & 63:
@@ -185,7 +211,7 @@ class CopyEngine:
             else:
                 card.write(addr, view)
         c["h2c_bytes"] += total
-        return self._dma_start(batch) if batch else None
+        return self._dma_start(batch, dma_bytes) if batch else None
 
     def done(self, completion) -> bool:
         """Whether a batch :meth:`write_out_start` returned has finished (looks, never waits)."""
@@ -201,14 +227,14 @@ class CopyEngine:
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes failed: {e}") from None
 
-    def _dma_start(self, batch: list[tuple[int, int, int]]):
+    def _dma_start(self, batch: list[tuple[int, int, int]], nbytes: int):
         try:
-            completion = self.dma.memcpy_batch(batch)
+            completion = self.dma.memcpy_batch(batch, channels=self.channel if nbytes < ONE_CHANNEL_BYTES else None)
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
         self.counters["dma_batches"] += 1
         self.counters["dma_copies"] += len(batch)
         return completion
 
-    def _dma(self, batch: list[tuple[int, int, int]]) -> None:
-        self.finish(self._dma_start(batch))
+    def _dma(self, batch: list[tuple[int, int, int]], nbytes: int) -> None:
+        self.finish(self._dma_start(batch, nbytes))

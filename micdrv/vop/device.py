@@ -231,7 +231,7 @@ class VopDevice:
         if not 0 <= db < regs.NUM_CARD_DOORBELLS:
             raise VringError(f"ctrl.h2c_vdev_db {db} is no card doorbell (0..{regs.NUM_CARD_DOORBELLS - 1})")
         self.counters["interrupts"] += 1
-        self.host.card.send_intr(db)
+        self.host.doorbells.ring(db)
 
     # --- broken, inactive ---------------------------------------------------------------------------------
     def _break(self, message: str) -> None:

@@ -31,6 +31,10 @@ of remove and config change happen on the caller's thread -- never the
 loop's, which must keep answering the card's ``vdev_reset`` handshake while
 the card removes its driver.
 
+Queue interrupts to the card (``h2c_vdev_db``) are rung by a thread of
+their own (:class:`_Doorbells`): the read-modify-write of spec 2.3 is a
+round trip to the card, which the loop does not wait for [choice].
+
 Doorbells [choice]: the kernel took an MSI-X vector per device, and the
 X100 has 9 (4 go to the DMA channels, 1 to SCIF), so a fifth device failed
 with -ENOSPC. Here ``next_db`` still picks each device's doorbell round robin
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import struct
 import threading
 import time
@@ -101,6 +106,67 @@ class _Doorbell:
         self.interrupts = 0
 
 
+class _Doorbells:
+    """Host -> card doorbells rung from a thread of their own, so the loop never waits for one.
+
+    ``send_intr`` of a doorbell below 8 is a read-modify-write of APICICR
+    (spec 2.3): a register read, a round trip to the card. Rung from the
+    loop, every completion batch waited for it. :meth:`ring` only marks the
+    doorbell and wakes this thread; marks made while it is being rung ring
+    it once more afterwards (the card's handler looks at every used ring it
+    serves each time it runs, so one interrupt stands for any number of
+    completions before it). The marks are made after the used entries are
+    published, so the card never takes an interrupt before what it is for.
+    """
+
+    def __init__(self, card, name: str):
+        self.card = card
+        self.name = name
+        self._lock = threading.Lock()
+        self._marked = 0                          # doorbell bits waiting to be rung
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.rung = self.coalesced = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"vop {self.name} doorbells", daemon=True)
+            self._thread.start()
+
+    def ring(self, db: int) -> None:
+        bit = 1 << db
+        with self._lock:
+            was = self._marked
+            if was & bit:
+                self.coalesced += 1
+                return
+            self._marked = was | bit
+        if not was:
+            self._wake.put(True)
+
+    def _run(self) -> None:
+        while self._wake.get():
+            with self._lock:
+                marked, self._marked = self._marked, 0
+            db = 0
+            while marked:
+                if marked & 1:
+                    self.rung += 1
+                    try:
+                        self.card.send_intr(db)
+                    except Exception as e:   # the card went away under us: its reset tells the devices
+                        log.warning("%s: ringing card doorbell %d: %s", self.name, db, e)
+                marked >>= 1
+                db += 1
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._wake.put(False)
+            if self._thread is not threading.current_thread():
+                self._thread.join(5.0)
+            self._thread = None
+
+
 class VopHost:
     """VOP for one card: ``card`` (X100: doorbells, SMPT, BAR0), ``arena``, the device page, ``dma``."""
 
@@ -116,6 +182,7 @@ class VopHost:
         self.arena_mem = arena.memory()
         self.arena_card = card.smpt.to_card(arena.iova_base, arena.size)  # arena offset 0, for staging
         self.loop = EventLoop(f"vop {name}")
+        self.doorbells = _Doorbells(card, name)
         self.devices: list[VopDevice] = []
         self.started = False
         self._lock = threading.Lock()        # the device list and the started flag
@@ -129,6 +196,7 @@ class VopHost:
         """Start the event loop thread (once, for the life of the card)."""
         if not self._loop_started:
             self.loop.start()
+            self.doorbells.start()
             self._loop_started = True
         return self
 
@@ -162,6 +230,7 @@ class VopHost:
         self.stop(force=True)
         self._closed = True
         self.loop.stop()
+        self.doorbells.stop()
         for d in self._dbs.values():
             os.close(d.efd)
         self._dbs = {}
@@ -403,4 +472,5 @@ class VopHost:
         return {"started": self.started, "options": self.options.describe(),
                 "doorbells": {str(d.db): {"interrupts": d.interrupts, "devices": [x.name for x in d.devices]}
                               for d in self._dbs.values()},
+                "card_doorbells": {"rung": self.doorbells.rung, "coalesced": self.doorbells.coalesced},
                 "devices": [self.loop.call(d.status) for d in devices]}

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest (126 x 64 KiB) is ~8 MiB
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
 DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
+POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
 
 
 class _Staged:
@@ -67,7 +68,60 @@ class _Staged:
         self.desc = desc
         self.offset = offset          # arena offset of the piece
         self.own = own                # an allocation of its own (oversize chain), else None
-        self.writable = writable      # (card address, length, arena offset of its slot)
+        self.writable = writable      # (card address, length, offset of its bytes in the piece), per descriptor
+
+
+class _Layout:
+    """Where a chain's buffers go in its staging piece, relative to the piece (the same for every chain with
+    the same buffers, so kept per :class:`~micdrv.virtio.vringh.ChainShape`).
+
+    Buffers adjacent in card memory are one *extent*: one copy in, one view
+    for the backend (a chain is a byte stream; where its descriptors end
+    means nothing to it). Each extent sits ``addr % 64`` bytes into a
+    64-aligned slot, so card and staging addresses agree modulo 64 and a
+    copy widened to the 64-byte grid lands on its own slot. The writable
+    descriptors are kept one by one: what goes back at completion follows
+    each descriptor's own room (spec 5.7).
+    """
+
+    __slots__ = ("total", "reads", "wviews", "wslots")
+
+    def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
+        pos = 0
+        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, slot offset, addr % 64)
+        for a, n in _extents(readable):
+            h = a & 63
+            self.reads.append((a, n, pos, h))
+            pos += align64(h + n)
+        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, length)
+        self.wslots: list[tuple[int, int, int]] = []         # per descriptor: (card address, length, offset)
+        ext_a = ext_start = ext_n = -1
+        for a, n in writable:
+            if a == ext_a + ext_n and ext_n > 0:
+                self.wslots.append((a, n, ext_start + ext_n))
+                ext_n += n
+                self.wviews[-1] = (ext_start, ext_n)
+                continue
+            if ext_n > 0:
+                pos = align64(ext_start + ext_n)
+            ext_a, ext_n = a, n
+            ext_start = pos + (a & 63)
+            self.wviews.append((ext_start, n))
+            self.wslots.append((a, n, ext_start))
+        if ext_n > 0:
+            pos = align64(ext_start + ext_n)
+        self.total = pos
+
+
+def _extents(bufs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``bufs`` with each run of buffers adjacent in card memory joined into one."""
+    out: list[list[int]] = []
+    for a, n in bufs:
+        if out and out[-1][0] + out[-1][1] == a:
+            out[-1][1] += n
+        else:
+            out.append([a, n])
+    return [(a, n) for a, n in out]
 
 
 class StagingArea:
@@ -133,74 +187,79 @@ class VopQueue(Virtqueue):
     def pop_many(self, limit: int) -> list[Chain]:
         if self._deferred:
             self._publish(len(self._deferred))        # what has finished meanwhile, without waiting
-        descs = self.vring.pop_many(limit)
-        if not descs:
-            return []
         st = self.staging
         view, card0 = st.view, st.arena_card
+        ring_alloc = st.ring.alloc
         direct = self.engine.direct        # h2c_direct: card memory (bounds-checked views), else None
         out: list[Chain] = []
         copies = []
-        taken = 0
         try:
-            for d in descs:
-                # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
-                # with h2c_direct: the backend gets views of card memory for those)
-                total = 0
-                for a, n in d.readable:
-                    total += align64((a & 63) + n)
-                if direct is None:
-                    for _a, n in d.writable:
-                        total += align64(n)
-                if not total:
-                    s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
-                    self._staged[d.head] = s
-                    out.append(Chain(d.head, [], [direct.view(a, n) for a, n in d.writable], d.readable_len,
-                                     d.writable_len, s))
-                    taken += 1
-                    continue
-                own = None
-                off = st.ring.alloc(total)
-                if off is None and not out and self._deferred:
-                    self.flush()                         # staging held by completions still copying
-                    off = st.ring.alloc(total)
-                if off is None:
-                    if total > MAX_CHAIN_BYTES:
-                        raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
-                                         f"than the {MAX_CHAIN_BYTES} a chain may stage")
-                    extra = bool(out) and total <= st.ring.size
-                    own = st.alloc_own(total, extra)
-                    if own is None:
-                        self.counters["staging_full"] += 1
-                        break                            # no room now: the rest waits for the next batch
-                    base = own.offset
-                    self.counters["overflow" if extra else "oversize"] += 1
-                else:
-                    base = st.base + off
-                pos = base
-                readable = []
-                for a, n in d.readable:
-                    h = a & 63
-                    m = align64(h + n)
-                    copies.append((a, n, card0 + pos, view[pos:pos + m]))
-                    readable.append(view[pos + h:pos + h + n])
-                    pos += m
-                writable = []
-                wslots = []
-                for a, n in d.writable:
-                    if direct is not None:
-                        writable.append(direct.view(a, n))
-                        wslots.append((a, n, -1))
+            # Chains are taken from the ring a few at a time, so a staging area that fills up gives back
+            # at most the rest of one chunk, not all of ``limit`` walked for nothing.
+            while len(out) < limit:
+                descs = self.vring.pop_many(min(limit - len(out), POP_CHUNK))
+                if not descs:
+                    break
+                taken = 0
+                for d in descs:
+                    # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
+                    # with h2c_direct: the backend gets views of card memory for those); the layout is the
+                    # same for every chain of one shape (the policy is fixed for the queue's life)
+                    wr = d.writable if direct is None else ()
+                    shape = d.shape
+                    if shape is None:
+                        lay = _Layout(d.readable, wr)
+                    else:
+                        lay = shape.memo
+                        if lay is None:
+                            lay = shape.memo = _Layout(d.readable, wr)
+                    total = lay.total
+                    if not total:          # h2c_direct and nothing readable (or only empty buffers): no staging
+                        s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
+                        self._staged[d.head] = s
+                        out.append(Chain(d.head, [], [direct.view(a, n) if direct is not None else view[0:0]
+                                                      for a, n in d.writable],
+                                         d.readable_len, d.writable_len, s))
+                        taken += 1
                         continue
-                    writable.append(view[pos:pos + n])
-                    wslots.append((a, n, pos))
-                    pos += align64(n)
-                s = _Staged(d, base, own, wslots)
-                self._staged[d.head] = s
-                out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
-                taken += 1
-            if taken < len(descs):
-                self.vring.abandon(descs[taken:])
+                    own = None
+                    off = ring_alloc(total)
+                    if off is None and not out and self._deferred:
+                        self.flush()                         # staging held by completions still copying
+                        off = ring_alloc(total)
+                    if off is None:
+                        if total > MAX_CHAIN_BYTES:
+                            raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
+                                             f"than the {MAX_CHAIN_BYTES} a chain may stage")
+                        extra = bool(out) and total <= st.ring.size
+                        own = st.alloc_own(total, extra)
+                        if own is None:
+                            break                            # no room now: the rest waits for the next batch
+                        base = own.offset
+                        self.counters["overflow" if extra else "oversize"] += 1
+                    else:
+                        base = st.base + off
+                    readable = []
+                    for a, n, rel, h in lay.reads:
+                        pos = base + rel
+                        copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
+                        readable.append(view[pos + h:pos + h + n])
+                    if direct is None:
+                        writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
+                        wslots = lay.wslots
+                    else:
+                        writable = [direct.view(a, n) for a, n in d.writable]
+                        wslots = [(a, n, -1) for a, n in d.writable]
+                    s = _Staged(d, base, own, wslots)
+                    self._staged[d.head] = s
+                    out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
+                    taken += 1
+                if taken < len(descs):
+                    self.counters["staging_full"] += 1
+                    self.vring.abandon(descs[taken:])
+                    break
+            if not out:
+                return out
             self.engine.read_in(copies)
         except BaseException:
             for c in reversed(out):
@@ -287,17 +346,34 @@ class VopQueue(Virtqueue):
             if s.writable and s.writable[0][2] < 0:      # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
+            base = s.offset
             left = written
-            for a, n, pos in s.writable:
+            # A descriptor written whole, 64-byte aligned and a multiple of 64 long, is joined by the next one
+            # when that continues it and its rounded length fits it: the copy-out rule (spec 5.7) gives the
+            # joined piece the answer it gives each of them (DMA), and the pages of a big receive buffer leave
+            # as one piece, not 17.
+            run_a = run_k = run_room = run_pos = -1
+            joinable = False
+            for a, n, rel in s.writable:
                 if left <= 0:
                     break
                 k = n if n < left else left
-                pieces.append((a, k, n, card0 + pos, view[pos:pos + k]))
+                if joinable and a == run_a + run_room and align64(k) <= n:
+                    run_k += k
+                    run_room += n
+                else:
+                    if run_k > 0:
+                        pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
+                    run_a, run_k, run_room, run_pos = a, k, n, base + rel
+                joinable = k == n and not (a | n) & 63 and run_k == run_room
                 left -= k
+            if run_k > 0:
+                pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
             left = tail
-            for a, n, pos in reversed(s.writable):
+            for a, n, rel in reversed(s.writable):
                 if left <= 0:
                     break
+                pos = base + rel
                 k = n if n < left else left
                 skip = n - k
                 pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))

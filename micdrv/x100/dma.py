@@ -354,6 +354,7 @@ class DmaEngine:
         start = self._rr % len(chans)
         self._rr = start + 1
         total = 0
+        step = dma_desc.MAX_XFER
         for dst, src, length in copies:
             if length <= 0 or (dst | src | length) & (dma_desc.ALIGN - 1):
                 raise DmaError(f"DMA copy of {length:#x} bytes {src:#x} -> {dst:#x}",
@@ -363,17 +364,23 @@ class DmaEngine:
             total += length
         order = (chans[start:] + chans[:start])[:max(1, min(len(chans), total // max(self.spread_min, 1)))]
         load = {ch: 0 for ch in order}
-        descs: dict[DmaChannel, list[tuple[int, int]]] = {ch: [] for ch in order}
+        descs: dict[DmaChannel, list[tuple[int, int, int]]] = {ch: [] for ch in order}  # (qw0, qw1, bytes)
         for dst, src, length in copies:
             ch = order[0] if len(order) == 1 else min(order, key=load.__getitem__)
             load[ch] += length
-            descs[ch].extend(dma_desc.memcpy_desc(dst + o, src + o, n) for o, n in dma_desc.split(length))
+            # MEMCPY descriptors straight from the arithmetic, as memcpy() does: _where bounded both
+            # addresses, so they fit the descriptor fields (spec 4.3)
+            if length <= step:
+                descs[ch].append((src | (length >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst, length))
+            else:
+                descs[ch].extend((src + o | (min(step, length - o) >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst + o,
+                                  min(step, length - o)) for o in range(0, length, step))
         plan = []
         for ch in order:
             d = descs[ch]
             for i in range(0, len(d), ch.max_batch):
                 piece = d[i:i + ch.max_batch]
-                plan.append((ch, piece, sum(dma_desc.decode(q0, q1).length for q0, q1 in piece)))
+                plan.append((ch, [(q0, q1) for q0, q1, _n in piece], sum(n for _q0, _q1, n in piece)))
         c = DmaCompletion(self, tuple(dict.fromkeys(ch for ch, _d, _n in plan)), total, len(plan))
         if callback is not None:
             c.add_done_callback(callback)

@@ -37,7 +37,9 @@ receive batch with one kick.
 
 **Transmit** (section 2.6): header in its own 10-byte readable descriptor
 (ANY_LAYOUT is not offered), then the frame; one INDIRECT descriptor when
-negotiated. Buffers come from two slot pools in card memory (2 KiB and
+negotiated. Frames the receive worker sends (echo replies, ARP answers) are
+kicked once at the end of its batch, as Linux defers the kick while
+``xmit_more`` says more frames follow. Buffers come from two slot pools in card memory (2 KiB and
 64 KiB + header). Completed chains are reaped lazily on the next transmit
 with the transmit interrupt off; a sender that finds no room enables it
 and waits (``virtqueue_enable_cb_delayed``'s purpose), so a burst is
@@ -142,6 +144,7 @@ class NetDriver(VirtioDriver):
         self.tx: Virtqueue | None = None
         self._rx_bufs: list[tuple[int, int]] = []   # token -> (card address, frame offset)
         self._rx_alloc: list[tuple[int, int]] = []
+        self._rx_prepared: list = []                # token -> its chain as DriverRing.prepare built it
         self._pools: list[_SlotPool] = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -150,6 +153,7 @@ class NetDriver(VirtioDriver):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._tx_pending = 0          # chains added since the last kick
+        self._napi_ident: int | None = None   # the receive worker's thread: its transmits kick per batch
         self.c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_short", "rx_bad_header",
                                 "rx_batches", "rx_interrupts", "tx_packets", "tx_bytes", "tx_dropped",
                                 "tx_too_big", "tx_waits", "tx_interrupts", "kicks"), 0)
@@ -227,8 +231,11 @@ class NetDriver(VirtioDriver):
     def _refill(self, tokens) -> None:
         """Post receive buffers ``tokens`` and kick once (rx lock held)."""
         ring = self.rx.ring
+        prepared = self._rx_prepared
+        if not prepared:     # each buffer's chain (its indirect table) is built once, then posted as built
+            prepared.extend(ring.prepare((), self._rx_chain(addr)) for addr, _off in self._rx_bufs)
         for t in tokens:
-            ring.add((), self._rx_chain(self._rx_bufs[t][0]), t)
+            ring.add_prepared(prepared[t], t)
         if self.rx.kick():
             self.c["kicks"] += 1
 
@@ -246,6 +253,7 @@ class NetDriver(VirtioDriver):
 
     # --- receive: the NAPI worker ------------------------------------------------------------------
     def _napi(self) -> None:
+        self._napi_ident = threading.get_ident()
         try:
             self._poll_loop()
         except Exception as e:      # card memory gone (a card reset), or a bug: never a silent dead thread
@@ -269,6 +277,7 @@ class NetDriver(VirtioDriver):
                 if batch:
                     self.c["rx_batches"] += 1
                     self._receive(batch)
+                    self.flush()              # what the batch sent (echo replies, ARP answers): one kick
                     with self._rx_lock:
                         try:
                             self._refill(t for t, _n in batch)
@@ -329,8 +338,17 @@ class NetDriver(VirtioDriver):
             return False
         hdr = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else HDR.pack(0, 0, 0, 0, 0, 0)
         pool_i = 0 if flen + HDR_LEN <= SMALL_TX_SLOT else 1
+        if kick and threading.get_ident() == self._napi_ident:
+            kick = False      # a reply from the receive worker: kicked once at the end of its batch (_poll_loop)
         with self._tx_lock:
-            slot = None if self.broken is not None or self.dev is None else self._tx_slot(pool_i, wait)
+            if self.broken is not None or self.dev is None:
+                slot = None
+            else:
+                free, ring = self._pools[pool_i].free, self.tx.ring
+                if free and ring.num_free >= (1 if ring.use_indirect else 2):
+                    slot = free.pop()
+                else:
+                    slot = self._tx_slot(pool_i, wait)
             if slot is None:
                 self.c["tx_dropped"] += 1
                 return False
@@ -449,7 +467,7 @@ class NetDriver(VirtioDriver):
             dev.free(addr, size)
         for p in self._pools:
             dev.free(p.base, p.size * p.count)
-        self._rx_alloc, self._pools, self._rx_bufs = [], [], []
+        self._rx_alloc, self._pools, self._rx_bufs, self._rx_prepared = [], [], [], []
 
     def remove(self) -> None:
         """Hot remove / unbind: stop receiving, reset the device, give back every buffer."""

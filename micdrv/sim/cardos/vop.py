@@ -60,15 +60,19 @@ WAIT_SLICE = 0.1
 
 
 class RingMemory(CardMemory):
-    """Card memory whose :meth:`view` maps a range held by one backing: how the transport reaches its rings.
+    """Card memory whose :meth:`view` maps a range held by one backing: how the transport reaches its rings,
+    and drivers their buffers.
 
     A ring index is touched a few times per packet; through the card bus
     each touch is a translated, checked copy, through a view it is one
     load or store -- as a card kernel's ``ioremap`` of the vring is. The
-    views are taken while this card OS runs [choice: a card reset does not
-    revoke them, but it stops the OS's threads, whose next access to buffer
-    memory (always through the bus) raises CardOSStopped]. Buffers stay
-    on the checked bus path (:attr:`CardVop.gddr`).
+    ring views are taken while this card OS runs [choice: a card reset does
+    not revoke them, but it stops the OS's threads, whose next buffer access
+    raises CardOSStopped]. Buffers (:attr:`CardVop.gddr`) are reached the
+    same way but one short-lived view per access, each taken through
+    :meth:`CardSide.view`, which refuses once this OS stopped as every bus
+    access does: a frame is read and written in place instead of being
+    copied out of and into card memory.
     """
 
     def view(self, addr: int, n: int) -> memoryview | None:
@@ -92,7 +96,7 @@ class CardVop:
         self.dp = bootparam.addr
         self.smpt = CardMemory(self.side, regs.SYSTEM_WINDOW, regs.SYSTEM_WINDOW_END - regs.SYSTEM_WINDOW,
                                "SMPT window")
-        self.gddr = CardMemory(self.side, 0, self.side.memory_size, "GDDR")
+        self.gddr = RingMemory(self.side, 0, self.side.memory_size, "GDDR")     # drivers' buffers
         # The rings themselves (desc/avail through the SMPT, the used rings in GDDR) as mapped views.
         self.ring_smpt = RingMemory(self.side, regs.SYSTEM_WINDOW, regs.SYSTEM_WINDOW_END - regs.SYSTEM_WINDOW,
                                     "SMPT window (rings)")
