@@ -72,3 +72,22 @@ def sysctl_in(ns: str, key: str, value: str) -> None:
 def socket_in(ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
     """A socket created inside ``ns``."""
     return _in_namespace(ns, lambda: socket.socket(family, type_, proto))
+
+
+def ping_from(ns: str, dst: str, ident: int, seq: int, data: bytes, timeout: float = 30.0) -> bytes:
+    """One ICMP echo request from namespace ``ns`` to ``dst``; the reply's payload (TimeoutError: none)."""
+    import struct
+    import time
+
+    from tests import packets as P
+    with socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.settimeout(timeout)
+        s.sendto(P.icmp_echo(ident, seq, data), (dst, 0))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw, _peer = s.recvfrom(65536)
+            icmp = raw[(raw[0] & 0xF) * 4:]
+            t, _c, _sum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if t == 0 and rid == ident and rseq == seq:
+                return icmp[8:]
+    raise TimeoutError(f"no echo reply from {dst}")

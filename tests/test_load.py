@@ -23,7 +23,6 @@ import os
 import random
 import select
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -31,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import packets as P
 from tests.blk_stream import SECTOR, Writer, check_image
 from tests.daemon_harness import WAIT, Daemon, wait_for
-from tests.netns_harness import namespace, socket_in
+from tests.netns_harness import namespace, ping_from, socket_in
 
 pytestmark = pytest.mark.root
 
@@ -114,20 +112,6 @@ def udp_echo(sock: socket.socket, dst: str, data: bytes) -> bytes:
             return got
 
 
-def ping(ns: str, dst: str, ident: int, seq: int, data: bytes) -> bytes:
-    with socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-        s.settimeout(WAIT)
-        s.sendto(P.icmp_echo(ident, seq, data), (dst, 0))
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            raw, _peer = s.recvfrom(65536)
-            icmp = raw[(raw[0] & 0xF) * 4:]
-            t, _c, _sum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-            if t == 0 and rid == ident and rseq == seq:
-                return icmp[8:]
-    raise TimeoutError(f"no echo reply from {dst}")
-
-
 class Console:
     """The card's console pty (through its link), one shell command at a time."""
 
@@ -187,7 +171,7 @@ class Traffic:
                 self.counts["udp_bytes"] += len(data)
                 if i % 8 == 0:
                     payload = os.urandom(rng.choice((0, 56, 1400)))
-                    assert ping(d.ns, card_ip(d.n), 0x4C00 + d.n, (i // 8) & 0xFFFF, payload) == payload
+                    assert ping_from(d.ns, card_ip(d.n), 0x4C00 + d.n, (i // 8) & 0xFFFF, payload, WAIT) == payload
                     self.counts["ping"] += 1
                 i += 1
 

@@ -15,7 +15,6 @@ import json
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,8 @@ from pathlib import Path
 import pytest
 
 from micdrv.sim.cardos.shell_commands import pattern_bytes
-from tests import packets as P
 from tests.daemon_harness import REPO, WAIT, Daemon, _env, wait_for
-from tests.netns_harness import namespace, socket_in
+from tests.netns_harness import namespace, ping_from, socket_in
 
 pytestmark = pytest.mark.root
 
@@ -91,20 +89,6 @@ def shell(d: Daemon, line: str) -> str:
     return r["output"]
 
 
-def host_ping(ns: str, dst: str, ident: int, seq: int, data: bytes, timeout: float = WAIT) -> bytes:
-    with socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-        s.settimeout(timeout)
-        s.sendto(P.icmp_echo(ident, seq, data), (dst, 0))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            raw, peer = s.recvfrom(65536)
-            icmp = raw[(raw[0] & 0xF) * 4:]
-            t, _c, _sum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-            if t == 0 and rid == ident and rseq == seq:
-                return icmp[8:]
-    raise TimeoutError("no echo reply")
-
-
 # --- net -----------------------------------------------------------------------------------------
 def test_the_card_takes_its_address_from_the_command_line_the_daemon_wrote(daemon):
     rec = daemon.card_os()
@@ -115,7 +99,7 @@ def test_the_card_takes_its_address_from_the_command_line_the_daemon_wrote(daemo
 def test_ping_the_card_from_the_namespace_and_the_card_pings_back(daemon, ns):
     for seq, size in enumerate((0, 56, 1400, 30000), start=1):
         data = bytes(i & 0xFF for i in range(size))
-        assert host_ping(ns, CARD_IP, 0x4D49, seq, data) == data, size
+        assert ping_from(ns, CARD_IP, 0x4D49, seq, data, WAIT) == data, size
     out = shell(daemon, f"ping {HOST_IP} -c 3 -i 0.05")
     assert "3 packets transmitted, 3 received" in out, out
 
