@@ -161,6 +161,10 @@ class DriverRing:
                 last = j == total - 1
                 nxt = 0 if last else descs[j + 1]
                 self._desc.pack(DESC, descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
+        return self._post(head, token, descs, writable_len)
+
+    def _post(self, head: int, token: Any, descs: list[int], writable_len: int) -> int:
+        """Record the chain at ``head`` as outstanding and make it available to the device."""
         self._out[head] = _Outstanding(head if token is None else token, descs, writable_len)
         slot = self.avail_idx & self._mask
         self._avail.set_u16(AVAIL_RING + 2 * slot, head)
@@ -194,14 +198,7 @@ class DriverRing:
         base = head * self._indirect_entries * DESC_SIZE
         self._indirect_parts.write(base, table)
         self._desc.pack(DESC, head * DESC_SIZE, self._indirect_parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
-        self._out[head] = _Outstanding(head if token is None else token, [head], chain.writable_len)
-        slot = self.avail_idx & self._mask
-        self._avail.set_u16(AVAIL_RING + 2 * slot, head)
-        # Write barrier: the descriptors and the ring entry before avail.idx (program order on x86).
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self._avail.set_u16(AVAIL_IDX, self.avail_idx)
-        self._added += 1
-        return head
+        return self._post(head, token, [head], chain.writable_len)
 
     def kick_prepare(self) -> bool:
         """After adding: does the device want a kick? (``virtqueue_kick_prepare``, section 1.4.)"""
