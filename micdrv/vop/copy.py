@@ -72,10 +72,9 @@ from ..x100.errors import DmaError
 from .staging import align64
 
 DMA_TIMEOUT = 10.0   # the longest a batch may take before the device is declared broken
-# A batch moving less than this goes to one channel, the device's own (round robin over the devices), as
-# upstream VOP used one channel per device: every channel a batch touches costs a doorbell and a completion
-# of its own, more than a few KiB take to copy. Larger batches are spread over every channel. [choice]
-ONE_CHANNEL_BYTES = 256 << 10
+# A batch the engine would give one channel anyway (under twice its spread_min, the rule memcpy_batch
+# follows) goes to the device's own channel (round robin over the devices), as upstream VOP used one
+# channel per device; larger batches are spread by the engine. [choice]
 _devices = itertools.count()
 
 
@@ -229,7 +228,8 @@ class CopyEngine:
 
     def _dma_start(self, batch: list[tuple[int, int, int]], nbytes: int):
         try:
-            completion = self.dma.memcpy_batch(batch, channels=self.channel if nbytes < ONE_CHANNEL_BYTES else None)
+            one = nbytes < 2 * self.dma.spread_min
+            completion = self.dma.memcpy_batch(batch, channels=self.channel if one else None)
         except DmaError as e:
             raise VopCopyError(f"{self.name}: DMA of {len(batch)} copies failed: {e}") from None
         self.counters["dma_batches"] += 1
