@@ -75,7 +75,8 @@ def socket_in(ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_DG
 
 
 def ping_from(ns: str, dst: str, ident: int, seq: int, data: bytes, timeout: float = 30.0) -> bytes:
-    """One ICMP echo request from namespace ``ns`` to ``dst``; the reply's payload (TimeoutError: none)."""
+    """One ICMP echo request from namespace ``ns`` to ``dst`` (a raw socket: the sandbox has no ping binary);
+    the reply's payload (TimeoutError: none)."""
     import struct
     import time
 
@@ -85,9 +86,10 @@ def ping_from(ns: str, dst: str, ident: int, seq: int, data: bytes, timeout: flo
         s.sendto(P.icmp_echo(ident, seq, data), (dst, 0))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            raw, _peer = s.recvfrom(65536)
+            raw, peer = s.recvfrom(65536)
             icmp = raw[(raw[0] & 0xF) * 4:]
             t, _c, _sum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
             if t == 0 and rid == ident and rseq == seq:
+                assert peer[0] == dst and P.checksum(icmp) == 0   # from dst, and its checksum is right
                 return icmp[8:]
     raise TimeoutError(f"no echo reply from {dst}")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-import struct
-import time
 
 import pytest
 
@@ -25,7 +23,7 @@ from micdrv.virtio import net as N
 from micdrv.virtio.device import VIRTIO_ID_NET
 from tests import packets as P
 from tests.card_kernel import BootedCard, wait_for
-from tests.netns_harness import namespace, socket_in
+from tests.netns_harness import namespace, ping_from, socket_in
 
 pytestmark = pytest.mark.root
 
@@ -77,23 +75,6 @@ def card(ns):
     c.close()
 
 
-def host_ping(ns: str, dst: str, ident: int, seq: int, data: bytes, timeout: float = WAIT) -> P.Frame:
-    """An ICMP echo from inside the namespace (a raw socket: the sandbox has no ping binary)."""
-    with socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-        s.settimeout(timeout)
-        s.sendto(P.icmp_echo(ident, seq, data), (dst, 0))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            raw, peer = s.recvfrom(65536)
-            ihl = (raw[0] & 0xF) * 4
-            icmp = raw[ihl:]
-            t, _c, _sum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-            if t == 0 and rid == ident and rseq == seq:
-                assert peer[0] == dst and P.checksum(icmp) == 0   # the card's checksum is right
-                return icmp[8:]
-        raise TimeoutError("no echo reply")
-
-
 # --- the interface -------------------------------------------------------------------------------
 
 def test_eth0_takes_the_hosts_mac_offloads_and_big_buffers(card):
@@ -119,7 +100,7 @@ def test_eth0_takes_the_hosts_mac_offloads_and_big_buffers(card):
 def test_the_card_answers_a_ping_from_the_namespace(card):
     for seq, size in enumerate((0, 56, 1400, 20000), start=1):
         data = os.urandom(size)
-        assert host_ping(card.ns, CARD_IP, 0x1234, seq, data) == data
+        assert ping_from(card.ns, CARD_IP, 0x1234, seq, data, timeout=WAIT) == data
     wait_for(lambda: card.c.drivers.stack.c["echo_replied"] >= 4, "the card to count its replies")
     # The host's ARP request was answered and its sender learnt: the card knows the host's MAC.
     host_mac = link.state(card.backend.tap.name, card.ns).mac
@@ -235,7 +216,7 @@ def test_the_address_comes_from_the_mpss_command_line(ns):
     try:
         assert c.c.drivers.stack.config.source == "ifcfg"
         data = os.urandom(100)
-        assert host_ping(ns, "172.31.5.1", 7, 1, data) == data
+        assert ping_from(ns, "172.31.5.1", 7, 1, data, timeout=WAIT) == data
         assert "1 received" in c.sh("ping 172.31.5.254 -c 1")
     finally:
         c.close()
@@ -261,7 +242,7 @@ def test_a_card_that_declines_the_offloads_verifies_checksums_and_uses_small_buf
             assert st["csum_offloaded"] == 0 and st["udp_in"] == 2   # full sums, verified by the card
             s.sendto(os.urandom(1473), ("172.31.6.1", 7))            # fragmented at MTU 1500: dropped
             wait_for(lambda: st["ip_frag"] >= 1, "the fragments to be dropped")
-        assert host_ping(ns, "172.31.6.1", 9, 1, b"x" * 1000) == b"x" * 1000
+        assert ping_from(ns, "172.31.6.1", 9, 1, b"x" * 1000, timeout=WAIT) == b"x" * 1000
     finally:
         c.close()
 
@@ -275,7 +256,7 @@ def test_hot_remove_of_eth0_detaches_the_stack(ns):
         assert "ENETDOWN" in c.sh(f"udp send {HOST_IP} 9 100 100")
         c.dev = c.c.bus.add(c.backend)                   # plugged in again: eth0 again, traffic again
         assert c.c.drivers.netdevs[0].ifname == "eth0"
-        assert host_ping(ns, CARD_IP, 3, 1, b"back") == b"back"
+        assert ping_from(ns, CARD_IP, 3, 1, b"back", timeout=WAIT) == b"back"
     finally:
         c.close()
 

@@ -13,6 +13,7 @@ goes on serving the others.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,27 @@ import pytest
 
 from tests.daemon_harness import REPO, WAIT, Daemon, _env, wait_for
 from tests.vop_card_drivers import pattern
+
+
+@contextlib.contextmanager
+def scripted_card_drivers(placement: Path | None):
+    """Daemons started inside get a simulator with the scripted card drivers (tests.vop_card_drivers),
+    their buffer placement from ``placement`` (None: the defaults); the environment is restored after."""
+    keys = ("MICDRV_SIM_IMPORT", "VOPTEST_CONFIG")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["MICDRV_SIM_IMPORT"] = "tests.vop_card_drivers"
+    if placement is None:
+        os.environ.pop("VOPTEST_CONFIG", None)
+    else:
+        os.environ["VOPTEST_CONFIG"] = str(placement)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +69,8 @@ path = "{img}"
 serial = "daemon-disk0"
 [[card.mic0.console]]
 """
-    saved = {k: os.environ.get(k) for k in ("MICDRV_SIM_IMPORT", "VOPTEST_CONFIG")}
-    os.environ["MICDRV_SIM_IMPORT"] = "tests.vop_card_drivers"
-    os.environ["VOPTEST_CONFIG"] = str(cfg)
-    try:
+    with scripted_card_drivers(cfg):
         d = Daemon(base / "run", "mic0", config)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     d.base, d.img = base, img
     yield d
     rc = d.stop()
@@ -207,10 +220,7 @@ def test_vop_copy_h2c_direct_in_the_configuration_reaches_the_copy_engine(tmp_pa
     img = base / "disk0.img"
     data = os.urandom(1 << 20)
     img.write_bytes(data)
-    saved = {k: os.environ.get(k) for k in ("MICDRV_SIM_IMPORT", "VOPTEST_CONFIG")}
-    os.environ["MICDRV_SIM_IMPORT"] = "tests.vop_card_drivers"
-    os.environ.pop("VOPTEST_CONFIG", None)
-    try:
+    with scripted_card_drivers(None):
         d = Daemon(base / "run", "mic0", f"""
 [card.mic0]
 cmdline = "micdrv_sim.heartbeat=0.5"
@@ -220,12 +230,6 @@ vop_copy = "h2c-direct"
 path = "{img}"
 serial = "direct-disk"
 """)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         d.ok("boot", "--wait", "mic0")
         wait_for(lambda: all(x["state"] == "active" for x in devices(d)), "the disk active")
