@@ -294,18 +294,21 @@ def test_a_write_and_a_read_bigger_than_card_memory_wait_for_room_instead_of_fai
         be.close()
 
 
-def test_read_stream_hands_each_request_over_in_order_through_reused_buffers(card, tmp_path):
+def test_read_stream_hands_each_request_over_in_order_and_gives_its_memory_back(card, tmp_path):
     data = os.urandom(5 * MiB + 3 * 512)
     path = make_image(tmp_path / "a.img", 0, data + bytes(MiB))
     _dev, disk = attach(card, path)
-    seen, ids = [], set()
+    seen, held = [], []
+    heap = card.bus.arena
 
     def consume(view):
         seen.append(bytes(view))
-        ids.add(id(view.obj))
+        held.append(heap.free_bytes)
+    free = heap.free_bytes
     disk.read_stream(0, len(data) // 512, consume, window=2)
     assert b"".join(seen) == data and [len(x) for x in seen] == [MiB] * 5 + [1536]
-    assert len(ids) <= 3 and not disk._inflight        # two in flight at a time: their buffers come back
+    assert not disk._inflight and heap.free_bytes == free     # every request's memory came back
+    assert min(held) >= free - 2 * (MiB + 4096)             # two in flight at a time, no more
     h = hashlib.sha256()
     disk.read_stream(3, 4096, h.update)
     assert h.hexdigest() == hashlib.sha256(data[1536:1536 + 4096 * 512]).hexdigest()
@@ -337,6 +340,10 @@ def test_read_stream_reads_in_place_and_discards_without_consumer(card, tmp_path
     reads = disk.c["reads"]
     disk.read_stream(0, len(data) // 512)                     # no consumer: read and discarded
     assert disk.c["reads"] == reads + 4 and disk.c["read_bytes"] == 2 * len(data)
+    free = card.bus.arena.free_bytes
+    with pytest.raises(BlkError) as e:                          # the device refuses the request past the end
+        disk.read_stream(len(data) // 512 - 4, 8 * 2048, consume, window=4, check=False)
+    assert e.value.errno == errno.EIO and card.bus.arena.free_bytes == free and not disk._inflight
     out = sh(card, f"blk read -n vda 0 {len(data) // 512}")
     assert f"read {len(data) // 512} sectors at 0 of vda ({len(data)} bytes), discarded" in out
     out = sh(card, f"blk read vda 1 {len(data) // 512 - 1}")
