@@ -17,7 +17,8 @@ request's pattern straight into the request's card memory, the buffer the
 device's DMA reads (``dd if=/dev/zero of=/dev/vda oflag=direct``); ``blk
 read`` hashes each request's data where the device's DMA put it, and ``blk
 read -n`` discards it unread (``dd if=/dev/vda of=/dev/null iflag=direct``).
-No command builds its whole range in one buffer.
+Neither builds its whole range in one buffer (``blk verify`` and ``blk read
+-x`` still do: they compare or print it).
 """
 
 from __future__ import annotations
