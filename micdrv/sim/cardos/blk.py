@@ -500,8 +500,11 @@ class BlkDriver(VirtioDriver):
         except BaseException:
             self._wait_all(list(pending), quiet=True)   # nothing left in flight on card memory we give back
             for r in pending:
-                if r.finished:            # one still in flight (timed out) may write its memory yet: kept
-                    self.release(r)
+                with self._room:
+                    if not r.finished:    # still in flight (timed out): its completion gives the memory back
+                        r.keep = False
+                        continue
+                self.release(r)
             raise
 
     def _consume(self, req: Request, consume) -> None:
