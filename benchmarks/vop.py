@@ -30,12 +30,23 @@ Figures (value; limit measured in the same run):
   the very same sender/receiver and window against a Python UDP echo
   responder (a process) in namespace B across a veth pair with the tap's
   MTU.
-* **blk_seq_write_card / blk_seq_read_card** -- the card's ``blk write`` /
-  ``blk read`` of ``--blk-bytes`` (commands of at most :data:`BLK_COMMAND`
-  bytes; the card's driver issues 1 MiB requests, all of a command in
-  flight; ``blk read`` also hashes what it read), timed from this process
-  around the shell commands. Limit: ``pwritev`` / ``preadv`` of the same
-  bytes of the image file in 1 MiB requests.
+* **blk_seq_write_card / blk_seq_read_card** -- the card's shell command
+  over the first ``--blk-bytes`` of the disk (one command; at most
+  :data:`BLK_COMMAND` bytes each), timed from this process around it:
+  ``blk write vda 0 0xHH N`` (a new HH each run) fills each 1 MiB
+  request's card memory in place with HH and writes it, as ``dd
+  if=/dev/zero of=/dev/vda bs=1M oflag=direct`` would; ``blk read -n vda 0
+  N`` reads 1 MiB requests into card memory and discards them unread, as
+  ``dd if=/dev/vda of=/dev/null bs=1M iflag=direct`` would. The card's
+  driver keeps :data:`~micdrv.sim.cardos.blk.STREAM_WINDOW` (16) requests
+  in flight. Checked after each run, untimed: the image file holds HH over
+  the range (write); a hashing ``blk read vda 0 N`` gives the sha256 of
+  the image file's bytes there, which the host put there fresh from
+  ``os.urandom`` before the run (read). One untimed write and read of the
+  range go first (the first touch of card memory and of the daemon's
+  staging costs ten times a warm run). Limit: ``pwritev`` / ``preadv`` of
+  the same bytes of the image file in 1 MiB requests, one at a time, from
+  one reused buffer.
 * **blk_rand4k_qd32_read_card** -- the card's ``blk randread vda COUNT 32``:
   4 KiB reads at random aligned offsets, 32 in flight, timed on the card
   (IOPS). Limit: ``preadv`` of 4 KiB at the same offsets of the image file,
@@ -59,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -81,7 +93,7 @@ VETH_A, VETH_B = "172.31.2.254", "172.31.2.1"            # the limit's two ends
 MTU = 64512                                              # the tap's MTU (MPSS), and so the veth's
 ECHO_PORT = 7                                            # RFC 862, the card's UdpEcho
 IMAGE_BYTES = 128 * MiB
-BLK_COMMAND = 16 * MiB     # bytes per blk write/read command (the card heap limits one command's size)
+BLK_COMMAND = IMAGE_BYTES  # bytes per blk write/read command at most: one command per measurement, as one dd is
 LOSS_TIMEOUT = 0.5         # seconds after which a datagram not echoed is lost
 CHECK_EVERY = 16           # every Nth echo compared byte for byte
 SEQ = struct.Struct("<Q")  # each datagram starts with its sequence number
@@ -353,6 +365,8 @@ class Measure:
         self.blk_bytes, self.rand_count = blk_bytes, rand_count
         self.cpu: dict[str, list[float]] = {}      # figure -> [daemon CPU s, bytes through VOP, operations]
         self.echo_stats: dict[str, dict] = {}
+        self.blk_runs = 0                          # card write runs so far: each writes a byte of its own
+        self.blk_fresh = False                     # the blk range holds random bytes the card has not written
 
     def _daemon_cpu(self, figure: str, fn):
         pid = self.rig.daemon.pid
@@ -380,19 +394,70 @@ class Measure:
         return self._echo(f"veth {size}", self.rig.to_veth, size)[0]
 
     # --- blk ---------------------------------------------------------------------------------------
+    def _blk_commands(self):
+        for off in range(0, self.blk_bytes, BLK_COMMAND):
+            yield off // 512, min(BLK_COMMAND, self.blk_bytes - off) // 512
+
+    def blk_warm(self) -> None:
+        """One untimed write and read of the range first: the first touch of the card memory the requests
+        use and of the daemon's staging costs ten times a warm run (page faults), once."""
+        for s, n in self._blk_commands():
+            self.rig.shell(f"blk write vda {s} 0x00 {n}")
+            self.rig.shell(f"blk read -n vda {s} {n}")
+
     def blk_card(self, write: bool) -> float:
+        """The timed commands (module docstring), then their untimed check."""
+        if write:
+            self.blk_runs += 1
+            byte = 0x5a + self.blk_runs % 64        # never the limit's 0xa5: every run writes what it checks
+            self.blk_fresh = False
+        elif not self.blk_fresh:
+            self._blk_randomize()
+        lines = [f"blk write vda {s} {byte:#04x} {n}" if write else f"blk read -n vda {s} {n}"
+                 for s, n in self._blk_commands()]
+
         def run():
             t0 = now()
-            for off in range(0, self.blk_bytes, BLK_COMMAND):
-                n = min(BLK_COMMAND, self.blk_bytes - off) // 512
-                self.rig.shell(f"blk write vda {off // 512} 0x5a {n}" if write else f"blk read vda {off // 512} {n}")
+            for line in lines:
+                self.rig.shell(line)
             return self.blk_bytes / (now() - t0), self.blk_bytes, self.blk_bytes // MiB
-        return self._daemon_cpu(f"blk_seq_{'write' if write else 'read'}_card", run)
+        rate = self._daemon_cpu(f"blk_seq_{'write' if write else 'read'}_card", run)
+        if write:
+            self._blk_check_written(byte)
+        else:
+            self._blk_check_read()
+        return rate
+
+    def _blk_randomize(self) -> None:
+        """Fresh random bytes over the range, written by the host (the image is the daemon's too: its page
+        cache is the one the daemon reads)."""
+        with open(self.rig.image, "r+b") as f:
+            for off in range(0, self.blk_bytes, MiB):
+                f.write(os.urandom(MiB))
+        self.blk_fresh = True
+
+    def _blk_check_written(self, byte: int) -> None:
+        want = bytes([byte]) * MiB
+        with open(self.rig.image, "rb") as f:
+            for off in range(0, self.blk_bytes, MiB):
+                if f.read(MiB) != want:
+                    raise RuntimeError(f"blk write {byte:#04x}: the image does not hold it at {off:#x}")
+
+    def _blk_check_read(self) -> None:
+        with open(self.rig.image, "rb") as f:
+            for s, n in self._blk_commands():
+                f.seek(s * 512)
+                want = hashlib.sha256(f.read(n * 512)).hexdigest()
+                got = self.rig.shell(f"blk read vda {s} {n}").split()
+                if not got or got[0] != want:
+                    raise RuntimeError(f"blk read vda {s} {n}: sha256 {got[:1]}, the image's is {want}")
 
     def blk_host(self, write: bool) -> float:
         fd = os.open(self.rig.image, os.O_RDWR)
         try:
-            buf = memoryview(bytearray(MiB) if not write else bytearray(b"\x5a" * MiB))
+            buf = memoryview(bytearray(MiB) if not write else bytearray(b"\xa5" * MiB))
+            if write:
+                self.blk_fresh = False
             t0 = now()
             for off in range(0, self.blk_bytes, MiB):
                 (os.pwritev if write else os.preadv)(fd, [buf], off)
@@ -469,6 +534,7 @@ def main() -> int:
                     print(f"  {key + ' B echo':22s} sent {s['sent']}, echoed {s['echoed']}, lost {s['lost']}, "
                           f"late {s['late']}, refused {s['refused']}, compared {s['checked']}, wrong {s['bad']}",
                           flush=True)
+        m.blk_warm()
         for write in (True, False):
             v, lim = best(args.rounds, lambda: m.blk_card(write), lambda: m.blk_host(write))
             report(f"blk_seq_{'write' if write else 'read'}_card", v, lim, "MB/s", 1e6,

@@ -19,7 +19,7 @@ import pytest
 
 from backends.blk import BlkBackend
 from micdrv.sim.cardos.blk import BlkDriver, BlkError
-from micdrv.sim.cardos.shell_commands import pattern_bytes
+from micdrv.sim.cardos.shell_commands import fill_pattern, pattern_bytes
 from micdrv.virtio import blk as B
 from tests.card_kernel import BootedCard, wait_for
 
@@ -294,18 +294,21 @@ def test_a_write_and_a_read_bigger_than_card_memory_wait_for_room_instead_of_fai
         be.close()
 
 
-def test_read_stream_hands_each_request_over_in_order_through_reused_buffers(card, tmp_path):
+def test_read_stream_hands_each_request_over_in_order_and_gives_its_memory_back(card, tmp_path):
     data = os.urandom(5 * MiB + 3 * 512)
     path = make_image(tmp_path / "a.img", 0, data + bytes(MiB))
     _dev, disk = attach(card, path)
-    seen, ids = [], set()
+    seen, held = [], []
+    heap = card.bus.arena
 
     def consume(view):
         seen.append(bytes(view))
-        ids.add(id(view.obj))
+        held.append(heap.free_bytes)
+    free = heap.free_bytes
     disk.read_stream(0, len(data) // 512, consume, window=2)
     assert b"".join(seen) == data and [len(x) for x in seen] == [MiB] * 5 + [1536]
-    assert len(ids) <= 3 and not disk._inflight        # two in flight at a time: their buffers come back
+    assert not disk._inflight and heap.free_bytes == free     # every request's memory came back
+    assert min(held) >= free - 2 * (MiB + 4096)             # two in flight at a time, no more
     h = hashlib.sha256()
     disk.read_stream(3, 4096, h.update)
     assert h.hexdigest() == hashlib.sha256(data[1536:1536 + 4096 * 512]).hexdigest()
@@ -318,3 +321,98 @@ def test_read_stream_hands_each_request_over_in_order_through_reused_buffers(car
     with pytest.raises(RuntimeError):
         disk.read_stream(0, 8192, fail)
     assert not disk._inflight and disk.broken is None          # nothing left running on a pooled buffer
+
+
+def test_read_stream_reads_in_place_and_discards_without_consumer(card, tmp_path):
+    # mapped card memory (as over VOP): the consumer gets views of each request's own card memory, where the
+    # device put the data -- nothing copied, no buffer of the driver's own
+    data = os.urandom(3 * MiB + 512)
+    path = make_image(tmp_path / "a.img", 0, data + bytes(MiB))
+    dev, disk = attach(card, path)
+    heap = dev.memory
+    seen = []
+
+    def consume(view):
+        assert view.obj is heap.view(0, 1).obj                 # card memory itself
+        seen.append(bytes(view))
+    disk.read_stream(0, len(data) // 512, consume, window=3)
+    assert b"".join(seen) == data and not disk._pool and not disk._inflight
+    reads = disk.c["reads"]
+    disk.read_stream(0, len(data) // 512)                     # no consumer: read and discarded
+    assert disk.c["reads"] == reads + 4 and disk.c["read_bytes"] == 2 * len(data)
+    free = card.bus.arena.free_bytes
+    with pytest.raises(BlkError) as e:                          # the device refuses the request past the end
+        disk.read_stream(len(data) // 512 - 4, 8 * 2048, consume, window=4, check=False)
+    assert e.value.errno == errno.EIO and card.bus.arena.free_bytes == free and not disk._inflight
+    out = sh(card, f"blk read -n vda 0 {len(data) // 512}")
+    assert f"read {len(data) // 512} sectors at 0 of vda ({len(data)} bytes), discarded" in out
+    out = sh(card, f"blk read vda 1 {len(data) // 512 - 1}")
+    assert out.startswith(hashlib.sha256(data[512:]).hexdigest())
+
+
+def test_without_views_of_card_memory_streams_copy_once_through_reused_buffers(tmp_path):
+    c = BootedCard(mapped=False)
+    be = BlkBackend.open(make_image(tmp_path / "a.img", 0, os.urandom(4 * MiB)))
+    try:
+        disk = c.bus.add(be).driver
+        data = file_bytes(be.image.path, 0, 4 * MiB)
+        seen = []
+        disk.read_stream(0, 8192, lambda v: seen.append(bytes(v)), window=2)
+        assert b"".join(seen) == data and 1 <= len(disk._pool) <= 3
+        assert "wrote 3000 sectors at 5 of vda" in c.drivers.run("blk write vda 5 unmapped 3000")[1]
+        assert file_bytes(be.image.path, 5 * 512, 3000 * 512) == pattern_bytes("unmapped", 5, 3000)
+        assert "OK" in c.drivers.run("blk verify vda 5 unmapped 3000")[1]
+    finally:
+        c.close()
+        be.close()
+
+
+def test_write_stream_generates_each_request_in_its_card_memory(card, tmp_path):
+    path = make_image(tmp_path / "a.img", 0, bytes(8 * MiB))
+    dev, disk = attach(card, path)
+    calls = []
+
+    def fill(view, sector):
+        calls.append((sector, len(view)))
+        view[:] = pattern_bytes("stream", sector, len(view) // 512)
+    disk.write_stream(3, 5000, fill, window=2)
+    assert calls == [(3, MiB), (2051, MiB), (4099, 904 * 512)]
+    assert file_bytes(path, 3 * 512, 5000 * 512) == pattern_bytes("stream", 3, 5000)
+    assert disk.c["writes"] == 3 and not disk._inflight and not disk._pool
+    out = sh(card, "blk write vda 16 0xc3 4096")                # a byte pattern: memset in place
+    assert "wrote 4096 sectors at 16 of vda (2097152 bytes)" in out
+    assert file_bytes(path, 16 * 512, 2 * MiB) == b"\xc3" * (2 * MiB)
+    assert file_bytes(path, 15 * 512, 512) == pattern_bytes("stream", 15, 1)   # neighbours untouched
+    assert "0xzz: not a byte" in sh(card, "blk write vda 0 0xzz 1") and file_bytes(path, 0, 512) == bytes(512)
+
+    def fail(view, sector):
+        if sector > 3000:
+            raise RuntimeError("producer failed")
+        view[:] = b"\x11" * len(view)
+    with pytest.raises(RuntimeError):
+        disk.write_stream(0, 8192, fail, window=4)
+    assert not disk._inflight and disk.broken is None and dev.memory is not None
+    assert file_bytes(path, 0, 3 * MiB)[:2 * MiB] == b"\x11" * (2 * MiB)   # what was submitted landed
+    ro_dev, ro = attach(card, make_image(tmp_path / "ro.img", MiB), readonly=True)
+    with pytest.raises(BlkError) as e:
+        ro.write_stream(0, 1, fill)
+    assert e.value.errno == errno.EROFS
+
+
+def test_streams_bigger_than_card_memory_take_turns_with_their_own_requests(tmp_path):
+    # 4 MiB of transport memory: a window of 16 MiB of requests cannot all hold memory; a read stream must
+    # consume the requests it holds (done, not yet consumed) before it can submit more, never fail for it
+    c = BootedCard(bus_size=4 * MiB)
+    data = os.urandom(12 * MiB)
+    be = BlkBackend.open(make_image(tmp_path / "a.img", 0, data))
+    try:
+        disk = c.bus.add(be).driver
+        h = hashlib.sha256()
+        disk.read_stream(0, len(data) // 512, h.update, window=16)
+        assert h.digest() == hashlib.sha256(data).digest() and not disk._inflight
+        disk.write_stream(0, len(data) // 512, lambda v, s: fill_pattern(v, "0x77", s), window=16)
+        assert file_bytes(be.image.path, 0, len(data)) == b"\x77" * len(data)
+        assert disk.c["errors"] == 0
+    finally:
+        c.close()
+        be.close()

@@ -23,7 +23,11 @@ What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
   is ignored, as Linux does (section 3.4). An IN request's data is copied
   once, from the request's card memory straight into the caller's buffer
   (``into``; else a new ``bytearray``) -- the block layer's one copy to the
-  reader -- and the card memory is given back at once.
+  reader -- and the card memory is given back at once; or, for a request
+  submitted with ``keep`` (:meth:`BlkDriver.read_stream`), not copied at
+  all: the caller reads it where the device put it and gives the memory
+  back (:meth:`BlkDriver.release`), as an ``O_DIRECT`` reader's buffer is
+  the DMA target itself.
 * **Card memory** for a request comes from the kernel heap; when the heap
   has no room, :meth:`BlkDriver.submit` waits for this disk's requests in
   flight to give some back (at most :data:`REQUEST_TIMEOUT`), as it waits
@@ -44,9 +48,12 @@ What Linux v5.x ``drivers/block/virtio_blk.c`` does, minus the block layer:
 
 The API is synchronous for the shell (:meth:`read`, :meth:`write`,
 :meth:`flush`, :meth:`get_id`); :meth:`read_stream` hands each request's
-data to a consumer in order (a hash, say) through a few reused buffers;
-:meth:`submit` and :meth:`Request.wait` keep several requests in flight (the
-benchmarks' queue depth).
+data to a consumer in order (a hash, say; or nobody: ``dd of=/dev/null``)
+in place, in the request's own card memory, and :meth:`write_stream` has a
+producer fill each request's card memory in place (``dd if=/dev/zero``),
+both keeping a window of requests in flight; :meth:`submit` and
+:meth:`Request.wait` keep several requests in flight (the benchmarks' queue
+depth).
 """
 
 from __future__ import annotations
@@ -74,7 +81,9 @@ MAX_REQUEST = 1 << 20          # bytes per request: Linux's default max_sectors_
 DATA_OFFSET = 64               # header at 0, status at 16, data from here (cache aligned)
 REMOVE_WAIT = 5.0              # seconds in-flight requests get to finish on hot remove
 REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
-STREAM_WINDOW = 8              # requests read_stream keeps in flight (8 MiB of buffers at 1 MiB requests)
+# Requests read_stream / write_stream keep in flight: 16 MiB of card memory at 1 MiB [choice: the VOP host
+# serves batches of up to 8 MiB (its staging), 16 keep the next batch queued meanwhile]
+STREAM_WINDOW = 16
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
@@ -84,11 +93,23 @@ TYPE_NAMES = {B.VIRTIO_BLK_T_IN: "read", B.VIRTIO_BLK_T_OUT: "write", B.VIRTIO_B
 _CFG = struct.Struct("<QII4xI")   # capacity @0, size_max @8, seg_max @12, blk_size @20 (section 3.2)
 
 
+def _release_view(v: memoryview) -> None:
+    """Let go of a view of card memory; one the consumer kept an export of is left to the collector."""
+    try:
+        v.release()
+    except BufferError:
+        pass
+
+
 class BlkError(OSError):
     """A request that failed: ``errno`` says how (EIO, EOPNOTSUPP, ENODEV, EROFS, EINVAL)."""
 
     def __init__(self, code: int, message: str):
         super().__init__(code, message)
+
+
+class HeapFull(BlkError):
+    """No card memory for a request now (ENOMEM), from :meth:`BlkDriver.submit` told not to wait for it."""
 
 
 def human_size(nbytes: int) -> str:
@@ -111,14 +132,18 @@ class Request:
     """
 
     __slots__ = ("type", "sector", "nbytes", "addr", "size", "status", "error", "data", "into", "_done",
-                 "finished")
+                 "finished", "dev", "keep", "held")
 
-    def __init__(self, type_: int, sector: int, nbytes: int, addr: int, size: int, into: memoryview | None = None):
+    def __init__(self, type_: int, sector: int, nbytes: int, addr: int, size: int, into: memoryview | None = None,
+                 dev: VirtioDevice | None = None, keep: bool = False):
         self.type, self.sector, self.nbytes, self.addr, self.size = type_, sector, nbytes, addr, size
         self.status: int | None = None
         self.error: BlkError | None = None
         self.data: bytearray | memoryview | None = None
         self.into = into              # where an IN request's data goes (None: a bytearray of its own)
+        self.dev = dev                # the device whose card memory it holds
+        self.keep = keep              # IN: the data stays in the request's card memory for the caller
+        self.held = False             # ... and it does: completed OK, card memory not yet given back
         self.finished = False
         self._done = threading.Lock()
         self._done.acquire()
@@ -211,16 +236,26 @@ class BlkDriver(VirtioDriver):
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, type_: int, sector: int = 0, data: bytes | memoryview | None = None,
-               nbytes: int = 0, into=None) -> Request:
-        """Queue one request (IN: ``nbytes`` to read, into the writable buffer ``into`` if given; OUT:
-        ``data``); returns with a :class:`Request` once it is on the ring (after waiting for ring or heap
-        room, if there was none)."""
+               nbytes: int = 0, into=None, fill=None, keep: bool = False, wait_heap: bool = True) -> Request:
+        """Queue one request; returns with a :class:`Request` once it is on the ring (after waiting for ring
+        or heap room, if there was none).
+
+        IN: ``nbytes`` to read -- into the writable buffer ``into`` if given; with ``keep``, left in the
+        request's card memory (:meth:`data_view`, then :meth:`release`). OUT: ``data``, or ``nbytes``
+        that ``fill(view)`` writes straight into the request's card memory (nothing copied after).
+        ``wait_heap=False``: with no heap room, :class:`HeapFull` at once (for a caller holding memory of
+        its own that it must give back first), where otherwise the requests in flight are waited for."""
         if into is not None:
             into = memoryview(into).cast("B")
-            if type_ != B.VIRTIO_BLK_T_IN or len(into) != nbytes:
+            if type_ != B.VIRTIO_BLK_T_IN or len(into) != nbytes or keep:
                 raise ValueError(f"{self.disk}: 'into' is for IN requests, exactly nbytes ({nbytes}) long")
+        if keep and type_ != B.VIRTIO_BLK_T_IN:
+            raise ValueError(f"{self.disk}: 'keep' is for IN requests")
+        if fill is not None and (type_ != B.VIRTIO_BLK_T_OUT or data is not None):
+            raise ValueError(f"{self.disk}: 'fill' is for OUT requests without 'data'")
         if type_ == B.VIRTIO_BLK_T_OUT:
-            nbytes = len(data)
+            if fill is None:
+                nbytes = len(data)
         elif type_ == B.VIRTIO_BLK_T_GET_ID:
             nbytes = B.VIRTIO_BLK_ID_BYTES
         elif type_ != B.VIRTIO_BLK_T_IN:
@@ -233,12 +268,18 @@ class BlkDriver(VirtioDriver):
         if dev is None or self.removing:
             raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
         size = DATA_OFFSET + nbytes
-        addr = self._alloc(dev, size)
-        req = Request(type_, sector, nbytes, addr, size, into)
+        addr = self._alloc(dev, size, wait_heap)
+        req = Request(type_, sector, nbytes, addr, size, into, dev, keep)
         mem = dev.memory
-        mem.write(addr, B.OUTHDR.pack(type_, 0, sector) + b"\xff")   # status 0xff until the device writes it
-        if data is not None:
-            mem.write(addr + DATA_OFFSET, data)
+        try:
+            mem.write(addr, B.OUTHDR.pack(type_, 0, sector) + b"\xff")   # status 0xff until the device writes it
+            if data is not None:
+                mem.write(addr + DATA_OFFSET, data)
+            elif fill is not None and nbytes:
+                self._fill(mem, addr + DATA_OFFSET, nbytes, fill)
+        except BaseException:
+            dev.free(addr, size)
+            raise
         segs = [(addr + DATA_OFFSET + o, min(self.seg_size, nbytes - o)) for o in range(0, nbytes, self.seg_size)]
         out, in_ = [(addr, B.OUTHDR_SIZE)], [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]
         if type_ == B.VIRTIO_BLK_T_OUT:
@@ -269,12 +310,31 @@ class BlkDriver(VirtioDriver):
                 self.c["kicks"] += 1
         return req
 
-    def _alloc(self, dev: VirtioDevice, size: int) -> int:
+    def _fill(self, mem, addr: int, nbytes: int, fill) -> None:
+        """``fill(view)`` on the card memory at ``addr`` itself; where the transport gives no view of it, on a
+        buffer then copied there."""
+        v = mem.view(addr, nbytes)
+        if v is None:
+            buf = self._take_buffer(self.max_request)
+            try:
+                mv = memoryview(buf)[:nbytes]
+                fill(mv)
+                mem.write(addr, mv)
+            finally:
+                self._give_buffer(buf)
+            return
+        try:
+            fill(v)
+        finally:
+            _release_view(v)
+
+    def _alloc(self, dev: VirtioDevice, size: int, wait: bool = True) -> int:
         """Card memory for a request; without room, wait for our requests in flight to give some back."""
         try:
             return dev.alloc(size, 64)
-        except MemoryError:
-            pass
+        except MemoryError as e:
+            if not wait:
+                raise HeapFull(errno.ENOMEM, f"{self.disk}: {e}") from None
         deadline = time.monotonic() + REQUEST_TIMEOUT
         with self._room:
             while True:
@@ -320,7 +380,9 @@ class BlkDriver(VirtioDriver):
         req.status = st
         what = TYPE_NAMES.get(req.type, str(req.type))
         if st == B.VIRTIO_BLK_S_OK:
-            if req.type in (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_GET_ID):
+            if req.keep:
+                req.held = True       # the caller reads it in place, then gives the memory back
+            elif req.type in (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_GET_ID):
                 dst = req.into if req.into is not None else bytearray(req.nbytes)
                 mem.read_into(req.addr + DATA_OFFSET, dst)
                 req.data = dst
@@ -342,9 +404,27 @@ class BlkDriver(VirtioDriver):
     def _finish(self, req: Request, error: BlkError | None = None) -> None:
         if error is not None:
             req.error = error
+            req.held = False
         self._inflight.discard(req)
-        self.dev.free(req.addr, req.size)
+        if not req.held:
+            self.dev.free(req.addr, req.size)
         req.finish()
+
+    def data_view(self, req: Request) -> memoryview | None:
+        """A completed ``keep`` request's data where the device put it (its card memory), or None where the
+        transport gives no view of card memory. Valid until :meth:`release`."""
+        if not req.held:
+            raise ValueError(f"{self.disk}: the request holds no data")
+        return req.dev.memory.view(req.addr + DATA_OFFSET, req.nbytes)
+
+    def release(self, req: Request) -> None:
+        """Give back the card memory of a completed ``keep`` request (no-op for any other). Idempotent."""
+        with self._room:
+            if not req.held:
+                return
+            req.held = False
+            req.dev.free(req.addr, req.size)
+            self._room.notify_all()
 
     # --- the synchronous API ---------------------------------------------------------------------
     def _check_range(self, sector: int, count: int) -> None:
@@ -377,46 +457,99 @@ class BlkDriver(VirtioDriver):
             raise
         self._wait_all(reqs)
 
-    def read_stream(self, sector: int, count: int, consume, window: int = STREAM_WINDOW,
+    def read_stream(self, sector: int, count: int, consume=None, window: int = STREAM_WINDOW,
                     check: bool = True) -> None:
-        """Read ``count`` sectors from ``sector`` as ``dd bs=max_request`` into a pipe would: ``consume(view)``
-        gets each request's data in order while up to ``window`` requests stay in flight, each into a
-        buffer of its own that is used again (from a pool kept warm across calls) -- no buffer the size
-        of the whole read, whose first touch costs more than the transfer. The view is valid only
-        during the call. The first error stops submission; those in flight are waited for, then raised."""
+        """Read ``count`` sectors from ``sector`` as ``dd bs=max_request iflag=direct`` with ``window``
+        requests in flight would: ``consume(view)`` gets each request's data in order, in place -- a view of
+        the request's own card memory, where the device's DMA put it, valid only during the call; the
+        memory goes back to the heap after it. Nothing is copied (``O_DIRECT``: the reader's buffer is the
+        DMA target). ``consume=None`` discards the data unread (``of=/dev/null``). Where the transport gives
+        no view of card memory, each request's data is copied once into a reused buffer (a pool kept warm
+        across calls). The first error stops submission; those in flight are waited for, then raised."""
         if check:
             self._check_range(sector, count)
         if count < 0:
             raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
         step = self.max_request
         total = count * SECTOR
-        pending: collections.deque = collections.deque()
+        pending: collections.deque[Request] = collections.deque()
         pos = 0
         try:
             while pos < total or pending:
                 while pos < total and len(pending) < max(1, window):
                     n = min(step, total - pos)
-                    buf = self._take_buffer(step)
-                    mv = memoryview(buf)[:n]
                     try:
-                        req = self.submit(B.VIRTIO_BLK_T_IN, sector + pos // SECTOR, nbytes=n, into=mv)
-                    except BaseException:
-                        self._give_buffer(buf)
-                        raise
-                    pending.append((req, buf, mv))
+                        # the memory of requests done but not yet consumed comes back only once they are:
+                        # with some pending, a full heap means consume first, not wait
+                        req = self.submit(B.VIRTIO_BLK_T_IN, sector + pos // SECTOR, nbytes=n, keep=True,
+                                          wait_heap=not pending)
+                    except HeapFull:
+                        if not pending:
+                            raise
+                        break
+                    pending.append(req)
                     pos += n
-                req, buf, mv = pending[0]
+                req = pending[0]
                 req.wait()
                 pending.popleft()
                 try:
-                    consume(mv)
+                    if consume is not None:
+                        self._consume(req, consume)
                 finally:
-                    self._give_buffer(buf)
+                    self.release(req)
         except BaseException:
-            self._wait_all([r for r, _b, _m in pending], quiet=True)   # nothing left writing into a buffer
-            for r, b, _m in pending:
-                if r.finished:            # one still in flight (timed out) may write its buffer yet: dropped
-                    self._give_buffer(b)
+            self._wait_all(list(pending), quiet=True)   # nothing left in flight on card memory we give back
+            for r in pending:
+                with self._room:
+                    if not r.finished:    # still in flight (timed out): its completion gives the memory back
+                        r.keep = False
+                        continue
+                self.release(r)
+            raise
+
+    def _consume(self, req: Request, consume) -> None:
+        v = self.data_view(req)
+        if v is None:                     # no view of card memory: one copy, into a reused buffer
+            buf = self._take_buffer(self.max_request)
+            try:
+                mv = memoryview(buf)[:req.nbytes]
+                req.dev.memory.read_into(req.addr + DATA_OFFSET, mv)
+                consume(mv)
+            finally:
+                self._give_buffer(buf)
+            return
+        try:
+            consume(v)
+        finally:
+            _release_view(v)
+
+    def write_stream(self, sector: int, count: int, fill, window: int = STREAM_WINDOW, check: bool = True) -> None:
+        """Write ``count`` sectors at ``sector`` as ``dd bs=max_request oflag=direct`` from a generator with
+        ``window`` requests in flight would: ``fill(view, sector)`` writes each request's data (the sectors
+        from ``sector``) straight into the request's own card memory, the buffer the device's DMA reads --
+        generated in place, nothing copied after. The first error stops submission; those in flight are
+        waited for, then the first error is raised."""
+        if check:
+            if self.readonly:
+                raise BlkError(errno.EROFS, f"{self.disk}: read-only disk")
+            self._check_range(sector, count)
+        if count < 0:
+            raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
+        step = self.max_request
+        total = count * SECTOR
+        pending: collections.deque[Request] = collections.deque()
+        pos = 0
+        try:
+            while pos < total or pending:
+                while pos < total and len(pending) < max(1, window):
+                    n, at = min(step, total - pos), sector + pos // SECTOR
+                    pending.append(self.submit(B.VIRTIO_BLK_T_OUT, at, nbytes=n,
+                                               fill=lambda v, at=at: fill(v, at)))
+                    pos += n
+                pending[0].wait()
+                pending.popleft()
+        except BaseException:
+            self._wait_all(list(pending), quiet=True)
             raise
 
     def _take_buffer(self, size: int) -> bytearray:

@@ -9,11 +9,22 @@ Block patterns (``blk write`` / ``blk verify``): ``0xHH`` fills every byte
 with HH; any other word is a text whose sectors are position-dependent --
 sector ``s`` holds ``"<PATTERN>:<s>:"`` repeated and cut to 512 bytes -- so a
 sector written to the wrong place, or read from it, never verifies.
+
+Sequential block I/O works as ``dd bs=1M`` with ``O_DIRECT`` and a few
+requests in flight (:meth:`~.blk.BlkDriver.read_stream`,
+:meth:`~.blk.BlkDriver.write_stream`): ``blk write`` generates each
+request's pattern straight into the request's card memory, the buffer the
+device's DMA reads (``dd if=/dev/zero of=/dev/vda oflag=direct``); ``blk
+read`` hashes each request's data where the device's DMA put it, and ``blk
+read -n`` discards it unread (``dd if=/dev/vda of=/dev/null iflag=direct``).
+Neither builds its whole range in one buffer (``blk verify`` and ``blk read
+-x`` still do: they compare or print it).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import datetime
 import hashlib
 import random
@@ -43,7 +54,7 @@ USAGE = [
     ("ip [addr|neigh]", "addresses, MAC, counters; the ARP cache"),
     ("ping HOST [-c N] [-s SIZE] [-i SECS] [-W SECS]", "ICMP echo"),
     ("blk list", "disks: size, read-only, flush, serial (GET_ID)"),
-    ("blk read [-x] DEV SECTOR [COUNT]", "sha256 of COUNT sectors (-x: hexdump)"),
+    ("blk read [-x|-n] DEV SECTOR [COUNT]", "sha256 of COUNT sectors (-x: hexdump, -n: discard)"),
     ("blk write DEV SECTOR PATTERN [COUNT]", "write COUNT sectors of PATTERN"),
     ("blk verify DEV SECTOR PATTERN [COUNT]", "compare COUNT sectors with PATTERN"),
     ("blk flush DEV", "FLUSH the device's write cache"),
@@ -72,15 +83,45 @@ def parse_size(text: str) -> int:
     return value * mult
 
 
+def pattern_byte(pattern: str) -> int | None:
+    """HH of a ``0xHH`` pattern; None for a text pattern."""
+    if pattern.lower().startswith("0x") and len(pattern) == 4:
+        try:
+            return int(pattern, 16)
+        except ValueError:
+            raise ValueError(f"{pattern}: not a byte (0x00..0xff)") from None
+    return None
+
+
+def fill_pattern(view: memoryview, pattern: str, sector: int) -> None:
+    """Write the pattern of the sectors from ``sector`` into ``view`` (whole sectors), in place: a byte
+    pattern is one ``memset`` (the GIL released, as a read of /dev/zero is one clear_user), a text one
+    sector by sector."""
+    n = len(view)
+    byte = pattern_byte(pattern)
+    if byte is not None:
+        if n:
+            if view.readonly:
+                raise ValueError("fill_pattern: a read-only view")
+            buf = (ctypes.c_char * n).from_buffer(view)
+            try:
+                ctypes.memset(buf, byte, n)
+            finally:
+                del buf
+        return
+    for i, o in enumerate(range(0, n, SECTOR)):
+        unit = f"{pattern}:{sector + i}:".encode()
+        view[o:o + SECTOR] = (unit * (SECTOR // len(unit) + 1))[:SECTOR]
+
+
 def pattern_bytes(pattern: str, sector: int, count: int) -> bytes:
     """The bytes ``blk write`` puts at ``count`` sectors from ``sector`` (see the module docstring)."""
-    if pattern.lower().startswith("0x") and len(pattern) == 4:
-        return bytes([int(pattern, 16)]) * (SECTOR * count)
-    out = []
-    for s in range(sector, sector + count):
-        unit = f"{pattern}:{s}:".encode()
-        out.append((unit * (SECTOR // len(unit) + 1))[:SECTOR])
-    return b"".join(out)
+    byte = pattern_byte(pattern)
+    if byte is not None:
+        return bytes([byte]) * (SECTOR * count)
+    buf = bytearray(SECTOR * count)
+    fill_pattern(memoryview(buf), pattern, sector)
+    return bytes(buf)
 
 
 def hexdump(data: bytes, base: int = 0) -> list[str]:
@@ -302,26 +343,31 @@ class Commands:
                 out(f"{name:<6} {disk.capacity:>12} {human_size(disk.capacity * SECTOR):>22}  "
                     f"{'1' if disk.readonly else '0':<2} {'1' if disk.can_flush else '0':<5} {serial}")
         elif sub == "read" and rest:
-            hexd = rest[0] == "-x"
-            rest = rest[1:] if hexd else rest
+            flag = rest[0] if rest[0] in ("-x", "-n") else None
+            rest = rest[1:] if flag else rest
             if len(rest) not in (2, 3):
-                raise UsageError("blk read [-x] DEV SECTOR [COUNT]")
+                raise UsageError("blk read [-x|-n] DEV SECTOR [COUNT]")
             disk, sector = self._disk(rest[0]), parse_size(rest[1])
             count = self._count(rest[2]) if len(rest) == 3 else 1
-            data = disk.read(sector, count)
-            if hexd:
-                for line in hexdump(data, sector * SECTOR):
+            if flag == "-x":
+                for line in hexdump(disk.read(sector, count), sector * SECTOR):
                     out(line)
+            elif flag == "-n":
+                disk.read_stream(sector, count)
+                out(f"read {count} sectors at {sector} of {disk.disk} ({count * SECTOR} bytes), discarded")
             else:
-                out(f"{hashlib.sha256(data).hexdigest()}  {disk.disk} sectors {sector}+{count} ({len(data)} bytes)")
+                h = hashlib.sha256()
+                disk.read_stream(sector, count, h.update)
+                out(f"{h.hexdigest()}  {disk.disk} sectors {sector}+{count} ({count * SECTOR} bytes)")
         elif sub in ("write", "verify") and len(rest) in (3, 4):
             disk, sector, pattern = self._disk(rest[0]), parse_size(rest[1]), rest[2]
             count = self._count(rest[3]) if len(rest) == 4 else 1
-            want = pattern_bytes(pattern, sector, count)
+            pattern_byte(pattern)         # a bad 0xHH fails here, before anything is written
             if sub == "write":
-                disk.write(sector, want)
-                out(f"wrote {count} sectors at {sector} of {disk.disk} ({len(want)} bytes)")
+                disk.write_stream(sector, count, lambda view, at: fill_pattern(view, pattern, at))
+                out(f"wrote {count} sectors at {sector} of {disk.disk} ({count * SECTOR} bytes)")
                 return
+            want = pattern_bytes(pattern, sector, count)
             got = disk.read(sector, count)
             if got == want:
                 out(f"verified {count} sectors at {sector} of {disk.disk}: OK")
@@ -335,7 +381,7 @@ class Commands:
         elif sub == "randread" and 2 <= len(rest) - (rest[:1] == ["-s"]) <= 4:
             self._randread(rest, out, _i)
         else:
-            raise UsageError("blk list | blk read [-x] DEV SECTOR [COUNT] | blk write DEV SECTOR PATTERN [COUNT] "
+            raise UsageError("blk list | blk read [-x|-n] DEV SECTOR [COUNT] | blk write DEV SECTOR PATTERN [COUNT] "
                              "| blk verify DEV SECTOR PATTERN [COUNT] | blk flush DEV "
                              "| blk randread [-s] DEV COUNT [QD] [SEED]")
 
