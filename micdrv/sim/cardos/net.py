@@ -98,6 +98,7 @@ WANTED = sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM, N.VIRTIO_
                               N.VIRTIO_NET_F_STATUS, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX))
 BIG_MODE_FEATURES = sum(1 << b for b in (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6,
                                          N.VIRTIO_NET_F_GUEST_ECN, N.VIRTIO_NET_F_GUEST_UFO))
+_PLAIN_HDR = HDR.pack(0, 0, 0, 0, 0, 0)  # no offload asked for
 GSO_TYPES = {N.VIRTIO_NET_HDR_GSO_NONE, N.VIRTIO_NET_HDR_GSO_TCPV4, N.VIRTIO_NET_HDR_GSO_TCPV6}
 
 
@@ -145,6 +146,8 @@ class NetDriver(VirtioDriver):
         self._rx_bufs: list[tuple[int, int]] = []   # token -> (card address, frame offset)
         self._rx_alloc: list[tuple[int, int]] = []
         self._rx_prepared: list = []                # token -> its chain as DriverRing.prepare built it
+        self._rx_area = (0, 0)                      # the receive buffers' one allocation: (card address, bytes)
+        self._batch_tx: list | None = None          # the transmit pools' views while the worker runs a batch
         self._pools: list[_SlotPool] = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -216,6 +219,7 @@ class NetDriver(VirtioDriver):
             count, block, off = ring.num, -(-SMALL_CAPACITY // 64) * 64, HDR_LEN
         base = dev.alloc(count * block, PAGE)
         self._rx_alloc.append((base, count * block))
+        self._rx_area = (base, count * block)
         self._rx_bufs = [(base + i * block, off) for i in range(count)]
         self._pools = [_SlotPool(dev, SMALL_TX_SLOT, self.tx.num), _SlotPool(dev, BIG_TX_SLOT, BIG_TX_SLOTS)]
 
@@ -234,8 +238,7 @@ class NetDriver(VirtioDriver):
         prepared = self._rx_prepared
         if not prepared:     # each buffer's chain (its indirect table) is built once, then posted as built
             prepared.extend(ring.prepare((), self._rx_chain(addr)) for addr, _off in self._rx_bufs)
-        for t in tokens:
-            ring.add_prepared(prepared[t], t)
+        ring.add_prepared_many([(prepared[t], t) for t in tokens])
         if self.rx.kick():
             self.c["kicks"] += 1
 
@@ -268,9 +271,7 @@ class NetDriver(VirtioDriver):
             while not self._stop.is_set() and self.broken is None:
                 try:
                     with self._rx_lock:
-                        batch = []
-                        while len(batch) < NAPI_BUDGET and (u := self.rx.ring.get_used()) is not None:
-                            batch.append(u)
+                        batch = self.rx.ring.get_used_many(NAPI_BUDGET)
                 except VringError as e:
                     self._break(str(e))
                     break
@@ -280,7 +281,7 @@ class NetDriver(VirtioDriver):
                     self.flush()              # what the batch sent (echo replies, ARP answers): one kick
                     with self._rx_lock:
                         try:
-                            self._refill(t for t, _n in batch)
+                            self._refill([t for t, _n in batch])
                         except (VringError, RingFull) as e:
                             self._break(f"refill: {e}")
                             break
@@ -291,35 +292,57 @@ class NetDriver(VirtioDriver):
                         self.rx.ring.disable_cb()
 
     def _receive(self, batch: list[tuple[int, int]]) -> None:
-        mem, stack = self.dev.memory, self.drivers.stack
-        for token, n in batch:
-            addr, off = self._rx_bufs[token]
-            flen = n - HDR_LEN
-            if flen < ETH_HLEN:
-                self.c["rx_short"] += 1
-                self.c["rx_dropped"] += 1
-                continue
-            hv = mem.view(addr, HDR_LEN)
-            if hv is None:
-                hv = memoryview(mem.read(addr, HDR_LEN))
-            flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(hv)
-            hv.release()
-            if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
-                    flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
-                self.c["rx_bad_header"] += 1
-                self.c["rx_dropped"] += 1
-                continue
-            frame = mem.view(addr + off, flen)
-            if frame is None:
-                frame = memoryview(mem.read(addr + off, flen))
-            self.c["rx_packets"] += 1
-            self.c["rx_bytes"] += flen
-            try:
-                stack.receive(self, flags, frame)
-            except Exception:
-                log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
-            finally:
-                frame.release()
+        """Hand a batch of received frames to the stack, each in place in its receive buffer.
+
+        Card memory is reached through one view of the receive buffers and
+        one of each transmit pool for the whole batch (the replies the stack
+        sends go into the pools through them, :meth:`xmit`), each frame a
+        slice valid during its :meth:`IpStack.receive` call.
+        """
+        mem, stack, c = self.dev.memory, self.drivers.stack, self.c
+        rx_bufs = self._rx_bufs
+        base, size = self._rx_area
+        area = mem.view(base, size)
+        tx_views = [mem.view(p.base, p.size * p.count) for p in self._pools] if area is not None else []
+        if tx_views and None not in tx_views:
+            self._batch_tx = tx_views
+        try:
+            for token, n in batch:
+                addr, off = rx_bufs[token]
+                flen = n - HDR_LEN
+                if flen < ETH_HLEN:
+                    c["rx_short"] += 1
+                    c["rx_dropped"] += 1
+                    continue
+                if area is not None:
+                    at = addr - base
+                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
+                else:
+                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
+                if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                        flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
+                    c["rx_bad_header"] += 1
+                    c["rx_dropped"] += 1
+                    continue
+                if area is not None:
+                    frame = area[at + off:at + off + flen]
+                else:
+                    frame = memoryview(mem.read(addr + off, flen))
+                c["rx_packets"] += 1
+                c["rx_bytes"] += flen
+                try:
+                    stack.receive(self, flags, frame)
+                except Exception:
+                    log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
+                finally:
+                    frame.release()
+        finally:
+            self._batch_tx = None
+            for v in tx_views:
+                if v is not None:
+                    v.release()
+            if area is not None:
+                area.release()
 
     # --- transmit ----------------------------------------------------------------------------------
     def xmit(self, parts, csum: tuple[int, int] | None = None, kick: bool = True,
@@ -336,10 +359,12 @@ class NetDriver(VirtioDriver):
         if flen + HDR_LEN > BIG_TX_SLOT:
             self.c["tx_too_big"] += 1
             return False
-        hdr = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else HDR.pack(0, 0, 0, 0, 0, 0)
+        hdr = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
         pool_i = 0 if flen + HDR_LEN <= SMALL_TX_SLOT else 1
-        if kick and threading.get_ident() == self._napi_ident:
+        batch_tx = None
+        if threading.get_ident() == self._napi_ident:
             kick = False      # a reply from the receive worker: kicked once at the end of its batch (_poll_loop)
+            batch_tx = self._batch_tx
         with self._tx_lock:
             if self.broken is not None or self.dev is None:
                 slot = None
@@ -354,17 +379,21 @@ class NetDriver(VirtioDriver):
                 return False
             pool = self._pools[pool_i]
             addr = pool.addr(slot)
-            mem = self.dev.memory
-            view = mem.view(addr, HDR_LEN + flen)
-            if view is not None:
-                view[:HDR_LEN] = hdr
-                at = HDR_LEN
-                for p in parts:
-                    view[at:at + len(p)] = p
-                    at += len(p)
-                view.release()
+            if batch_tx is not None:            # the worker's view of the pool for its batch
+                view, at = batch_tx[pool_i], slot * pool.size
             else:
-                mem.write(addr, hdr + b"".join(bytes(p) for p in parts))
+                view, at = self.dev.memory.view(addr, HDR_LEN + flen), 0
+            if view is not None:
+                view[at:at + HDR_LEN] = hdr
+                at += HDR_LEN
+                for p in parts:
+                    n = len(p)
+                    view[at:at + n] = p
+                    at += n
+                if batch_tx is None:
+                    view.release()
+            else:
+                self.dev.memory.write(addr, hdr + b"".join(bytes(p) for p in parts))
             try:
                 self.tx.ring.add([(addr, HDR_LEN), (addr + HDR_LEN, flen)], (), (pool_i, slot))
             except (VringError, RingFull) as e:
@@ -468,6 +497,7 @@ class NetDriver(VirtioDriver):
         for p in self._pools:
             dev.free(p.base, p.size * p.count)
         self._rx_alloc, self._pools, self._rx_bufs, self._rx_prepared = [], [], [], []
+        self._rx_area = (0, 0)
 
     def remove(self) -> None:
         """Hot remove / unbind: stop receiving, reset the device, give back every buffer."""
