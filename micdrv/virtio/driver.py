@@ -24,6 +24,7 @@ scribbles on the table cannot corrupt it.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Sequence
 
@@ -43,6 +44,7 @@ class RingFull(Exception):
 
 
 _NOT_LAST = ~VRING_DESC_F_NEXT
+_U16 = struct.Struct("<H")
 _tables: dict[int, struct.Struct] = {}
 
 
@@ -107,6 +109,22 @@ class DriverRing:
         self._added = 0         # additions since then
         self._cb_disabled = False
         self._avail_flags = 0
+        # The stores and loads of the hot paths as single C calls on a mapped part (the part's own
+        # bounds-checked methods otherwise): a descriptor, an avail entry or idx, a used element.
+        self._set_desc = self._packer(self._desc, DESC)
+        self._set_avail = self._packer(self._avail, _U16)
+        self._get_used_elem = self._unpacker(self._used, USED_ELEM)
+        self._table_mv = getattr(self._indirect_parts, "mv", None)
+
+    @staticmethod
+    def _packer(part, st: struct.Struct):
+        mv = getattr(part, "mv", None)
+        return functools.partial(st.pack_into, mv) if mv is not None else functools.partial(part.pack, st)
+
+    @staticmethod
+    def _unpacker(part, st: struct.Struct):
+        mv = getattr(part, "mv", None)
+        return functools.partial(st.unpack_from, mv) if mv is not None else functools.partial(part.unpack, st)
 
     @classmethod
     def legacy(cls, num: int, mem: Memory, addr: int, align: int, features: int = 0,
@@ -163,8 +181,11 @@ class DriverRing:
                 args += (a, n, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, j)
             args[-2] &= _NOT_LAST
             args[-1] = 0
-            table.pack(_table_struct(total), base, *args)
-            self._desc.pack(DESC, head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            if self._table_mv is not None:
+                _table_struct(total).pack_into(self._table_mv, base, *args)
+            else:
+                table.pack(_table_struct(total), base, *args)
+            self._set_desc(head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
             descs = [head]
         else:
             if total > len(self._free):
@@ -175,7 +196,7 @@ class DriverRing:
             for j, (a, n, f) in enumerate(bufs):
                 last = j == total - 1
                 nxt = 0 if last else descs[j + 1]
-                self._desc.pack(DESC, descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
+                self._set_desc(descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
         self._place(head, token, descs, writable_len)
         self._publish()
         return head
@@ -183,14 +204,14 @@ class DriverRing:
     def _place(self, head: int, token: Any, descs: list[int], writable_len: int) -> None:
         """Record the chain at ``head`` as outstanding and put it in the next avail slot (not yet published)."""
         self._out[head] = (head if token is None else token, descs, writable_len)
-        self._avail.set_u16(AVAIL_RING + 2 * (self.avail_idx & self._mask), head)
+        self._set_avail(AVAIL_RING + 2 * (self.avail_idx & self._mask), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self._added += 1
 
     def _publish(self) -> None:
         """Make every placed chain available: one ``avail.idx`` store."""
         # Write barrier: the descriptors and the ring entries before avail.idx (program order on x86).
-        self._avail.set_u16(AVAIL_IDX, self.avail_idx)
+        self._set_avail(AVAIL_IDX, self.avail_idx)
 
     def prepare(self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]] = ()) -> PreparedChain:
         """The chain :meth:`add` would post for ``out`` / ``in_``, for :meth:`add_prepared` to post many times."""
@@ -207,45 +228,45 @@ class DriverRing:
 
     def add_prepared(self, chain: PreparedChain, token: Any = None) -> int:
         """What :meth:`add` posts for a chain :meth:`prepare` built: the same descriptors, the table as built."""
-        table = chain.table
-        if table is None:
-            return self.add(chain.out, chain.in_, token, indirect=False)
-        if not self._free:
-            raise RingFull(f"{self.name}: no free descriptor")
-        head = self._free.pop()
-        base = head * self._indirect_entries * DESC_SIZE
-        self._indirect_parts.write(base, table)
-        self._desc.pack(DESC, head * DESC_SIZE, self._indirect_parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
-        self._place(head, token, [head], chain.writable_len)
-        self._publish()
-        return head
+        return self.add_prepared_many(((chain, token),))[0]
 
-    def add_prepared_many(self, chains) -> int:
-        """:meth:`add_prepared` for each ``(chain, token)``, published with one ``avail.idx`` store; how many.
+    def add_prepared_many(self, chains) -> list[int]:
+        """:meth:`add_prepared` for each ``(chain, token)``, published with one ``avail.idx`` store; their heads.
 
         What was placed before a :class:`RingFull` is published before it is raised.
         """
-        count = 0
-        free, desc, parts = self._free, self._desc, self._indirect_parts
-        entries = self._indirect_entries
+        heads: list[int] = []
+        free, set_desc, set_avail, parts, mv = self._free, self._set_desc, self._set_avail, self._indirect_parts, \
+            self._table_mv
+        entries, out, mask = self._indirect_entries, self._out, self._mask
+        idx = start = self.avail_idx
         try:
             for chain, token in chains:
                 table = chain.table
                 if table is None:
-                    self.add(chain.out, chain.in_, token, indirect=False)
+                    self.avail_idx = idx
+                    head = self.add(chain.out, chain.in_, token, indirect=False)
+                    idx = self.avail_idx
                 else:
                     if not free:
                         raise RingFull(f"{self.name}: no free descriptor")
                     head = free.pop()
                     base = head * entries * DESC_SIZE
-                    parts.write(base, table)
-                    desc.pack(DESC, head * DESC_SIZE, parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
-                    self._place(head, token, [head], chain.writable_len)
-                count += 1
+                    if mv is not None:
+                        mv[base:base + len(table)] = table
+                    else:
+                        parts.write(base, table)
+                    set_desc(head * DESC_SIZE, parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
+                    out[head] = (head if token is None else token, [head], chain.writable_len)
+                    set_avail(AVAIL_RING + 2 * (idx & mask), head)
+                    idx = (idx + 1) & 0xFFFF
+                    self._added += 1
+                heads.append(head)
         finally:
-            if count:
+            self.avail_idx = idx
+            if idx != start:
                 self._publish()
-        return count
+        return heads
 
     def kick_prepare(self) -> bool:
         """After adding: does the device want a kick? (``virtqueue_kick_prepare``, section 1.4.)"""
@@ -286,13 +307,13 @@ class DriverRing:
         if not n:
             return got
         # Read barrier after seeing used.idx: program order on x86.
-        unpack, outstanding, free, mask = self._used.unpack, self._out, self._free, self._mask
+        unpack, outstanding, free, mask = self._get_used_elem, self._out, self._free, self._mask
         track = not self._cb_disabled
         last = self.last_used
         try:
             for _ in range(n):
                 slot = last & mask
-                id_, length = unpack(USED_ELEM, USED_RING + USED_ELEM_SIZE * slot)
+                id_, length = unpack(USED_RING + USED_ELEM_SIZE * slot)
                 o = outstanding.pop(id_, None)
                 if o is None:
                     if id_ >= self.num:
