@@ -21,7 +21,9 @@ again; NEEDS_CSUM -- the field holds only the pseudo-header sum (the host's
 stack left it for a device that never computes it on a local path),
 accepted like Linux's CHECKSUM_PARTIAL; otherwise verified here
 (:mod:`.ip_csum`, one C-speed pass) and dropped if wrong. UDP leaves with a
-partial checksum when the device acked CSUM, else a full one.
+partial checksum when the device acked CSUM, else a full one. A UDP reply
+that carries the payload its handler was just given (the echo) may leave
+from the receive buffer (:meth:`IpStack.send_ip` ``in_place``).
 
 **Transmit** (:meth:`IpStack.send_ip` and the UDP / ICMP helpers): the
 next hop is the destination if on-link, else the gateway (if configured);
@@ -105,6 +107,10 @@ class IpStack:
         # DF and TTL with our address; the pseudo-header's source.
         self._ip_sum = 0x4500 + IP_DF + (TTL << 8) + int.from_bytes(self.ip, "big")
         self._src_sum = int.from_bytes(self.ip, "big")
+        # The payload a UDP handler is being given (the worker thread's, during the call) and its offset in
+        # the frame: a reply carrying that very payload may go back from the receive buffer (udp_send).
+        self._rx_payload: memoryview | None = None
+        self._rx_payload_at = 0
         self._arp: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._arp_cv = threading.Condition()
         self._udp: dict[int, UdpHandler] = {}
@@ -298,7 +304,12 @@ class IpStack:
             if not broadcast:
                 self._unreachable(src, src_mac, ICMP_PORT_UNREACH, datagram[:ihl + UDP_HLEN])
             return
-        handler(src, sport, datagram[ihl + UDP_HLEN:ihl + ulen], src_mac)
+        payload = datagram[ihl + UDP_HLEN:ihl + ulen]
+        self._rx_payload, self._rx_payload_at = payload, ETH_HLEN + ihl + UDP_HLEN
+        try:
+            handler(src, sport, payload, src_mac)
+        finally:
+            self._rx_payload = None
 
     def _unreachable(self, dst: bytes, dst_mac: bytes, code: int, quote: memoryview) -> None:
         """ICMP destination unreachable quoting the offending IP header and 8 bytes of data (RFC 792)."""
@@ -322,12 +333,16 @@ class IpStack:
         raise NetError(f"ENETUNREACH: {ip_text(dst)} is not on {self.config.network} and there is no gateway")
 
     def send_ip(self, dst: bytes, proto: int, parts: list, dst_mac: bytes | None = None,
-                csum: tuple[int, int] | None = None, kick: bool = True, wait: float | None = None) -> bool:
+                csum: tuple[int, int] | None = None, kick: bool = True, wait: float | None = None,
+                in_place: bool = False) -> bool:
         """One IPv4 datagram of ``parts`` (the L4 header and data); False if the interface dropped it.
 
         ``csum`` = (start, offset) inside the L4 data for a partial checksum
         the device completes. Without ``dst_mac`` the next hop is resolved
-        (may block up to 3 s).
+        (may block up to 3 s). ``in_place``: ``parts`` are a header and the
+        payload of the frame being received, which lies right after where
+        the headers go: the device may send the frame from its receive buffer
+        (:meth:`NetDriver.xmit_in_place`) instead of copying it.
         """
         dev = self.netdev
         if dev is None:
@@ -351,6 +366,10 @@ class IpStack:
         # The headers as one piece (Ethernet + IPv4 + the L4 header): one copy into the frame, not three.
         head = ETH_IPV4.pack(dst_mac, dev.mac, ETH_P_IP, 0x45, 0, total, ident, IP_DF, TTL, proto, hsum, self.ip,
                              dst) + parts[0]
+        if in_place and len(parts) == 2 and len(head) == self._rx_payload_at:
+            sent = dev.xmit_in_place(head, ETH_HLEN + total, off)
+            if sent is not None:
+                return sent
         if wait is None:
             return dev.xmit([head, *parts[1:]], off, kick)
         return dev.xmit([head, *parts[1:]], off, kick, wait=wait)
@@ -372,7 +391,8 @@ class IpStack:
             head = UDP.pack(sport, dport, ulen, value)
             csum = None
         self.c["udp_out"] += 1
-        return self.send_ip(dst, IPPROTO_UDP, [head, payload], dst_mac, csum, kick)
+        return self.send_ip(dst, IPPROTO_UDP, [head, payload], dst_mac, csum, kick,
+                            in_place=payload is self._rx_payload)
 
     def flush(self) -> None:
         dev = self.netdev

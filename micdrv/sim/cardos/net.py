@@ -43,11 +43,21 @@ kicked once at the end of its batch, as Linux defers the kick while
 64 KiB + header). Completed chains are reaped lazily on the next transmit
 with the transmit interrupt off; a sender that finds no room enables it
 and waits (``virtqueue_enable_cb_delayed``'s purpose), so a burst is
-"as fast as the ring allows".
+"as fast as the ring allows". A reply bigger than a 2 KiB slot that carries
+the very payload of the frame being received (the UDP echo) is sent from
+the receive buffer itself, its headers written over the received ones --
+what XDP_TX does -- instead of being copied (:meth:`NetDriver.xmit_in_place`):
+the buffer is posted for receive again when its transmit chain comes back
+(reaped after every receive batch while any is out), and at most three
+quarters of the receive buffers are out that way [choice].
 
 **Receive processing** runs on the device's worker thread (NAPI): the
 interrupt only disables further receive interrupts and wakes it; it
-drains, hands frames to the stack, refills, re-enables and re-checks (the
+drains (up to 64 used entries, ``used.idx`` read once), hands frames to the
+stack in place (one view of the receive buffers and one of each transmit
+pool per batch, taken through the card bus, so a stopped card OS is refused
+at the next batch), kicks once for the replies, refills in one
+``avail.idx`` store and one kick, re-enables and re-checks (the
 notification-suppression loop of section 1.6, driver side). Frames shorter
 than header + 14, a bad GSO type, or checksum offsets outside the frame are
 dropped and counted (section 2.3).
@@ -91,6 +101,7 @@ SMALL_CAPACITY = HDR_LEN + 1518    # section 2.5: hdr_len + 14 + 4 (VLAN) + 1500
 SMALL_TX_SLOT, BIG_TX_SLOT = 2048, 65600   # transmit slot pools; 65600 = mpssd's ALIGN(64 KiB + 14, 64)
 BIG_TX_SLOTS = 32                  # 64 KiB frames in flight at most [choice: 2 MiB of card memory]
 NAPI_BUDGET = 64                   # frames per receive batch (Linux's NAPI weight)
+LENT = -1                          # transmit token pool of a receive buffer sent back in place (xmit_in_place)
 TX_WAIT = 2.0                      # a transmit waits this long for ring room before the frame is dropped
 
 WANTED = sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_TSO4,
@@ -148,6 +159,12 @@ class NetDriver(VirtioDriver):
         self._rx_prepared: list = []                # token -> its chain as DriverRing.prepare built it
         self._rx_area = (0, 0)                      # the receive buffers' one allocation: (card address, bytes)
         self._batch_tx: list | None = None          # the transmit pools' views while the worker runs a batch
+        self._rx_view: memoryview | None = None     # the receive area's view while the worker runs a batch
+        self._rx_cur: tuple | None = None           # (token, card address, frame offset, frame) being received
+        self._lent: set[int] = set()                # receive buffers out on the transmit ring (xmit_in_place)
+        self._lent_batch: set[int] = set()          # those of them the current batch sent (the worker's own)
+        self._lend_max = 0
+        self._returned: list[int] = []              # lent buffers the device completed, to post again (tx lock)
         self._pools: list[_SlotPool] = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -159,7 +176,7 @@ class NetDriver(VirtioDriver):
         self._napi_ident: int | None = None   # the receive worker's thread: its transmits kick per batch
         self.c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_short", "rx_bad_header",
                                 "rx_batches", "rx_interrupts", "tx_packets", "tx_bytes", "tx_dropped",
-                                "tx_too_big", "tx_waits", "tx_interrupts", "kicks"), 0)
+                                "tx_too_big", "tx_waits", "tx_interrupts", "tx_in_place", "kicks"), 0)
 
     # --- probe ---------------------------------------------------------------------------------
     def probe(self, dev: VirtioDevice) -> None:
@@ -221,6 +238,7 @@ class NetDriver(VirtioDriver):
         self._rx_alloc.append((base, count * block))
         self._rx_area = (base, count * block)
         self._rx_bufs = [(base + i * block, off) for i in range(count)]
+        self._lend_max = count * 3 // 4    # a quarter of the buffers always stays posted or in the worker's hands
         self._pools = [_SlotPool(dev, SMALL_TX_SLOT, self.tx.num), _SlotPool(dev, BIG_TX_SLOT, BIG_TX_SLOTS)]
 
     def _rx_chain(self, addr: int) -> list[tuple[int, int]]:
@@ -278,10 +296,18 @@ class NetDriver(VirtioDriver):
                 if batch:
                     self.c["rx_batches"] += 1
                     self._receive(batch)
-                    self.flush()              # what the batch sent (echo replies, ARP answers): one kick
+                    # The batch's buffers but those it sent in place: they come back (in _returned) when the
+                    # device completes their transmit chains, which may have happened already.
+                    lent = self._lent_batch
+                    tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
+                    with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
+                        self._kick_tx()
+                        if self._lent:
+                            self._reap()
+                        returned, self._returned = self._returned, []
                     with self._rx_lock:
                         try:
-                            self._refill([t for t, _n in batch])
+                            self._refill(tokens + returned)
                         except (VringError, RingFull) as e:
                             self._break(f"refill: {e}")
                             break
@@ -306,6 +332,8 @@ class NetDriver(VirtioDriver):
         tx_views = [mem.view(p.base, p.size * p.count) for p in self._pools] if area is not None else []
         if tx_views and None not in tx_views:
             self._batch_tx = tx_views
+        self._rx_view = area
+        self._lent_batch = set()
         try:
             for token, n in batch:
                 addr, off = rx_bufs[token]
@@ -330,14 +358,17 @@ class NetDriver(VirtioDriver):
                     frame = memoryview(mem.read(addr + off, flen))
                 c["rx_packets"] += 1
                 c["rx_bytes"] += flen
+                if area is not None:
+                    self._rx_cur = (token, addr, off, frame)
                 try:
                     stack.receive(self, flags, frame)
                 except Exception:
                     log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
                 finally:
+                    self._rx_cur = None
                     frame.release()
         finally:
-            self._batch_tx = None
+            self._batch_tx = self._rx_view = None
             for v in tx_views:
                 if v is not None:
                     v.release()
@@ -407,6 +438,53 @@ class NetDriver(VirtioDriver):
                 self._kick_tx()
         return True
 
+    def xmit_in_place(self, head: bytes, flen: int, csum: tuple[int, int] | None = None) -> bool | None:
+        """Send the frame being received back from its receive buffer: its first ``flen`` bytes, ``head``
+        written over its start (what XDP_TX does). Only from the receive worker during
+        :meth:`IpStack.receive`; None when the frame cannot go that way (the caller copies it with
+        :meth:`xmit`).
+
+        Frames of at most a small transmit slot are always copied (cheaper than
+        lending a buffer); the buffer is posted for receive again once the device
+        returns its transmit chain, and at most three quarters of the buffers are
+        out at a time, so the receive ring never runs dry because the device holds
+        transmit chains.
+        """
+        cur, area = self._rx_cur, self._rx_view
+        if cur is None or area is None or flen + HDR_LEN <= SMALL_TX_SLOT or len(self._lent) >= self._lend_max \
+                or threading.get_ident() != self._napi_ident:
+            return None
+        token, addr, off, frame = cur
+        if not len(head) <= flen <= len(frame):
+            return None
+        with self._tx_lock:
+            if self.broken is not None or self.dev is None:
+                self.c["tx_dropped"] += 1
+                return False
+            ring = self.tx.ring
+            need = 1 if ring.use_indirect else 2
+            if ring.num_free < need:
+                self._reap()
+                if ring.num_free < need:
+                    return None
+            frame[:len(head)] = head
+            # The header right before the frame (in the big buffers' padding, over the small ones' received
+            # header), as XDP_TX puts it in the headroom: header and frame adjacent, one piece for the device.
+            at = addr + off - HDR_LEN - self._rx_area[0]
+            area[at:at + HDR_LEN] = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
+            try:
+                ring.add([(addr + off - HDR_LEN, HDR_LEN), (addr + off, flen)], (), (LENT, token))
+            except (VringError, RingFull) as e:
+                self._break(f"transmit: {e}")
+                return False
+            self._lent.add(token)
+            self._lent_batch.add(token)
+            self._tx_pending += 1
+            self.c["tx_packets"] += 1
+            self.c["tx_in_place"] += 1
+            self.c["tx_bytes"] += flen
+        return True
+
     def flush(self) -> None:
         """Kick the transmit queue if frames were added without a kick."""
         with self._tx_lock:
@@ -423,7 +501,11 @@ class NetDriver(VirtioDriver):
         pools = self._pools
         try:
             for (pool_i, slot), _n in self.tx.ring.get_all_used():
-                pools[pool_i].free.append(slot)
+                if pool_i == LENT:
+                    self._lent.discard(slot)
+                    self._returned.append(slot)
+                else:
+                    pools[pool_i].free.append(slot)
         except VringError as e:
             self._break(f"transmit completions: {e}")
 
@@ -498,6 +580,7 @@ class NetDriver(VirtioDriver):
             dev.free(p.base, p.size * p.count)
         self._rx_alloc, self._pools, self._rx_bufs, self._rx_prepared = [], [], [], []
         self._rx_area = (0, 0)
+        self._lent, self._returned = set(), []
 
     def remove(self) -> None:
         """Hot remove / unbind: stop receiving, reset the device, give back every buffer."""
