@@ -45,6 +45,7 @@ class RingFull(Exception):
 
 _NOT_LAST = ~VRING_DESC_F_NEXT
 _U16 = struct.Struct("<H")
+_PAIR = struct.Struct("<QIHHQIHH")     # an indirect table of two descriptors
 _tables: dict[int, struct.Struct] = {}
 
 
@@ -199,6 +200,26 @@ class DriverRing:
                 self._set_desc(descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
         self._place(head, token, descs, writable_len)
         self._publish()
+        return head
+
+    def add_pair(self, a0: int, n0: int, a1: int, n1: int, token: Any = None) -> int:
+        """:meth:`add` of two readable buffers (a transmit's header and frame), the common case made short."""
+        if not (self.use_indirect and self._table_mv is not None and self._indirect_entries >= 2):
+            return self.add(((a0, n0), (a1, n1)), (), token)
+        free = self._free
+        if not free:
+            raise RingFull(f"{self.name}: no free descriptor")
+        head = free.pop()
+        base = head * self._indirect_entries * DESC_SIZE
+        _PAIR.pack_into(self._table_mv, base, a0, n0, VRING_DESC_F_NEXT, 1, a1, n1, 0, 0)
+        self._set_desc(head * DESC_SIZE, self._indirect_parts.addr + base, 2 * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+        self._out[head] = (head if token is None else token, [head], 0)
+        idx = self.avail_idx
+        self._set_avail(AVAIL_RING + 2 * (idx & self._mask), head)
+        self.avail_idx = idx = (idx + 1) & 0xFFFF
+        self._added += 1
+        # Write barrier: the table, the descriptor and the ring entry before avail.idx (program order on x86).
+        self._set_avail(AVAIL_IDX, idx)
         return head
 
     def _place(self, head: int, token: Any, descs: list[int], writable_len: int) -> None:

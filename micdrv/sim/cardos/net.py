@@ -426,7 +426,7 @@ class NetDriver(VirtioDriver):
             else:
                 self.dev.memory.write(addr, hdr + b"".join(bytes(p) for p in parts))
             try:
-                self.tx.ring.add([(addr, HDR_LEN), (addr + HDR_LEN, flen)], (), (pool_i, slot))
+                self.tx.ring.add_pair(addr, HDR_LEN, addr + HDR_LEN, flen, (pool_i, slot))
             except (VringError, RingFull) as e:
                 pool.free.append(slot)
                 self._break(f"transmit: {e}")
@@ -473,7 +473,7 @@ class NetDriver(VirtioDriver):
             at = addr + off - HDR_LEN - self._rx_area[0]
             area[at:at + HDR_LEN] = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
             try:
-                ring.add([(addr + off - HDR_LEN, HDR_LEN), (addr + off, flen)], (), (LENT, token))
+                ring.add_pair(addr + off - HDR_LEN, HDR_LEN, addr + off, flen, (LENT, token))
             except (VringError, RingFull) as e:
                 self._break(f"transmit: {e}")
                 return False
