@@ -443,16 +443,16 @@ class NetDriver(VirtioDriver):
         return True
 
     def xmit_in_place(self, head: bytes, flen: int, csum: tuple[int, int] | None = None) -> bool | None:
-        """Send the frame being received back from its receive buffer: its first ``flen`` bytes, ``head``
-        written over its start (what XDP_TX does). Only from the receive worker during
-        :meth:`IpStack.receive`; None when the frame cannot go that way (the caller copies it with
-        :meth:`xmit`).
+        """Send the frame being received back from its receive buffer, as XDP_TX does.
 
-        Frames of at most a small transmit slot are always copied (cheaper than
-        lending a buffer); the buffer is posted for receive again once the device
-        returns its transmit chain, and at most three quarters of the buffers are
-        out at a time, so the receive ring never runs dry because the device holds
-        transmit chains.
+        Its first ``flen`` bytes go, ``head`` written over its start. Only from
+        the receive worker during :meth:`IpStack.receive`; None when the frame
+        cannot go that way (the caller copies it with :meth:`xmit`). Frames
+        that fit a small transmit slot are always copied (cheaper than lending
+        a buffer); the buffer is posted for receive again once the device
+        returns its transmit chain, and at most three quarters of the buffers
+        are out at a time, so the receive ring keeps buffers however long the
+        device holds transmit chains.
         """
         cur, area = self._rx_cur, self._rx_view
         if cur is None or area is None or flen + HDR_LEN <= SMALL_TX_SLOT or len(self._lent) >= self._lend_max \
