@@ -188,6 +188,46 @@ def test_runt_frames_and_bad_headers_are_dropped_and_counted(card):
     assert eth0.broken is None and eth0.c["rx_dropped"] == 5
 
 
+class HoardingNet(ScriptedNet):
+    """Big receive buffers (GUEST_TSO4), and not one transmit chain ever given back."""
+
+    def __init__(self):
+        super().__init__(features=sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM,
+                                                       N.VIRTIO_NET_F_GUEST_TSO4)))
+        self.hoard = True
+
+    def queue_notify(self, index: int) -> None:
+        if not self.hoard:
+            super().queue_notify(index)
+
+
+def test_a_host_that_keeps_the_echo_replies_cannot_starve_the_receive_ring(card, tmp_path):
+    be = HoardingNet()
+    eth0 = add(card, be).driver
+    assert eth0.big and eth0.rx.ring.use_indirect and len(eth0._rx_bufs) == 128
+    host_mac, card_ip, host_ip = b"\x02\xaa\xbb\xcc\xdd\xee", P.ip4("172.31.1.1"), P.ip4("172.31.1.254")
+    payload = os.urandom(3000)             # too big for a 2 KiB transmit slot: echoed from its receive buffer
+    frame = P.eth(be.mac, host_mac, P.ETH_P_IP,
+                  P.ipv4(host_ip, card_ip, P.IPPROTO_UDP, P.udp(host_ip, card_ip, 4000, 7, payload, partial=True)))
+    stream = hdr(flags=N.VIRTIO_NET_HDR_F_NEEDS_CSUM, cstart=34, coff=6) + frame
+    for i in range(110):
+        card.bus.loop.call(be.deliver, stream, None)
+        wait_for(lambda: eth0.c["rx_packets"] == i + 1 and eth0.rx.ring.in_flight + len(eth0._lent) == 128,
+                 "the card to take the frame and post its buffer")
+    # Three quarters of the buffers went out in place and stay out; the rest of the replies were copied (the
+    # 32 big transmit slots), the receive ring kept its quarter posted.
+    assert eth0.c["tx_in_place"] == 96 and eth0.c["tx_packets"] == 110 and eth0.tx.ring.in_flight == 110
+    assert eth0.rx.ring.in_flight == 32 and eth0.broken is None
+    be.hoard = False                       # the host gives everything back: the lent buffers are posted again
+    card.bus.loop.call(be.queue_notify, N.TX_QUEUE)
+    card.bus.loop.call(be.deliver, stream, None)
+    wait_for(lambda: eth0.rx.ring.in_flight == 128 and not eth0._lent, "the returned buffers to be posted")
+    wait_for(lambda: len(be.sent) == 111, "the last reply")
+    assert all(f[N.VIRTIO_NET_HDR_SIZE + 42:] == payload for f in be.sent)
+    assert eth0.broken is None
+    assert_card_survives(card, tmp_path)
+
+
 def test_a_feature_set_the_driver_must_refuse_fails_probe(card, tmp_path):
     dev = add(card, ScriptedNet(features=(1 << N.VIRTIO_NET_F_MAC) | (1 << N.VIRTIO_NET_F_CTRL_RX)))
     assert dev.get_status() & VIRTIO_CONFIG_S_FAILED and dev.driver is None

@@ -148,6 +148,21 @@ def test_many_echoes_in_flight_come_back_complete(card, udp):
     assert got == sorted(sent)
 
 
+def test_big_echoes_go_back_from_their_receive_buffers_which_are_posted_again(card, udp):
+    eth0 = card.eth0
+    before = eth0.c["tx_in_place"]
+    for i in range(60):
+        data = os.urandom((2100, 64000, 100)[i % 3])
+        udp.sendto(data, (CARD_IP, 7))
+        assert udp.recvfrom(65536)[0] == data
+    assert eth0.c["tx_in_place"] - before == 40          # the 100-byte ones are copied into a transmit slot
+    # Every receive buffer is posted or out on the transmit ring once the worker is done with its batch, none
+    # twice (a double post would break the ring).
+    wait_for(lambda: eth0.rx.ring.in_flight + len(eth0._lent) == len(eth0._rx_bufs), "the buffers to be posted")
+    assert len(eth0._lent) <= eth0._lend_max
+    assert eth0.broken is None and card.c.drivers.echo.dropped == 0
+
+
 def test_datagrams_beyond_the_mtu_are_fragments_the_card_drops(card, udp):
     before = card.c.drivers.stack.c["ip_frag"]
     udp.sendto(os.urandom(64600), (CARD_IP, 7))           # the host fragments it at the tap's 64512 MTU

@@ -195,6 +195,33 @@ def test_a_prepared_chain_posts_what_add_would_again_and_again(features):
     assert p.drv.num_free == p.num and p.drv.in_flight == 0
 
 
+@pytest.mark.parametrize("features", [0, INDIRECT | EVENT_IDX])
+def test_batches_post_and_return_what_single_calls_would(features):
+    p = Pair(features=features)
+    a, b = p.buf(10), p.buf(1500)
+    prepared = p.drv.prepare((), [p.buf(4080), p.buf(4096)])
+    for round_ in range(3 * p.num):
+        heads = p.drv.add_prepared_many([(prepared, ("rx", round_, i)) for i in range(3)])
+        heads.append(p.drv.add_pair(a[0], a[1], b[0], b[1], ("tx", round_)))
+        assert p.drv.num_free == (4 if features & INDIRECT else 0)
+        chains = p.dev.pop_many(p.num)
+        assert [c.head for c in chains] == heads                       # in order, one avail.idx store
+        assert all(c.writable == prepared.in_ for c in chains[:-1]) and chains[-1].readable == [a, b]
+        p.dev.push_many([(c.head, 5 if c.writable else 0) for c in chains])
+        got = p.drv.get_used_many(3)                                    # at most the limit, the rest later
+        assert got == [(("rx", round_, i), 5) for i in range(3)]
+        assert p.drv.get_all_used()[-1] == (("tx", round_), 0)
+    assert p.drv.num_free == p.num and p.drv.in_flight == 0
+
+
+def test_a_batch_that_runs_out_of_descriptors_publishes_what_it_placed():
+    p = Pair(num=4, features=INDIRECT)
+    prepared = p.drv.prepare((), [p.buf(100), p.buf(100)])
+    with pytest.raises(RingFull):
+        p.drv.add_prepared_many([(prepared, i) for i in range(6)])
+    assert sorted(c.head for c in p.dev.pop_many(8)) == [0, 1, 2, 3] and p.drv.in_flight == 4
+
+
 def test_indices_wrap_at_65536():
     p = Pair(num=4)
     # Fast-forward both sides to just below the wrap, as if 65530 chains had gone round.

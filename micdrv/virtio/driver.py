@@ -24,6 +24,8 @@ scribbles on the table cannot corrupt it.
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import Any, Sequence
 
 from ..memory import Memory
@@ -41,11 +43,18 @@ class RingFull(Exception):
     """Not enough free descriptors for a chain (Linux -ENOSPC): wait for completions."""
 
 
-class _Outstanding:
-    __slots__ = ("token", "descs", "writable_len")
+_NOT_LAST = ~VRING_DESC_F_NEXT
+_U16 = struct.Struct("<H")
+_PAIR = struct.Struct("<QIHHQIHH")     # an indirect table of two descriptors
+_tables: dict[int, struct.Struct] = {}
 
-    def __init__(self, token: Any, descs: list[int], writable_len: int):
-        self.token, self.descs, self.writable_len = token, descs, writable_len
+
+def _table_struct(n: int) -> struct.Struct:
+    """``n`` descriptors packed back to back (an indirect table): one ``pack_into`` for the whole table."""
+    st = _tables.get(n)
+    if st is None:
+        st = _tables[n] = struct.Struct("<" + "QIHH" * n)
+    return st
 
 
 class PreparedChain:
@@ -94,13 +103,29 @@ class DriverRing:
             for p in (self._desc, self._avail, self._used):
                 p.zero()
         self._free = list(range(num - 1, -1, -1))  # a stack of free descriptor indices
-        self._out: dict[int, _Outstanding] = {}
+        self._out: dict[int, tuple[Any, list[int], int]] = {}   # head -> (token, descriptors, writable length)
         self.avail_idx = 0      # next avail index to fill (shadow of avail.idx)
         self.last_used = 0      # next used index to read
         self._kicked = 0        # avail.idx at the last kick decision
         self._added = 0         # additions since then
         self._cb_disabled = False
         self._avail_flags = 0
+        # The stores and loads of the hot paths as single C calls on a mapped part (the part's own
+        # bounds-checked methods otherwise): a descriptor, an avail entry or idx, a used element.
+        self._set_desc = self._packer(self._desc, DESC)
+        self._set_avail = self._packer(self._avail, _U16)
+        self._get_used_elem = self._unpacker(self._used, USED_ELEM)
+        self._table_mv = getattr(self._indirect_parts, "mv", None)
+
+    @staticmethod
+    def _packer(part, st: struct.Struct):
+        mv = getattr(part, "mv", None)
+        return functools.partial(st.pack_into, mv) if mv is not None else functools.partial(part.pack, st)
+
+    @staticmethod
+    def _unpacker(part, st: struct.Struct):
+        mv = getattr(part, "mv", None)
+        return functools.partial(st.unpack_from, mv) if mv is not None else functools.partial(part.unpack, st)
 
     @classmethod
     def legacy(cls, num: int, mem: Memory, addr: int, align: int, features: int = 0,
@@ -128,11 +153,12 @@ class DriverRing:
         ``indirect`` forces (True) or forbids (False) an indirect table; by
         default one is used whenever possible, as Linux does.
         """
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
-        total = len(bufs)
+        total = len(out) + len(in_)
         if not total:
             raise ValueError(f"{self.name}: a chain needs at least one buffer")
-        writable_len = sum(n for _a, n in in_)
+        writable_len = 0
+        for _a, n in in_:
+            writable_len += n
         want_indirect = (self.use_indirect and total > 1 and total <= self._indirect_entries
                          if indirect is None else indirect)
         if want_indirect:
@@ -145,34 +171,68 @@ class DriverRing:
             head = self._free.pop()
             table = self._indirect_parts
             base = head * self._indirect_entries * DESC_SIZE
-            pack = DESC.pack
-            last = total - 1
             # The whole table in one store: entries chained 0 -> 1 -> ... -> last.
-            table.write(base, b"".join([pack(a, n, f | VRING_DESC_F_NEXT, j + 1) for j, (a, n, f) in
-                                        enumerate(bufs[:last])] + [pack(*bufs[last], 0)]))
-            self._desc.pack(DESC, head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            args: list[int] = []
+            j = 0
+            for a, n in out:
+                j += 1
+                args += (a, n, VRING_DESC_F_NEXT, j)
+            for a, n in in_:
+                j += 1
+                args += (a, n, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, j)
+            args[-2] &= _NOT_LAST
+            args[-1] = 0
+            if self._table_mv is not None:
+                _table_struct(total).pack_into(self._table_mv, base, *args)
+            else:
+                table.pack(_table_struct(total), base, *args)
+            self._set_desc(head * DESC_SIZE, table.addr + base, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
             descs = [head]
         else:
             if total > len(self._free):
                 raise RingFull(f"{self.name}: {total} descriptors needed, {len(self._free)} free")
+            bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
             descs = [self._free.pop() for _ in range(total)]
             head = descs[0]
             for j, (a, n, f) in enumerate(bufs):
                 last = j == total - 1
                 nxt = 0 if last else descs[j + 1]
-                self._desc.pack(DESC, descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
-        return self._post(head, token, descs, writable_len)
-
-    def _post(self, head: int, token: Any, descs: list[int], writable_len: int) -> int:
-        """Record the chain at ``head`` as outstanding and make it available to the device."""
-        self._out[head] = _Outstanding(head if token is None else token, descs, writable_len)
-        slot = self.avail_idx & self._mask
-        self._avail.set_u16(AVAIL_RING + 2 * slot, head)
-        # Write barrier: the descriptors and the ring entry before avail.idx (program order on x86).
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self._avail.set_u16(AVAIL_IDX, self.avail_idx)
-        self._added += 1
+                self._set_desc(descs[j] * DESC_SIZE, a, n, f | (0 if last else VRING_DESC_F_NEXT), nxt)
+        self._place(head, token, descs, writable_len)
+        self._publish()
         return head
+
+    def add_pair(self, a0: int, n0: int, a1: int, n1: int, token: Any = None) -> int:
+        """:meth:`add` of two readable buffers (a transmit's header and frame), the common case made short."""
+        if not (self.use_indirect and self._table_mv is not None and self._indirect_entries >= 2):
+            return self.add(((a0, n0), (a1, n1)), (), token)
+        free = self._free
+        if not free:
+            raise RingFull(f"{self.name}: no free descriptor")
+        head = free.pop()
+        base = head * self._indirect_entries * DESC_SIZE
+        _PAIR.pack_into(self._table_mv, base, a0, n0, VRING_DESC_F_NEXT, 1, a1, n1, 0, 0)
+        self._set_desc(head * DESC_SIZE, self._indirect_parts.addr + base, 2 * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+        self._out[head] = (head if token is None else token, [head], 0)
+        idx = self.avail_idx
+        self._set_avail(AVAIL_RING + 2 * (idx & self._mask), head)
+        self.avail_idx = idx = (idx + 1) & 0xFFFF
+        self._added += 1
+        # Write barrier: the table, the descriptor and the ring entry before avail.idx (program order on x86).
+        self._set_avail(AVAIL_IDX, idx)
+        return head
+
+    def _place(self, head: int, token: Any, descs: list[int], writable_len: int) -> None:
+        """Record the chain at ``head`` as outstanding and put it in the next avail slot (not yet published)."""
+        self._out[head] = (head if token is None else token, descs, writable_len)
+        self._set_avail(AVAIL_RING + 2 * (self.avail_idx & self._mask), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._added += 1
+
+    def _publish(self) -> None:
+        """Make every placed chain available: one ``avail.idx`` store."""
+        # Write barrier: the descriptors and the ring entries before avail.idx (program order on x86).
+        self._set_avail(AVAIL_IDX, self.avail_idx)
 
     def prepare(self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]] = ()) -> PreparedChain:
         """The chain :meth:`add` would post for ``out`` / ``in_``, for :meth:`add_prepared` to post many times."""
@@ -189,16 +249,45 @@ class DriverRing:
 
     def add_prepared(self, chain: PreparedChain, token: Any = None) -> int:
         """What :meth:`add` posts for a chain :meth:`prepare` built: the same descriptors, the table as built."""
-        table = chain.table
-        if table is None:
-            return self.add(chain.out, chain.in_, token, indirect=False)
-        if not self._free:
-            raise RingFull(f"{self.name}: no free descriptor")
-        head = self._free.pop()
-        base = head * self._indirect_entries * DESC_SIZE
-        self._indirect_parts.write(base, table)
-        self._desc.pack(DESC, head * DESC_SIZE, self._indirect_parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
-        return self._post(head, token, [head], chain.writable_len)
+        return self.add_prepared_many(((chain, token),))[0]
+
+    def add_prepared_many(self, chains) -> list[int]:
+        """:meth:`add_prepared` for each ``(chain, token)``, published with one ``avail.idx`` store; their heads.
+
+        What was placed before a :class:`RingFull` is published before it is raised.
+        """
+        heads: list[int] = []
+        free, set_desc, set_avail, parts, mv = self._free, self._set_desc, self._set_avail, self._indirect_parts, \
+            self._table_mv
+        entries, out, mask = self._indirect_entries, self._out, self._mask
+        idx = start = self.avail_idx
+        try:
+            for chain, token in chains:
+                table = chain.table
+                if table is None:
+                    self.avail_idx = idx
+                    head = self.add(chain.out, chain.in_, token, indirect=False)
+                    idx = self.avail_idx
+                else:
+                    if not free:
+                        raise RingFull(f"{self.name}: no free descriptor")
+                    head = free.pop()
+                    base = head * entries * DESC_SIZE
+                    if mv is not None:
+                        mv[base:base + len(table)] = table
+                    else:
+                        parts.write(base, table)
+                    set_desc(head * DESC_SIZE, parts.addr + base, len(table), VRING_DESC_F_INDIRECT, 0)
+                    out[head] = (head if token is None else token, [head], chain.writable_len)
+                    set_avail(AVAIL_RING + 2 * (idx & mask), head)
+                    idx = (idx + 1) & 0xFFFF
+                    self._added += 1
+                heads.append(head)
+        finally:
+            self.avail_idx = idx
+            if idx != start:
+                self._publish()
+        return heads
 
     def kick_prepare(self) -> bool:
         """After adding: does the device want a kick? (``virtqueue_kick_prepare``, section 1.4.)"""
@@ -222,31 +311,57 @@ class DriverRing:
 
     def get_used(self) -> tuple[Any, int] | None:
         """The next completed chain as ``(token, len)``, or None (``virtqueue_get_buf``)."""
-        if not self.used_pending():
-            return None
+        got = self.get_used_many(1)
+        return got[0] if got else None
+
+    def get_used_many(self, limit: int) -> list[tuple[Any, int]]:
+        """Up to ``limit`` completed chains as ``(token, len)``, in order; ``used.idx`` read (and checked) once.
+
+        Every element is validated as :meth:`get_used` does; a bad one raises
+        :class:`VringError` (what came before it is consumed and lost with
+        the ring, as Linux's BAD_RING).
+        """
+        n = self.used_pending()
+        if n > limit:
+            n = limit
+        got: list[tuple[Any, int]] = []
+        if not n:
+            return got
         # Read barrier after seeing used.idx: program order on x86.
-        slot = self.last_used & self._mask
-        id_, length = self._used.unpack(USED_ELEM, USED_RING + USED_ELEM_SIZE * slot)
-        if id_ >= self.num:
-            raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} out of range 0..{self.num - 1}")
-        o = self._out.pop(id_, None)
-        if o is None:
-            raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} is not a head in flight")
-        if length > o.writable_len:
-            self._out[id_] = o
-            raise VringError(f"{self.name}: used.ring[{slot}]: head {id_} returned with len {length}, but its "
-                             f"writable buffers hold {o.writable_len}")
-        self._free.extend(reversed(o.descs))
-        self.last_used = (self.last_used + 1) & 0xFFFF
-        if not self._cb_disabled:
-            # Linux writes used_event after every get_buf while callbacks are on (section 1.4).
-            self._avail.set_u16(self._used_event, self.last_used)
-        return o.token, length
+        unpack, outstanding, free, mask = self._get_used_elem, self._out, self._free, self._mask
+        track = not self._cb_disabled
+        last = self.last_used
+        try:
+            for _ in range(n):
+                slot = last & mask
+                id_, length = unpack(USED_RING + USED_ELEM_SIZE * slot)
+                o = outstanding.pop(id_, None)
+                if o is None:
+                    if id_ >= self.num:
+                        raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} out of range 0..{self.num - 1}")
+                    raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} is not a head in flight")
+                token, descs, writable_len = o
+                if length > writable_len:
+                    outstanding[id_] = o
+                    raise VringError(f"{self.name}: used.ring[{slot}]: head {id_} returned with len {length}, but "
+                                     f"its writable buffers hold {writable_len}")
+                if len(descs) == 1:
+                    free.append(id_)
+                else:
+                    free.extend(reversed(descs))
+                last = (last + 1) & 0xFFFF
+                if track:
+                    # Linux writes used_event after every get_buf while callbacks are on (section 1.4).
+                    self._avail.set_u16(self._used_event, last)
+                got.append((token, length))
+        finally:
+            self.last_used = last
+        return got
 
     def get_all_used(self) -> list[tuple[Any, int]]:
         out = []
-        while (u := self.get_used()) is not None:
-            out.append(u)
+        while got := self.get_used_many(self.num):
+            out += got
         return out
 
     def disable_cb(self) -> None:
@@ -278,9 +393,9 @@ class DriverRing:
 
     def detach_unused(self) -> list[Any]:
         """Forget every chain still in flight (after a device reset); returns their tokens."""
-        tokens = [o.token for o in self._out.values()]
-        for o in self._out.values():
-            self._free.extend(o.descs)
+        tokens = [token for token, _descs, _n in self._out.values()]
+        for _token, descs, _n in self._out.values():
+            self._free.extend(descs)
         self._out.clear()
         return tokens
 

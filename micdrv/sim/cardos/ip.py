@@ -21,7 +21,9 @@ again; NEEDS_CSUM -- the field holds only the pseudo-header sum (the host's
 stack left it for a device that never computes it on a local path),
 accepted like Linux's CHECKSUM_PARTIAL; otherwise verified here
 (:mod:`.ip_csum`, one C-speed pass) and dropped if wrong. UDP leaves with a
-partial checksum when the device acked CSUM, else a full one.
+partial checksum when the device acked CSUM, else a full one. A UDP reply
+that carries the payload its handler was just given (the echo) may leave
+from the receive buffer (:meth:`IpStack.send_ip` ``in_place``).
 
 **Transmit** (:meth:`IpStack.send_ip` and the UDP / ICMP helpers): the
 next hop is the destination if on-link, else the gateway (if configured);
@@ -65,6 +67,7 @@ ARP_LIFETIME = 300.0
 ARP_TRIES, ARP_INTERVAL = 3, 1.0
 
 ETH = struct.Struct("!6s6sH")
+ETH_IPV4 = struct.Struct("!6s6sHBBHHHBBH4s4s")   # an Ethernet header and an IPv4 header without options, one pack
 ARP = struct.Struct("!HHBBH6s4s6s4s")       # RFC 826 for Ethernet / IPv4
 IPV4 = struct.Struct("!BBHHHBBH4s4s")       # RFC 791 header without options
 UDP = struct.Struct("!HHHH")
@@ -99,6 +102,15 @@ class IpStack:
         self._mask = int(config.network.netmask)
         self._net = int(config.network.network_address)
         self._bcast = config.network.broadcast_address.packed
+        # The sums of what every header we send repeats (RFC 1071: a 4-byte address read as one big-endian
+        # integer is congruent to the sum of its two words modulo 0xFFFF, see ip_csum): IPv4 version/IHL,
+        # DF and TTL with our address; the pseudo-header's source.
+        self._ip_sum = 0x4500 + IP_DF + (TTL << 8) + int.from_bytes(self.ip, "big")
+        self._src_sum = int.from_bytes(self.ip, "big")
+        # The payload a UDP handler is being given (the worker thread's, during the call) and its offset in
+        # the frame: a reply carrying that very payload may go back from the receive buffer (udp_send).
+        self._rx_payload: memoryview | None = None
+        self._rx_payload_at = 0
         self._arp: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._arp_cv = threading.Condition()
         self._udp: dict[int, UdpHandler] = {}
@@ -198,52 +210,56 @@ class IpStack:
         """One received frame (valid only during the call) with the flags of its virtio-net header."""
         if dev is not self.netdev:
             return
-        self.c["eth_in"] += 1
-        dst = frame[0:6]
+        c = self.c
+        c["eth_in"] += 1
+        dst, src_mac, ethertype = ETH.unpack_from(frame)
         if dst != dev.mac and dst != BROADCAST_MAC:
-            self.c["eth_other"] += 1      # multicast (IPv6 neighbour discovery, ...) or another host's
+            c["eth_other"] += 1      # multicast (IPv6 neighbour discovery, ...) or another host's
             return
-        ethertype = frame[12] << 8 | frame[13]
-        if ethertype == ETH_P_ARP:
+        if ethertype == ETH_P_IP:
+            self._ip_in(dev, hdr_flags, frame, src_mac)
+        elif ethertype == ETH_P_ARP:
             self._arp_in(dev, frame)
-        elif ethertype == ETH_P_IP:
-            self._ip_in(dev, hdr_flags, frame)
         else:
-            self.c["proto_unknown"] += 1
+            c["proto_unknown"] += 1
 
-    def _ip_in(self, dev: "NetDriver", hdr_flags: int, frame: memoryview) -> None:
+    def _ip_in(self, dev: "NetDriver", hdr_flags: int, frame: memoryview, src_mac: bytes) -> None:
+        c = self.c
         if len(frame) < ETH_HLEN + IP_HLEN:
-            self.c["ip_bad"] += 1
+            c["ip_bad"] += 1
             return
         vihl, _tos, total, _ident, frag, ttl, proto, _sum, src, dst = IPV4.unpack_from(frame, ETH_HLEN)
         ihl = (vihl & 0xF) * 4
+        # The header checksum: ip_csum.valid(ip_csum.partial(header)), inline (every header is even-sized).
         if vihl >> 4 != 4 or ihl < IP_HLEN or total < ihl or ETH_HLEN + total > len(frame) or \
-                not ip_csum.valid(ip_csum.partial(frame[ETH_HLEN:ETH_HLEN + ihl])):
-            self.c["ip_bad"] += 1
+                int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
+            c["ip_bad"] += 1
             return
-        self.c["ip_in"] += 1
-        broadcast = dst in (self._bcast, b"\xff\xff\xff\xff")
-        if dst != self.ip and not broadcast:
-            self.c["ip_not_ours"] += 1     # no forwarding
-            return
+        c["ip_in"] += 1
+        broadcast = False
+        if dst != self.ip:
+            broadcast = dst == self._bcast or dst == b"\xff\xff\xff\xff"
+            if not broadcast:
+                c["ip_not_ours"] += 1     # no forwarding
+                return
         if frag & (IP_MF | IP_OFFMASK):
-            self.c["ip_frag"] += 1         # no reassembly (see the module docstring)
+            c["ip_frag"] += 1         # no reassembly (see the module docstring)
             return
         datagram = frame[ETH_HLEN:ETH_HLEN + total]
-        l4 = datagram[ihl:]
-        checked = bool(hdr_flags & N.VIRTIO_NET_HDR_F_DATA_VALID)
-        partial = bool(hdr_flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM)
-        if checked:
-            self.c["csum_trusted"] += 1
-        elif partial:
-            self.c["csum_offloaded"] += 1
-        src_mac = bytes(frame[6:12])
+        if hdr_flags & N.VIRTIO_NET_HDR_F_DATA_VALID:
+            c["csum_trusted"] += 1
+            trusted = True
+        elif hdr_flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            c["csum_offloaded"] += 1
+            trusted = True
+        else:
+            trusted = False
         if proto == IPPROTO_UDP:
-            self._udp_in(src, dst, l4, checked or partial, src_mac, broadcast, datagram[:ihl + UDP_HLEN])
+            self._udp_in(src, dst, datagram, ihl, trusted, src_mac, broadcast)
         elif proto == IPPROTO_ICMP and not broadcast:
-            self._icmp_in(src, l4, checked or partial, src_mac, ttl)
+            self._icmp_in(src, datagram[ihl:], trusted, src_mac, ttl)
         elif not broadcast:
-            self.c["tcp_dropped" if proto == IPPROTO_TCP else "proto_unknown"] += 1
+            c["tcp_dropped" if proto == IPPROTO_TCP else "proto_unknown"] += 1
             self._unreachable(src, src_mac, ICMP_PROT_UNREACH, datagram[:ihl + 8])
 
     def _icmp_in(self, src: bytes, msg: memoryview, trusted: bool, src_mac: bytes, ttl: int) -> None:
@@ -266,28 +282,34 @@ class IpStack:
             if waiter is not None:
                 waiter(seq, msg[ICMP_HLEN:], ttl, time.monotonic())
 
-    def _udp_in(self, src: bytes, dst: bytes, seg: memoryview, trusted: bool, src_mac: bytes, broadcast: bool,
-                quote: memoryview) -> None:
-        if len(seg) < UDP_HLEN:
-            self.c["ip_bad"] += 1
+    def _udp_in(self, src: bytes, dst: bytes, datagram: memoryview, ihl: int, trusted: bool, src_mac: bytes,
+                broadcast: bool) -> None:
+        c = self.c
+        if len(datagram) < ihl + UDP_HLEN:
+            c["ip_bad"] += 1
             return
-        sport, dport, ulen, csum = UDP.unpack_from(seg)
-        if ulen < UDP_HLEN or ulen > len(seg):
-            self.c["ip_bad"] += 1
+        sport, dport, ulen, csum = UDP.unpack_from(datagram, ihl)
+        if ulen < UDP_HLEN or ihl + ulen > len(datagram):
+            c["ip_bad"] += 1
             return
-        seg = seg[:ulen]
-        if csum and not trusted and not ip_csum.valid(ip_csum.partial(seg) +
-                                                      ip_csum.pseudo_header(src, dst, IPPROTO_UDP, ulen)):
-            self.c["csum_errors"] += 1
-            return
-        self.c["udp_in"] += 1
+        if csum and not trusted:
+            seg = datagram[ihl:ihl + ulen]
+            if not ip_csum.valid(ip_csum.partial(seg) + ip_csum.pseudo_header(src, dst, IPPROTO_UDP, ulen)):
+                c["csum_errors"] += 1
+                return
+        c["udp_in"] += 1
         handler = self._udp.get(dport)
         if handler is None:
-            self.c["udp_no_port"] += 1
+            c["udp_no_port"] += 1
             if not broadcast:
-                self._unreachable(src, src_mac, ICMP_PORT_UNREACH, quote)
+                self._unreachable(src, src_mac, ICMP_PORT_UNREACH, datagram[:ihl + UDP_HLEN])
             return
-        handler(src, sport, seg[UDP_HLEN:], src_mac)
+        payload = datagram[ihl + UDP_HLEN:ihl + ulen]
+        self._rx_payload, self._rx_payload_at = payload, ETH_HLEN + ihl + UDP_HLEN
+        try:
+            handler(src, sport, payload, src_mac)
+        finally:
+            self._rx_payload = None
 
     def _unreachable(self, dst: bytes, dst_mac: bytes, code: int, quote: memoryview) -> None:
         """ICMP destination unreachable quoting the offending IP header and 8 bytes of data (RFC 792)."""
@@ -311,47 +333,66 @@ class IpStack:
         raise NetError(f"ENETUNREACH: {ip_text(dst)} is not on {self.config.network} and there is no gateway")
 
     def send_ip(self, dst: bytes, proto: int, parts: list, dst_mac: bytes | None = None,
-                csum: tuple[int, int] | None = None, kick: bool = True, wait: float | None = None) -> bool:
+                csum: tuple[int, int] | None = None, kick: bool = True, wait: float | None = None,
+                in_place: bool = False) -> bool:
         """One IPv4 datagram of ``parts`` (the L4 header and data); False if the interface dropped it.
 
         ``csum`` = (start, offset) inside the L4 data for a partial checksum
         the device completes. Without ``dst_mac`` the next hop is resolved
-        (may block up to 3 s).
+        (may block up to 3 s). ``in_place``: ``parts`` are a header and the
+        payload of the frame being received, which lies right after where
+        the headers go: the device may send the frame from its receive buffer
+        (:meth:`NetDriver.xmit_in_place`) instead of copying it.
         """
-        dev = self._dev()
-        length = sum(len(p) for p in parts)
-        if IP_HLEN + length > dev.mtu:
-            raise NetError(f"EMSGSIZE: a {IP_HLEN + length}-byte datagram exceeds {dev.ifname}'s MTU {dev.mtu}")
+        dev = self.netdev
+        if dev is None:
+            raise NetError("ENETDOWN: no network interface")
+        length = 0
+        for p in parts:
+            length += len(p)
+        total = IP_HLEN + length
+        if total > dev.mtu:
+            raise NetError(f"EMSGSIZE: a {total}-byte datagram exceeds {dev.ifname}'s MTU {dev.mtu}")
         if dst_mac is None:
             dst_mac = self.resolve(self.next_hop(dst))
         ident = next(self._ident) & 0xFFFF
-        hdr = IPV4.pack(0x45, 0, IP_HLEN + length, ident, IP_DF, TTL, proto, 0, self.ip, dst)
-        hdr = hdr[:10] + ip_csum.checksum(hdr).to_bytes(2, "big") + hdr[12:]
-        self.c["ip_out"] += 1
+        # The header checksum from the sums of its fields (what ip_csum.checksum of the packed header gives).
+        hsum = ip_csum.finish(self._ip_sum + total + ident + proto + int.from_bytes(dst, "big"))
+        c = self.c
+        c["ip_out"] += 1
         if proto == IPPROTO_ICMP:
-            self.c["icmp_out"] += 1
+            c["icmp_out"] += 1
         off = None if csum is None else (ETH_HLEN + IP_HLEN + csum[0], csum[1])
-        kw = {} if wait is None else {"wait": wait}
         # The headers as one piece (Ethernet + IPv4 + the L4 header): one copy into the frame, not three.
-        head = ETH.pack(dst_mac, dev.mac, ETH_P_IP) + hdr + bytes(parts[0])
-        return dev.xmit([head, *parts[1:]], off, kick, **kw)
+        head = ETH_IPV4.pack(dst_mac, dev.mac, ETH_P_IP, 0x45, 0, total, ident, IP_DF, TTL, proto, hsum, self.ip,
+                             dst) + parts[0]
+        if in_place and len(parts) == 2 and len(head) == self._rx_payload_at:
+            sent = dev.xmit_in_place(head, ETH_HLEN + total, off)
+            if sent is not None:
+                return sent
+        if wait is None:
+            return dev.xmit([head, *parts[1:]], off, kick)
+        return dev.xmit([head, *parts[1:]], off, kick, wait=wait)
 
     def udp_send(self, dst: bytes, dport: int, sport: int, payload, dst_mac: bytes | None = None,
                  kick: bool = True) -> bool:
         """One UDP datagram; its checksum partial (NEEDS_CSUM) if the device takes that, else computed."""
-        dev = self._dev()
+        dev = self.netdev
+        if dev is None:
+            raise NetError("ENETDOWN: no network interface")
         ulen = UDP_HLEN + len(payload)
-        seed = ip_csum.pseudo_header(self.ip, dst, IPPROTO_UDP, ulen)
+        # ip_csum.pseudo_header(self.ip, dst, IPPROTO_UDP, ulen), from the sums of its fields.
+        seed = self._src_sum + int.from_bytes(dst, "big") + IPPROTO_UDP + ulen
         if dev.csum_tx:
             head = UDP.pack(sport, dport, ulen, ip_csum.fold(seed))
             csum = (0, 6)
         else:
-            head = UDP.pack(sport, dport, ulen, 0)
-            value = ip_csum.udp_field(ip_csum.finish(seed + ip_csum.partial(head) + ip_csum.partial(payload)))
-            head = head[:6] + value.to_bytes(2, "big")
+            value = ip_csum.udp_field(ip_csum.finish(seed + sport + dport + ulen + ip_csum.partial(payload)))
+            head = UDP.pack(sport, dport, ulen, value)
             csum = None
         self.c["udp_out"] += 1
-        return self.send_ip(dst, IPPROTO_UDP, [head, payload], dst_mac, csum, kick)
+        return self.send_ip(dst, IPPROTO_UDP, [head, payload], dst_mac, csum, kick,
+                            in_place=payload is self._rx_payload)
 
     def flush(self) -> None:
         dev = self.netdev

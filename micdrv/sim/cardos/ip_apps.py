@@ -1,7 +1,9 @@
 """What runs on the card's IP stack: the UDP echo server, ``ping``, and the UDP source and sink for benchmarks.
 
 * :class:`UdpEcho` -- RFC 862 on UDP port 7: every datagram goes back to
-  where it came from, same payload (the reply to the frame's source MAC).
+  where it came from, same payload (the reply to the frame's source MAC;
+  a big one from its receive buffer, :meth:`IpStack.udp_send` with the
+  payload it was given).
 * :func:`ping` -- iputils' output and statistics: ICMP echo requests with a
   pattern payload, replies matched by identifier and sequence, their data
   compared with what was sent.

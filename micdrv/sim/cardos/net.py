@@ -43,11 +43,21 @@ kicked once at the end of its batch, as Linux defers the kick while
 64 KiB + header). Completed chains are reaped lazily on the next transmit
 with the transmit interrupt off; a sender that finds no room enables it
 and waits (``virtqueue_enable_cb_delayed``'s purpose), so a burst is
-"as fast as the ring allows".
+"as fast as the ring allows". A reply bigger than a 2 KiB slot that carries
+the very payload of the frame being received (the UDP echo) is sent from
+the receive buffer itself, its headers written over the received ones --
+what XDP_TX does -- instead of being copied (:meth:`NetDriver.xmit_in_place`):
+the buffer is posted for receive again when its transmit chain comes back
+(reaped after every receive batch while any is out), and at most three
+quarters of the receive buffers are out that way [choice].
 
 **Receive processing** runs on the device's worker thread (NAPI): the
 interrupt only disables further receive interrupts and wakes it; it
-drains, hands frames to the stack, refills, re-enables and re-checks (the
+drains (up to 64 used entries, ``used.idx`` read once), hands frames to the
+stack in place (one view of the receive buffers and one of each transmit
+pool per batch, taken through the card bus, so a stopped card OS is refused
+at the next batch), kicks once for the replies, refills in one
+``avail.idx`` store and one kick, re-enables and re-checks (the
 notification-suppression loop of section 1.6, driver side). Frames shorter
 than header + 14, a bad GSO type, or checksum offsets outside the frame are
 dropped and counted (section 2.3).
@@ -91,6 +101,7 @@ SMALL_CAPACITY = HDR_LEN + 1518    # section 2.5: hdr_len + 14 + 4 (VLAN) + 1500
 SMALL_TX_SLOT, BIG_TX_SLOT = 2048, 65600   # transmit slot pools; 65600 = mpssd's ALIGN(64 KiB + 14, 64)
 BIG_TX_SLOTS = 32                  # 64 KiB frames in flight at most [choice: 2 MiB of card memory]
 NAPI_BUDGET = 64                   # frames per receive batch (Linux's NAPI weight)
+LENT = -1                          # transmit token pool of a receive buffer sent back in place (xmit_in_place)
 TX_WAIT = 2.0                      # a transmit waits this long for ring room before the frame is dropped
 
 WANTED = sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_TSO4,
@@ -98,6 +109,7 @@ WANTED = sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM, N.VIRTIO_
                               N.VIRTIO_NET_F_STATUS, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX))
 BIG_MODE_FEATURES = sum(1 << b for b in (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6,
                                          N.VIRTIO_NET_F_GUEST_ECN, N.VIRTIO_NET_F_GUEST_UFO))
+_PLAIN_HDR = HDR.pack(0, 0, 0, 0, 0, 0)  # no offload asked for
 GSO_TYPES = {N.VIRTIO_NET_HDR_GSO_NONE, N.VIRTIO_NET_HDR_GSO_TCPV4, N.VIRTIO_NET_HDR_GSO_TCPV6}
 
 
@@ -145,6 +157,14 @@ class NetDriver(VirtioDriver):
         self._rx_bufs: list[tuple[int, int]] = []   # token -> (card address, frame offset)
         self._rx_alloc: list[tuple[int, int]] = []
         self._rx_prepared: list = []                # token -> its chain as DriverRing.prepare built it
+        self._rx_area = (0, 0)                      # the receive buffers' one allocation: (card address, bytes)
+        self._batch_tx: list | None = None          # the transmit pools' views while the worker runs a batch
+        self._rx_view: memoryview | None = None     # the receive area's view while the worker runs a batch
+        self._rx_cur: tuple | None = None           # (token, card address, frame offset, frame) being received
+        self._lent: set[int] = set()                # receive buffers out on the transmit ring (xmit_in_place)
+        self._lent_batch: set[int] = set()          # those of them the current batch sent (the worker's own)
+        self._lend_max = 0
+        self._returned: list[int] = []              # lent buffers the device completed, to post again (tx lock)
         self._pools: list[_SlotPool] = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -156,7 +176,7 @@ class NetDriver(VirtioDriver):
         self._napi_ident: int | None = None   # the receive worker's thread: its transmits kick per batch
         self.c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_short", "rx_bad_header",
                                 "rx_batches", "rx_interrupts", "tx_packets", "tx_bytes", "tx_dropped",
-                                "tx_too_big", "tx_waits", "tx_interrupts", "kicks"), 0)
+                                "tx_too_big", "tx_waits", "tx_interrupts", "tx_in_place", "kicks"), 0)
 
     # --- probe ---------------------------------------------------------------------------------
     def probe(self, dev: VirtioDevice) -> None:
@@ -216,7 +236,9 @@ class NetDriver(VirtioDriver):
             count, block, off = ring.num, -(-SMALL_CAPACITY // 64) * 64, HDR_LEN
         base = dev.alloc(count * block, PAGE)
         self._rx_alloc.append((base, count * block))
+        self._rx_area = (base, count * block)
         self._rx_bufs = [(base + i * block, off) for i in range(count)]
+        self._lend_max = count * 3 // 4    # a quarter of the buffers always stays posted or in the worker's hands
         self._pools = [_SlotPool(dev, SMALL_TX_SLOT, self.tx.num), _SlotPool(dev, BIG_TX_SLOT, BIG_TX_SLOTS)]
 
     def _rx_chain(self, addr: int) -> list[tuple[int, int]]:
@@ -234,8 +256,7 @@ class NetDriver(VirtioDriver):
         prepared = self._rx_prepared
         if not prepared:     # each buffer's chain (its indirect table) is built once, then posted as built
             prepared.extend(ring.prepare((), self._rx_chain(addr)) for addr, _off in self._rx_bufs)
-        for t in tokens:
-            ring.add_prepared(prepared[t], t)
+        ring.add_prepared_many([(prepared[t], t) for t in tokens])
         if self.rx.kick():
             self.c["kicks"] += 1
 
@@ -268,19 +289,25 @@ class NetDriver(VirtioDriver):
             while not self._stop.is_set() and self.broken is None:
                 try:
                     with self._rx_lock:
-                        batch = []
-                        while len(batch) < NAPI_BUDGET and (u := self.rx.ring.get_used()) is not None:
-                            batch.append(u)
+                        batch = self.rx.ring.get_used_many(NAPI_BUDGET)
                 except VringError as e:
                     self._break(str(e))
                     break
                 if batch:
                     self.c["rx_batches"] += 1
                     self._receive(batch)
-                    self.flush()              # what the batch sent (echo replies, ARP answers): one kick
+                    # The batch's buffers but those it sent in place: they come back (in _returned) when the
+                    # device completes their transmit chains, which may have happened already.
+                    lent = self._lent_batch
+                    tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
+                    with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
+                        self._kick_tx()
+                        if self._lent:
+                            self._reap()
+                        returned, self._returned = self._returned, []
                     with self._rx_lock:
                         try:
-                            self._refill(t for t, _n in batch)
+                            self._refill(tokens + returned)
                         except (VringError, RingFull) as e:
                             self._break(f"refill: {e}")
                             break
@@ -291,35 +318,62 @@ class NetDriver(VirtioDriver):
                         self.rx.ring.disable_cb()
 
     def _receive(self, batch: list[tuple[int, int]]) -> None:
-        mem, stack = self.dev.memory, self.drivers.stack
-        for token, n in batch:
-            addr, off = self._rx_bufs[token]
-            flen = n - HDR_LEN
-            if flen < ETH_HLEN:
-                self.c["rx_short"] += 1
-                self.c["rx_dropped"] += 1
-                continue
-            hv = mem.view(addr, HDR_LEN)
-            if hv is None:
-                hv = memoryview(mem.read(addr, HDR_LEN))
-            flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(hv)
-            hv.release()
-            if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
-                    flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
-                self.c["rx_bad_header"] += 1
-                self.c["rx_dropped"] += 1
-                continue
-            frame = mem.view(addr + off, flen)
-            if frame is None:
-                frame = memoryview(mem.read(addr + off, flen))
-            self.c["rx_packets"] += 1
-            self.c["rx_bytes"] += flen
-            try:
-                stack.receive(self, flags, frame)
-            except Exception:
-                log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
-            finally:
-                frame.release()
+        """Hand a batch of received frames to the stack, each in place in its receive buffer.
+
+        Card memory is reached through one view of the receive buffers and
+        one of each transmit pool for the whole batch (the replies the stack
+        sends go into the pools through them, :meth:`xmit`), each frame a
+        slice valid during its :meth:`IpStack.receive` call.
+        """
+        mem, stack, c = self.dev.memory, self.drivers.stack, self.c
+        rx_bufs = self._rx_bufs
+        base, size = self._rx_area
+        area = mem.view(base, size)
+        tx_views = [mem.view(p.base, p.size * p.count) for p in self._pools] if area is not None else []
+        if tx_views and None not in tx_views:
+            self._batch_tx = tx_views
+        self._rx_view = area
+        self._lent_batch = set()
+        try:
+            for token, n in batch:
+                addr, off = rx_bufs[token]
+                flen = n - HDR_LEN
+                if flen < ETH_HLEN:
+                    c["rx_short"] += 1
+                    c["rx_dropped"] += 1
+                    continue
+                if area is not None:
+                    at = addr - base
+                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
+                else:
+                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
+                if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                        flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
+                    c["rx_bad_header"] += 1
+                    c["rx_dropped"] += 1
+                    continue
+                if area is not None:
+                    frame = area[at + off:at + off + flen]
+                else:
+                    frame = memoryview(mem.read(addr + off, flen))
+                c["rx_packets"] += 1
+                c["rx_bytes"] += flen
+                if area is not None:
+                    self._rx_cur = (token, addr, off, frame)
+                try:
+                    stack.receive(self, flags, frame)
+                except Exception:
+                    log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
+                finally:
+                    self._rx_cur = None
+                    frame.release()
+        finally:
+            self._batch_tx = self._rx_view = None
+            for v in tx_views:
+                if v is not None:
+                    v.release()
+            if area is not None:
+                area.release()
 
     # --- transmit ----------------------------------------------------------------------------------
     def xmit(self, parts, csum: tuple[int, int] | None = None, kick: bool = True,
@@ -333,13 +387,19 @@ class NetDriver(VirtioDriver):
         flen = 0
         for p in parts:
             flen += len(p)
-        if flen + HDR_LEN > BIG_TX_SLOT:
-            self.c["tx_too_big"] += 1
+        size = HDR_LEN + flen
+        c = self.c
+        if size > BIG_TX_SLOT:
+            c["tx_too_big"] += 1
             return False
-        hdr = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else HDR.pack(0, 0, 0, 0, 0, 0)
-        pool_i = 0 if flen + HDR_LEN <= SMALL_TX_SLOT else 1
-        if kick and threading.get_ident() == self._napi_ident:
+        # The virtio-net header and the first part (the frame's headers) as one piece: one store, not two.
+        first = (HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR) + \
+            (parts[0] if parts else b"")
+        pool_i = 0 if size <= SMALL_TX_SLOT else 1
+        batch_tx = None
+        if threading.get_ident() == self._napi_ident:
             kick = False      # a reply from the receive worker: kicked once at the end of its batch (_poll_loop)
+            batch_tx = self._batch_tx
         with self._tx_lock:
             if self.broken is not None or self.dev is None:
                 slot = None
@@ -350,32 +410,83 @@ class NetDriver(VirtioDriver):
                 else:
                     slot = self._tx_slot(pool_i, wait)
             if slot is None:
-                self.c["tx_dropped"] += 1
+                c["tx_dropped"] += 1
                 return False
             pool = self._pools[pool_i]
-            addr = pool.addr(slot)
-            mem = self.dev.memory
-            view = mem.view(addr, HDR_LEN + flen)
-            if view is not None:
-                view[:HDR_LEN] = hdr
-                at = HDR_LEN
-                for p in parts:
-                    view[at:at + len(p)] = p
-                    at += len(p)
-                view.release()
+            addr = pool.base + slot * pool.size
+            if batch_tx is not None:            # the worker's view of the pool for its batch
+                view, at = batch_tx[pool_i], slot * pool.size
             else:
-                mem.write(addr, hdr + b"".join(bytes(p) for p in parts))
+                view, at = self.dev.memory.view(addr, size), 0
+            if view is not None:
+                end = at + len(first)
+                view[at:end] = first
+                for i in range(1, len(parts)):
+                    p = parts[i]
+                    at, end = end, end + len(p)
+                    view[at:end] = p
+                if batch_tx is None:
+                    view.release()
+            else:
+                self.dev.memory.write(addr, first + b"".join(bytes(parts[i]) for i in range(1, len(parts))))
             try:
-                self.tx.ring.add([(addr, HDR_LEN), (addr + HDR_LEN, flen)], (), (pool_i, slot))
+                self.tx.ring.add_pair(addr, HDR_LEN, addr + HDR_LEN, flen, (pool_i, slot))
             except (VringError, RingFull) as e:
                 pool.free.append(slot)
                 self._break(f"transmit: {e}")
                 return False
             self._tx_pending += 1
-            self.c["tx_packets"] += 1
-            self.c["tx_bytes"] += flen
+            c["tx_packets"] += 1
+            c["tx_bytes"] += flen
             if kick:
                 self._kick_tx()
+        return True
+
+    def xmit_in_place(self, head: bytes, flen: int, csum: tuple[int, int] | None = None) -> bool | None:
+        """Send the frame being received back from its receive buffer, as XDP_TX does.
+
+        Its first ``flen`` bytes go, ``head`` written over its start. Only from
+        the receive worker during :meth:`IpStack.receive`; None when the frame
+        cannot go that way (the caller copies it with :meth:`xmit`). Frames
+        that fit a small transmit slot are always copied (cheaper than lending
+        a buffer); the buffer is posted for receive again once the device
+        returns its transmit chain, and at most three quarters of the buffers
+        are out at a time, so the receive ring keeps buffers however long the
+        device holds transmit chains.
+        """
+        cur, area = self._rx_cur, self._rx_view
+        if cur is None or area is None or flen + HDR_LEN <= SMALL_TX_SLOT or len(self._lent) >= self._lend_max \
+                or threading.get_ident() != self._napi_ident:
+            return None
+        token, addr, off, frame = cur
+        if not len(head) <= flen <= len(frame):
+            return None
+        with self._tx_lock:
+            if self.broken is not None or self.dev is None:
+                self.c["tx_dropped"] += 1
+                return False
+            ring = self.tx.ring
+            need = 1 if ring.use_indirect else 2
+            if ring.num_free < need:
+                self._reap()
+                if ring.num_free < need:
+                    return None
+            frame[:len(head)] = head
+            # The header right before the frame (in the big buffers' padding, over the small ones' received
+            # header), as XDP_TX puts it in the headroom: header and frame adjacent, one piece for the device.
+            at = addr + off - HDR_LEN - self._rx_area[0]
+            area[at:at + HDR_LEN] = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
+            try:
+                ring.add_pair(addr + off - HDR_LEN, HDR_LEN, addr + off, flen, (LENT, token))
+            except (VringError, RingFull) as e:
+                self._break(f"transmit: {e}")
+                return False
+            self._lent.add(token)
+            self._lent_batch.add(token)
+            self._tx_pending += 1
+            self.c["tx_packets"] += 1
+            self.c["tx_in_place"] += 1
+            self.c["tx_bytes"] += flen
         return True
 
     def flush(self) -> None:
@@ -394,7 +505,11 @@ class NetDriver(VirtioDriver):
         pools = self._pools
         try:
             for (pool_i, slot), _n in self.tx.ring.get_all_used():
-                pools[pool_i].free.append(slot)
+                if pool_i == LENT:
+                    self._lent.discard(slot)
+                    self._returned.append(slot)
+                else:
+                    pools[pool_i].free.append(slot)
         except VringError as e:
             self._break(f"transmit completions: {e}")
 
@@ -468,6 +583,8 @@ class NetDriver(VirtioDriver):
         for p in self._pools:
             dev.free(p.base, p.size * p.count)
         self._rx_alloc, self._pools, self._rx_bufs, self._rx_prepared = [], [], [], []
+        self._rx_area = (0, 0)
+        self._lent, self._returned = set(), []
 
     def remove(self) -> None:
         """Hot remove / unbind: stop receiving, reset the device, give back every buffer."""

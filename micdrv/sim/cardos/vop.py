@@ -69,7 +69,8 @@ class RingMemory(CardMemory):
     ring views are taken while this card OS runs [choice: a card reset does
     not revoke them, but it stops the OS's threads, whose next buffer access
     raises CardOSStopped]. Buffers (:attr:`CardVop.gddr`) are reached the
-    same way but one short-lived view per access, each taken through
+    same way but through short-lived views (one per access, or one per
+    receive batch for virtio-net's buffers), each taken through
     :meth:`CardSide.view`, which refuses once this OS stopped as every bus
     access does: a frame is read and written in place instead of being
     copied out of and into card memory.
