@@ -142,7 +142,7 @@ class Virtqueue(abc.ABC):
     def flush(self) -> None:
         """Publish every completion :meth:`complete_deferred` held back (waiting for its copies)."""
 
-    def drain(self, process: Process, batch: int = DEFAULT_BATCH) -> Drained:
+    def drain(self, process: Process, batch: int = DEFAULT_BATCH, more: Callable[[], bool] | None = None) -> Drained:
         """Process chains until the queue is empty or ``process`` says stop.
 
         ``process(chain)`` returns the bytes it wrote at the front of the
@@ -154,9 +154,20 @@ class Virtqueue(abc.ABC):
         :meth:`complete_deferred` (the transport may still be copying it
         while the next batch is processed) or, where it stops, one
         :meth:`complete_many`; nothing is held back when drain returns.
+
+        ``more()``, if given, is asked before every batch but the first
+        whether the backend's source still has anything (a receive queue's
+        tap): False stops the drain as ``process`` returning None would, but
+        before any chain is taken -- every chain taken beyond what the source
+        holds is staged for nothing and given back.
         """
         self.disable_notify()
+        first = True
         while True:
+            if more is not None and not first and not more():
+                self.flush()
+                return Drained.STOPPED
+            first = False
             chains = self.pop_many(batch)
             if not chains:
                 self.flush()
