@@ -246,9 +246,15 @@ class NetBackend(Backend):
     # --- card -> tap (queue 1) ----------------------------------------------------------------
 
     def _transmit(self) -> None:
-        if self.queues[N.TX_QUEUE].drain(self._tx) is Drained.STOPPED:
+        # resume: the transport may fetch a batch's frames while the loop serves the tap (Drained.WAITING),
+        # and call _resume_tx once they are in
+        if self.queues[N.TX_QUEUE].drain(self._tx, resume=self._resume_tx) is Drained.STOPPED:
             self._tx_stalled = True
             self._c["tx_stalls"] += 1
+
+    def _resume_tx(self) -> None:
+        self._transmit()
+        self._watch()
 
     def _tx(self, chain: Chain) -> int | None:
         n = chain.readable_len

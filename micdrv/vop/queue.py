@@ -18,6 +18,17 @@ waits for it, then publishes the used entries with one ``used.idx`` store,
 records the consumed index in ``_mic_vring_info.avail_idx`` (spec 5.6), and
 rings the card once if it wants an interrupt.
 
+Asynchronous pop (:meth:`VopQueue.pop_start`, what a drain with ``resume``
+uses -- the net backend's transmit queue): the chains are taken and staged
+and their DMA from the card started as above, but instead of waiting the
+queue keeps the batch *incoming* and returns None; the event loop serves
+the tap and the other queues meanwhile. The device's poller
+(:meth:`~.device.VopDevice._poll_incoming`, a timer on the loop) looks at
+the DMA's status word, reads the channels' error registers now and then,
+and calls the backend's ``resume`` once the data is in; its next pop
+returns the batch. One batch per queue is incoming at a time, so what a
+drain gives back (:meth:`VopQueue.abandon`) is still the last taken.
+
 Deferred completion (:meth:`VopQueue.complete_deferred`, what the drain
 loop uses): the batch's DMA to the card is started and the queue moves on --
 the backend processes the next batch (preadv into staging, say) while the
@@ -41,6 +52,7 @@ their payload in one DMA batch over all channels.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
@@ -48,7 +60,7 @@ from backends.virtqueue import Chain, Virtqueue
 from micdrv.virtio import DescChain, VringError, Vringh
 
 from ..pci import Allocation, DmaArena
-from .copy import DMA_TIMEOUT, CopyEngine
+from .copy import DMA_TIMEOUT, CopyEngine, VopCopyError
 from .staging import StagingRing, align64
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,7 @@ MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest 
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
 DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
+CHECK_EVERY = 0.005         # a batch copying in longer than this has its channels' error registers read [choice]
 
 
 class _Staged:
@@ -168,7 +181,8 @@ class VopQueue(Virtqueue):
     """One queue of a VOP device as its backend sees it."""
 
     def __init__(self, index: int, vring: Vringh, engine: CopyEngine, staging: StagingArea,
-                 info_avail_idx: memoryview, notify: Callable[[], None], name: str = ""):
+                 info_avail_idx: memoryview, notify: Callable[[], None], name: str = "",
+                 schedule: Callable[["VopQueue"], None] = lambda q: None):
         self.index = index
         self.size = vring.num
         self.name = name or vring.name
@@ -178,13 +192,97 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        # a pop_start batch whose readable data is still being copied in: (DMA completion, chains, start time),
+        # and the backend's resume (called by the device's poller, see VopDevice) once it is in
+        self._incoming: tuple[object, list[Chain], float] | None = None
+        self._resume: Callable[[], None] | None = None
+        self._schedule = schedule
         # completions under way, oldest first: (DMA completion or None, used entries, chains)
         self._deferred: deque[tuple[object, list[tuple[int, int]], list[Chain]]] = deque()
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
-                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits"), 0)
+                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits",
+                                       "pop_waits"), 0)
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._incoming is not None:
+            return self._take_incoming()              # a pop_start batch: waited for here
+        out, copies = self._take(limit)
+        if copies:
+            try:
+                self.engine.read_in(copies)
+            except BaseException:
+                for c in reversed(out):
+                    self._release(c.ctx)
+                raise
+        return out
+
+    def pop_start(self, limit: int, resume: Callable[[], None]) -> list[Chain] | None:
+        if self._incoming is not None:
+            completion = self._incoming[0]
+            if not self.engine.done(completion):
+                self._resume = resume
+                return None
+            return self._take_incoming()
+        out, copies = self._take(limit)
+        if not copies:
+            return out
+        try:
+            completion = self.engine.read_in_start(copies)
+        except BaseException:
+            for c in reversed(out):
+                self._release(c.ctx)
+            raise
+        if completion is None:
+            return out
+        self._incoming = (completion, out, time.monotonic())
+        self._resume = resume
+        self.counters["pop_waits"] += 1
+        self._schedule(self)
+        return None
+
+    def _take_incoming(self) -> list[Chain]:
+        """The chains of the batch :meth:`pop_start` left copying, once their data is in (waits if need be)."""
+        completion, out, _t0 = self._incoming
+        self._incoming = None
+        self._resume = None
+        try:
+            self.engine.finish(completion)   # raises if the DMA failed: the device breaks
+        except BaseException:
+            for c in reversed(out):
+                self._release(c.ctx)
+            raise
+        return out
+
+    def incoming(self, now: float) -> bool | None:
+        """For the transport's poller: None if no batch is copying in for a resume, True once it is in (or
+        failed: its pop then raises), False while it is still copying -- after :data:`DMA_TIMEOUT` a
+        :class:`~.copy.VopCopyError`, and the channels' error registers are read every ``CHECK_EVERY``."""
+        inc = self._incoming
+        if inc is None or self._resume is None:
+            return None
+        completion, _out, t0 = inc
+        engine = self.engine
+        if engine.done(completion):
+            return True
+        age = now - t0
+        if age >= CHECK_EVERY:
+            engine.check(completion)
+            if completion.settled:
+                return True
+            if age >= DMA_TIMEOUT:
+                raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes from the card not done after "
+                                   f"{DMA_TIMEOUT:g} s")
+        return False
+
+    def resume(self) -> None:
+        """Call the backend back: the batch it waits for is in."""
+        fn, self._resume = self._resume, None
+        if fn is not None:
+            fn()
+
+    def _take(self, limit: int) -> tuple[list[Chain], list]:
+        """Take up to ``limit`` chains and stage them; the card -> host copies their readable data needs."""
         if self._deferred:
             self._publish(len(self._deferred))        # what has finished meanwhile, without waiting
         st = self.staging
@@ -258,20 +356,18 @@ class VopQueue(Virtqueue):
                     self.counters["staging_full"] += 1
                     self.vring.abandon(descs[taken:])
                     break
-            if not out:
-                return out
-            self.engine.read_in(copies)
         except BaseException:
             for c in reversed(out):
                 self._release(c.ctx)
             raise
         n = len(out)
-        c = self.counters
-        c["batches"] += 1
-        c["chains"] += n
-        if n > c["max_batch"]:
-            c["max_batch"] = n
-        return out
+        if n:
+            c = self.counters
+            c["batches"] += 1
+            c["chains"] += n
+            if n > c["max_batch"]:
+                c["max_batch"] = n
+        return out, copies
 
     # --- returning chains --------------------------------------------------------------------------
     def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
@@ -400,6 +496,14 @@ class VopQueue(Virtqueue):
     def release_all(self) -> None:
         """Forget every chain in flight (the device was reset or broken): their staging is free again --
         once no DMA still reads it (a deferred completion's is waited for, its outcome ignored)."""
+        if self._incoming is not None:
+            completion = self._incoming[0]
+            self._incoming = self._resume = None
+            try:
+                completion.wait(DMA_TIMEOUT)
+            except Exception:
+                log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
+                            self.name)
         while self._deferred:
             completion, _used, _done = self._deferred.popleft()
             if completion is not None:

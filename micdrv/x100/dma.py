@@ -117,6 +117,7 @@ class DmaCompletion(concurrent.futures.Future):
         self.nbytes = nbytes
         self._remaining = parts
         self._plock = threading.Lock() if parts > 1 else None  # parts settle from different channels
+        self.interrupt = False  # whether its last STATUS raises the channel interrupt (set by _submit)
         self.settled = False  # set once the outcome is in: a lock-free done() for the polling loop
 
     @property
@@ -414,6 +415,7 @@ class DmaEngine:
         return c
 
     def _submit(self, c: DmaCompletion, plan, interrupt: bool) -> None:
+        c.interrupt = interrupt
         try:
             for ch, batch, nbytes in plan:
                 if ch.try_submit(batch, c, interrupt, nbytes):
@@ -470,7 +472,7 @@ class DmaEngine:
                     if slack is None:
                         slack = timer_slack(FINE_SLACK_NS)
                     pause = min(pause * 2 or MIN_PAUSE, MAX_PAUSE)
-                    if self.interrupt_completion:
+                    if c.interrupt and self.interrupt_completion:   # else only polling can end it: sleep
                         concurrent.futures.wait([c], pause)
                     else:
                         time.sleep(pause)
