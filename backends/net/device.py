@@ -101,6 +101,7 @@ class NetBackend(Backend):
         self._overflow = memoryview(bytearray(MAX_FRAME + N.VIRTIO_NET_HDR_MRG_RXBUF_SIZE))
         self._rx_parked = False
         self._tx_stalled = False
+        self._watched: int | None = None   # the tap events the loop watches for (None: not watched)
         self._rx_batch = RX_BATCH_MIN
         self._tap_poll = select.poll()
         self._tap_poll.register(tap.fd, select.POLLIN)
@@ -167,11 +168,13 @@ class NetBackend(Backend):
                              f"{self.hdr_len}")
         self.tap.set_offload(tap_offloads(features))
         self._rx_parked = self._tx_stalled = False
+        self._watched = None
         self._watch()
 
     def reset(self) -> None:
         if self.loop is not None:
             self.loop.unwatch(self.tap.fd)
+        self._watched = None
         super().reset()
 
     def close(self) -> None:
@@ -179,7 +182,9 @@ class NetBackend(Backend):
 
     def _watch(self) -> None:
         events = (0 if self._rx_parked else EVENT_READ) | (EVENT_WRITE if self._tx_stalled else 0)
-        self.loop.watch(self.tap.fd, events, self._on_tap)
+        if events != self._watched:      # called after every event; the loop is told only of a change
+            self.loop.watch(self.tap.fd, events, self._on_tap)
+            self._watched = events
 
     # --- events -------------------------------------------------------------------------------
 

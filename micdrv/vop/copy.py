@@ -102,7 +102,8 @@ class CopyPolicy:
 COUNTERS = ("c2h_bytes", "c2h_dma_bytes", "c2h_bar0_bytes", "h2c_bytes", "h2c_dma_bytes", "h2c_bar0_bytes",
             "h2c_direct_bytes", "h2c_unaligned_dst_bytes", "h2c_unaligned_len_bytes", "dma_batches", "dma_copies")
 
-# One card -> host copy: (card address, length, staging card address, staging view of the widened slot).
+# One card -> host copy: (card address, length, staging card address of its bytes, staging view of its bytes);
+# the DMA widens it to the 64-byte grid around both addresses (they agree modulo 64).
 ReadCopy = tuple[int, int, int, memoryview]
 # One host -> card piece: (card address, length, room left in the descriptor, staging card address,
 # staging view of exactly length bytes).
@@ -154,6 +155,7 @@ class CopyEngine:
                 h = addr & 63
                 m = align64(n + h)
                 src = addr - h
+                stage_card -= h
                 if src == end_src and stage_card == end_dst:
                     d, s_, k = batch[-1]                 # contiguous on both sides: one copy
                     batch[-1] = (d, s_, k + m)
@@ -170,9 +172,8 @@ class CopyEngine:
             card = self.card
             total = 0
             for addr, n, _stage_card, view in copies:
-                h = addr & 63
                 src = card.view(addr, n)   # bounds-checked: MemoryAccessError outside card memory
-                view[h:h + n] = src if src is not None else card.read(addr, n)
+                view[:] = src if src is not None else card.read(addr, n)
                 total += n
             c["c2h_bar0_bytes"] += total
         c["c2h_bytes"] += total

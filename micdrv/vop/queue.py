@@ -72,16 +72,25 @@ POP_CHUNK = 16              # chains taken from the ring at a time while staging
 CHECK_EVERY = 0.005         # a batch copying in longer than this has its channels' error registers read [choice]
 
 
-class _Staged:
-    """A chain's staging: its DescChain, where its piece is, and where each writable buffer sits."""
+class _Staged(Chain):
+    """A chain as this transport hands it out: the backend's :class:`~backends.virtqueue.Chain`, plus its
+    DescChain, where its staging piece is, and where each writable buffer sits (one object per chain)."""
 
-    __slots__ = ("desc", "offset", "own", "writable")
+    __slots__ = ("desc", "offset", "own", "wslots")
 
-    def __init__(self, desc: DescChain, offset: int, own: Allocation | None, writable: list[tuple[int, int, int]]):
+    def __init__(self, desc: DescChain, readable: list[memoryview], writable: list[memoryview], offset: int,
+                 own: Allocation | None, wslots: list[tuple[int, int, int]]):
+        self.head = desc.head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = desc.readable_len
+        self.writable_len = desc.writable_len
+        self.tail = 0
+        self.ctx = None
         self.desc = desc
-        self.offset = offset          # arena offset of the piece
+        self.offset = offset          # arena offset of the piece (-1: nothing staged)
         self.own = own                # an allocation of its own (oversize chain), else None
-        self.writable = writable      # (card address, length, offset of its bytes in the piece), per descriptor
+        self.wslots = wslots          # (card address, length, offset of its bytes in the piece), per descriptor
 
 
 class _Layout:
@@ -101,25 +110,25 @@ class _Layout:
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
-        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, slot offset, addr % 64)
+        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, offset of its bytes, end)
         for a, n in _extents(readable):
             h = a & 63
-            self.reads.append((a, n, pos, h))
+            self.reads.append((a, n, pos + h, pos + h + n))
             pos += align64(h + n)
-        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, length)
+        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, end)
         self.wslots: list[tuple[int, int, int]] = []         # per descriptor: (card address, length, offset)
         ext_a = ext_start = ext_n = -1
         for a, n in writable:
             if a == ext_a + ext_n and ext_n > 0:
                 self.wslots.append((a, n, ext_start + ext_n))
                 ext_n += n
-                self.wviews[-1] = (ext_start, ext_n)
+                self.wviews[-1] = (ext_start, ext_start + ext_n)
                 continue
             if ext_n > 0:
                 pos = align64(ext_start + ext_n)
             ext_a, ext_n = a, n
             ext_start = pos + (a & 63)
-            self.wviews.append((ext_start, n))
+            self.wviews.append((ext_start, ext_start + n))
             self.wslots.append((a, n, ext_start))
         if ext_n > 0:
             pos = align64(ext_start + ext_n)
@@ -213,7 +222,7 @@ class VopQueue(Virtqueue):
                 self.engine.read_in(copies)
             except BaseException:
                 for c in reversed(out):
-                    self._release(c.ctx)
+                    self._release(c)
                 raise
         return out
 
@@ -231,7 +240,7 @@ class VopQueue(Virtqueue):
             completion = self.engine.read_in_start(copies)
         except BaseException:
             for c in reversed(out):
-                self._release(c.ctx)
+                self._release(c)
             raise
         if completion is None:
             return out
@@ -250,7 +259,7 @@ class VopQueue(Virtqueue):
             self.engine.finish(completion)   # raises if the DMA failed: the device breaks
         except BaseException:
             for c in reversed(out):
-                self._release(c.ctx)
+                self._release(c)
             raise
         return out
 
@@ -291,6 +300,7 @@ class VopQueue(Virtqueue):
         direct = self.engine.direct        # h2c_direct: card memory (bounds-checked views), else None
         out: list[Chain] = []
         copies = []
+        staged = self._staged
         try:
             # Chains are taken from the ring a few at a time, so a staging area that fills up gives back
             # at most the rest of one chunk, not all of ``limit`` walked for nothing.
@@ -313,11 +323,10 @@ class VopQueue(Virtqueue):
                             lay = shape.memo = _Layout(d.readable, wr)
                     total = lay.total
                     if not total:          # h2c_direct and nothing readable (or only empty buffers): no staging
-                        s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
-                        self._staged[d.head] = s
-                        out.append(Chain(d.head, [], [direct.view(a, n) if direct is not None else view[0:0]
-                                                      for a, n in d.writable],
-                                         d.readable_len, d.writable_len, s))
+                        s = _Staged(d, [], [direct.view(a, n) if direct is not None else view[0:0]
+                                            for a, n in d.writable], -1, None, [(a, n, -1) for a, n in d.writable])
+                        staged[d.head] = s
+                        out.append(s)
                         taken += 1
                         continue
                     own = None
@@ -338,19 +347,19 @@ class VopQueue(Virtqueue):
                     else:
                         base = st.base + off
                     readable = []
-                    for a, n, rel, h in lay.reads:
-                        pos = base + rel
-                        copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
-                        readable.append(view[pos + h:pos + h + n])
+                    for a, n, start, end in lay.reads:
+                        v = view[base + start:base + end]
+                        copies.append((a, n, card0 + base + start, v))
+                        readable.append(v)
                     if direct is None:
-                        writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
+                        writable = [view[base + start:base + end] for start, end in lay.wviews]
                         wslots = lay.wslots
                     else:
                         writable = [direct.view(a, n) for a, n in d.writable]
                         wslots = [(a, n, -1) for a, n in d.writable]
-                    s = _Staged(d, base, own, wslots)
-                    self._staged[d.head] = s
-                    out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
+                    s = _Staged(d, readable, writable, base, own, wslots)
+                    staged[d.head] = s
+                    out.append(s)
                     taken += 1
                 if taken < len(descs):
                     self.counters["staging_full"] += 1
@@ -358,7 +367,7 @@ class VopQueue(Virtqueue):
                     break
         except BaseException:
             for c in reversed(out):
-                self._release(c.ctx)
+                self._release(c)
             raise
         n = len(out)
         if n:
@@ -413,7 +422,7 @@ class VopQueue(Virtqueue):
             q.popleft()
             self.vring.push_many(used)
             for chain, _w in done:
-                self._release(chain.ctx)
+                self._release(chain)
             n += 1
         if not n:
             return
@@ -433,13 +442,15 @@ class VopQueue(Virtqueue):
         used = []
         direct = 0
         for chain, written in done:
-            s: _Staged = chain.ctx
+            s: _Staged = chain
             tail = chain.tail
             if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
                 raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
                                  f"its writable buffers hold {s.desc.writable_len}")
             used.append((chain.head, written + tail))
-            if s.writable and s.writable[0][2] < 0:      # h2c_direct: the backend wrote card memory itself
+            if not written and not tail:
+                continue                                 # nothing written (a transmit chain): nothing to copy
+            if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
             base = s.offset
@@ -450,7 +461,7 @@ class VopQueue(Virtqueue):
             # as one piece, not 17.
             run_a = run_k = run_room = run_pos = -1
             joinable = False
-            for a, n, rel in s.writable:
+            for a, n, rel in s.wslots:
                 if left <= 0:
                     break
                 k = n if n < left else left
@@ -466,7 +477,7 @@ class VopQueue(Virtqueue):
             if run_k > 0:
                 pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
             left = tail
-            for a, n, rel in reversed(s.writable):
+            for a, n, rel in reversed(s.wslots):
                 if left <= 0:
                     break
                 pos = base + rel
@@ -479,9 +490,9 @@ class VopQueue(Virtqueue):
         return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
-        self.vring.abandon([c.ctx.desc for c in chains])
+        self.vring.abandon([c.desc for c in chains])
         for c in reversed(chains):
-            self._release(c.ctx)
+            self._release(c)
 
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.desc.head, None) is None:
