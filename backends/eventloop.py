@@ -14,10 +14,17 @@ runs.
 
 A handler that raises is logged and the loop carries on: one broken
 device never stops the others.
+
+:class:`TimerFd` is a one-shot timer with nanosecond resolution as an fd to
+watch (``timerfd_create(2)``): how a transport waits, without blocking the
+loop, for work it has to poll for (a DMA batch whose completion is a status
+word in memory) -- the loop serves every other fd meanwhile. ``select``'s own
+timeout is in milliseconds, far too coarse for that.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import selectors
@@ -45,6 +52,63 @@ class FdWatcher(Protocol):
 
     def unwatch(self, fd: int) -> None:
         """Forget ``fd`` (no error if it was not watched)."""
+
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK, _TFD_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC   # <sys/timerfd.h>: the O_* values
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class TimerFd:
+    """A one-shot monotonic timer as a non-blocking fd: readable once it expired (``timerfd_create(2)``)."""
+
+    def __init__(self):
+        fd = _libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"timerfd_create: {os.strerror(e)}")
+        self.fd = fd
+        self._spec = _Itimerspec()
+        self._ref = ctypes.byref(self._spec)
+        self.armed = False
+
+    def arm(self, seconds: float) -> None:
+        """Expire ``seconds`` from now (at least 1 ns: 0 would disarm); replaces an earlier arm."""
+        ns = max(1, int(seconds * 1e9))
+        v = self._spec.it_value
+        v.tv_sec, v.tv_nsec = divmod(ns, 1_000_000_000)
+        if _libc.timerfd_settime(self.fd, 0, self._ref, None) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"timerfd_settime: {os.strerror(e)}")
+        self.armed = True
+
+    def disarm(self) -> None:
+        v = self._spec.it_value
+        v.tv_sec = v.tv_nsec = 0
+        _libc.timerfd_settime(self.fd, 0, self._ref, None)
+        self.armed = False
+        self.clear()
+
+    def clear(self) -> None:
+        """Consume an expiry (the fd is readable until then)."""
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+        self.armed = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class DeviceFds:

@@ -81,6 +81,8 @@ class Drained(enum.Enum):
 
     EMPTY = "empty"      # the queue ran empty; kicks are enabled again, wait for the next one
     STOPPED = "stopped"  # the backend said stop (its source ran dry, or its sink is full); kicks stay off
+    WAITING = "waiting"  # chains were taken whose data is still on its way; the transport calls resume() once
+    #                      it is in (kicks stay off meanwhile), see Virtqueue.pop_start
 
 
 Process = Callable[[Chain], "int | None"]
@@ -128,6 +130,13 @@ class Virtqueue(abc.ABC):
         chains = self.pop_many(1)
         return chains[0] if chains else None
 
+    def pop_start(self, limit: int, resume: Callable[[], None]) -> list[Chain] | None:
+        """As :meth:`pop_many`, but a transport that must fetch the chains' readable data (a DMA) may return
+        None instead of waiting for it: it took the chains, and calls ``resume()`` on the loop thread once
+        their data is in; the next pop (``pop_start`` or :meth:`pop_many`) returns them. Meanwhile the
+        loop serves everything else. Here: at once."""
+        return self.pop_many(limit)
+
     def complete(self, chain: Chain, written: int, tail: int = 0) -> None:
         """Return one chain (``written`` bytes at the front of its writable stream, ``tail`` at the end)."""
         chain.tail = tail
@@ -142,7 +151,8 @@ class Virtqueue(abc.ABC):
     def flush(self) -> None:
         """Publish every completion :meth:`complete_deferred` held back (waiting for its copies)."""
 
-    def drain(self, process: Process, batch: int = DEFAULT_BATCH) -> Drained:
+    def drain(self, process: Process, batch: int = DEFAULT_BATCH, more: Callable[[], bool] | None = None,
+              resume: Callable[[], None] | None = None) -> Drained:
         """Process chains until the queue is empty or ``process`` says stop.
 
         ``process(chain)`` returns the bytes it wrote at the front of the
@@ -154,10 +164,29 @@ class Virtqueue(abc.ABC):
         :meth:`complete_deferred` (the transport may still be copying it
         while the next batch is processed) or, where it stops, one
         :meth:`complete_many`; nothing is held back when drain returns.
+
+        ``more()``, if given, is asked before every batch but the first
+        whether the backend's source still has anything (a receive queue's
+        tap): False stops the drain as ``process`` returning None would, but
+        before any chain is taken -- every chain taken beyond what the source
+        holds is staged for nothing and given back.
+
+        ``resume``, if given, lets the drain return :attr:`Drained.WAITING`
+        instead of waiting for a batch's data (:meth:`pop_start`): the
+        transport calls ``resume()`` once it is in, and the backend drains
+        again (with the same arguments) from there.
         """
         self.disable_notify()
+        first = True
         while True:
-            chains = self.pop_many(batch)
+            if more is not None and not first and not more():
+                self.flush()
+                return Drained.STOPPED
+            first = False
+            chains = self.pop_many(batch) if resume is None else self.pop_start(batch, resume)
+            if chains is None:
+                self.flush()
+                return Drained.WAITING
             if not chains:
                 self.flush()
                 if self.enable_notify():

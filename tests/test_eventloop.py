@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
-from backends.eventloop import EVENT_READ, EventLoop
+from backends.eventloop import EVENT_READ, EventLoop, TimerFd
 
 
 def eventfd() -> int:
@@ -62,3 +63,25 @@ def test_a_failing_handler_is_logged_and_the_loop_carries_on(caplog):
         assert "handler for fd" in caplog.text and "backend bug" in caplog.text
     os.close(bad)
     os.close(good)
+
+
+def test_a_timer_fd_fires_once_in_the_loop_and_can_be_disarmed():
+    loop = EventLoop()
+    t = TimerFd()
+    fired = []
+    try:
+        loop.watch(t.fd, EVENT_READ, lambda ev: (t.clear(), fired.append(ev)))
+        assert loop.run_once(0) == 0                      # not armed: never readable
+        t.arm(0.0001)
+        assert t.armed
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            loop.run_once(0.01)
+        assert fired == [EVENT_READ] and not t.armed      # one expiry, consumed by the handler
+        assert loop.run_once(0.01) == 0                   # one-shot: nothing more
+        t.arm(10)
+        t.disarm()
+        assert not t.armed and loop.run_once(0.01) == 0
+    finally:
+        loop.stop()
+        t.close()

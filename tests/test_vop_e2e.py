@@ -156,6 +156,29 @@ def device_vop(d: Daemon, name: str) -> dict:
     return device(d, name)["vop"]
 
 
+def test_a_transmit_batch_copying_in_leaves_the_loop_free_and_goes_on_when_the_dma_does(daemon, ns):
+    # The host's channels stall (sim fault hook): the card's reply is taken and its DMA started, but does not
+    # finish. The loop answers meanwhile (the status below runs on it), and the frame leaves once the DMA does.
+    before = device_vop(daemon, "net0")["queues"][1]["pop_waits"]
+    channels = range(4)                                  # host channels 0..3 (spec 4.1)
+    with socket_in(ns) as s:
+        data = os.urandom(100)
+        try:
+            for ch in channels:
+                daemon.card("stall", channel=ch, stalled=True)
+            s.sendto(data, (CARD_IP, 7))                 # in by BAR0 (unaligned buffers), out by DMA
+            wait_for(lambda: device_vop(daemon, "net0")["queues"][1]["pop_waits"] > before,
+                     "the reply's batch copying in")
+            assert device(daemon, "net0")["state"] == "active"
+            assert not select.select([s], [], [], 0.2)[0]    # nothing can leave while the DMA is stalled
+        finally:
+            for ch in channels:
+                daemon.card("stall", channel=ch, stalled=False)
+        s.settimeout(WAIT)
+        assert s.recvfrom(65536) == (data, (CARD_IP, 7))
+    assert device(daemon, "net0")["state"] == "active"
+
+
 # --- blk -----------------------------------------------------------------------------------------
 def test_the_card_writes_and_the_image_file_has_it_and_the_other_way_round(daemon):
     d = daemon

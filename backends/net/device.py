@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 
 from micdrv.config import NetConfig
 from micdrv.virtio import net as N
@@ -100,7 +101,10 @@ class NetBackend(Backend):
         self._overflow = memoryview(bytearray(MAX_FRAME + N.VIRTIO_NET_HDR_MRG_RXBUF_SIZE))
         self._rx_parked = False
         self._tx_stalled = False
+        self._watched: int | None = None   # the tap events the loop watches for (None: not watched)
         self._rx_batch = RX_BATCH_MIN
+        self._tap_poll = select.poll()
+        self._tap_poll.register(tap.fd, select.POLLIN)
         self._c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped_oversize", "rx_no_buffers", "rx_errors",
                                  "tx_packets", "tx_bytes", "tx_errors", "tx_stalls"), 0)
 
@@ -164,11 +168,13 @@ class NetBackend(Backend):
                              f"{self.hdr_len}")
         self.tap.set_offload(tap_offloads(features))
         self._rx_parked = self._tx_stalled = False
+        self._watched = None
         self._watch()
 
     def reset(self) -> None:
         if self.loop is not None:
             self.loop.unwatch(self.tap.fd)
+        self._watched = None
         super().reset()
 
     def close(self) -> None:
@@ -176,7 +182,9 @@ class NetBackend(Backend):
 
     def _watch(self) -> None:
         events = (0 if self._rx_parked else EVENT_READ) | (EVENT_WRITE if self._tx_stalled else 0)
-        self.loop.watch(self.tap.fd, events, self._on_tap)
+        if events != self._watched:      # called after every event; the loop is told only of a change
+            self.loop.watch(self.tap.fd, events, self._on_tap)
+            self._watched = events
 
     # --- events -------------------------------------------------------------------------------
 
@@ -201,13 +209,18 @@ class NetBackend(Backend):
 
     def _receive(self) -> None:
         before = self._c["rx_packets"]
-        if self.queues[N.RX_QUEUE].drain(self._rx, self._rx_batch) is Drained.EMPTY:
+        if self.queues[N.RX_QUEUE].drain(self._rx, self._rx_batch, self._tap_readable) is Drained.EMPTY:
             self._rx_parked = True   # no buffers: frames wait in the tap until the card posts some
             self._c["rx_no_buffers"] += 1
         # The next drain takes chains in batches of what this one found: the tap's queue cannot be
         # measured beforehand, and every chain taken beyond the frames waiting is staged for nothing
         # and given back.
         self._rx_batch = min(DEFAULT_BATCH, max(RX_BATCH_MIN, self._c["rx_packets"] - before))
+
+    def _tap_readable(self) -> bool:
+        """Whether a frame waits in the tap (one poll(2)): asked before the drain takes another batch, so a
+        batch that emptied the tap is not followed by one that is staged for nothing and given back."""
+        return bool(self._tap_poll.poll(0))
 
     def _rx(self, chain: Chain) -> int | None:
         cap = chain.writable_len
@@ -238,9 +251,15 @@ class NetBackend(Backend):
     # --- card -> tap (queue 1) ----------------------------------------------------------------
 
     def _transmit(self) -> None:
-        if self.queues[N.TX_QUEUE].drain(self._tx) is Drained.STOPPED:
+        # resume: the transport may fetch a batch's frames while the loop serves the tap (Drained.WAITING),
+        # and call _resume_tx once they are in
+        if self.queues[N.TX_QUEUE].drain(self._tx, resume=self._resume_tx) is Drained.STOPPED:
             self._tx_stalled = True
             self._c["tx_stalls"] += 1
+
+    def _resume_tx(self) -> None:
+        self._transmit()
+        self._watch()
 
     def _tx(self, chain: Chain) -> int | None:
         n = chain.readable_len

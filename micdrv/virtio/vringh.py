@@ -227,6 +227,13 @@ class Vringh:
         n = min(limit, self.avail_pending())
         out = []
         avail, inflight, mask, num = self._avail, self._inflight, self._mask, self.num
+        # The fast path of a chain whose head is an indirect descriptor (the WRITE flag ignored, nothing else
+        # set) with a valid table inside the window that was walked before (Vringh._walk's shape cache): the
+        # checks _indirect_table makes, then the cached walk. Anything else is walked in full.
+        desc_mv, buf_mv, shapes = self._desc_mv, self._buf_mv, self._shapes
+        fast = self.indirect and desc_mv is not None and buf_mv is not None
+        lo, hi, table_max = self._buf_lo, self._buf_hi, num * DESC_SIZE
+        unpack_from = DESC.unpack_from
         # Read barrier (section 1.5 step 1): program order on x86.
         for _ in range(n):
             last = self.last_avail
@@ -236,7 +243,18 @@ class Vringh:
                 raise self._fail(f"avail.ring[{slot}]: head {head} out of range 0..{num - 1}")
             if head in inflight:
                 raise self._fail(f"avail.ring[{slot}]: head {head} is already in flight")
-            chain = self._walk(head, last)
+            chain = None
+            if fast:
+                addr, length, flags, _nxt = unpack_from(desc_mv, head << 4)
+                if (flags & ~VRING_DESC_F_WRITE == VRING_DESC_F_INDIRECT and 0 < length <= table_max
+                        and not length & 15 and lo <= addr and addr + length <= hi):
+                    shape = shapes.get(bytes(buf_mv[addr - lo:addr - lo + length]))
+                    if shape is not None:
+                        self.shape_hits += 1
+                        chain = DescChain(head, shape.readable, shape.writable, shape.readable_len,
+                                          shape.writable_len, last, shape)
+            if chain is None:
+                chain = self._walk(head, last)
             self.last_avail = (last + 1) & 0xFFFF
             inflight[head] = (chain.writable_len, last)
             out.append(chain)
@@ -370,21 +388,31 @@ class Vringh:
         """Return several chains: used elements first, then one ``used.idx`` store publishes them."""
         self._check_not_broken()
         done = list(done)
-        seen = set()
+        inflight = self._inflight
         for head, length in done:
-            entry = self._inflight.get(head)
-            if entry is None or head in seen:
+            entry = inflight.get(head)
+            if entry is None:
                 raise ValueError(f"{self.name}: completing head {head}, which is not in flight")
             if not 0 <= length <= entry[0]:
                 raise ValueError(f"{self.name}: completing head {head} with {length} bytes written, but its "
                                  f"writable buffers hold {entry[0]}")
-            seen.add(head)
+        if len(done) > 1 and len({head for head, _n in done}) != len(done):
+            seen = set()
+            for head, _n in done:
+                if head in seen:
+                    raise ValueError(f"{self.name}: completing head {head}, which is not in flight")
+                seen.add(head)
         used = self._used
         idx = self.used_idx
         mask = self._mask
+        mv = getattr(used, "mv", None)     # a mapped used ring: the entries packed straight into it
+        pack_into = USED_ELEM.pack_into
         for head, length in done:
-            del self._inflight[head]
-            used.pack(USED_ELEM, USED_RING + USED_ELEM_SIZE * (idx & mask), head, length)
+            del inflight[head]
+            if mv is not None:
+                pack_into(mv, USED_RING + USED_ELEM_SIZE * (idx & mask), head, length)
+            else:
+                used.pack(USED_ELEM, USED_RING + USED_ELEM_SIZE * (idx & mask), head, length)
             idx = (idx + 1) & 0xFFFF
         # Write barrier (section 1.5 step 2): program order on x86, then the one idx store.
         used.set_u16(USED_IDX, idx)

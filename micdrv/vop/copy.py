@@ -38,9 +38,10 @@ Batching: :meth:`CopyEngine.read_in` and :meth:`CopyEngine.write_out` take
 every copy of a whole pop or completion batch and issue one
 :meth:`~micdrv.x100.dma.DmaEngine.memcpy_batch` for all of them (one
 doorbell and one completion per channel used), then wait for it --
-or, with :meth:`CopyEngine.write_out_start`, leave the host -> card batch
-running and :meth:`CopyEngine.finish` it later (the queue's deferred
-completions, :mod:`.queue`). Copies that continue one another on both
+or, with :meth:`CopyEngine.read_in_start` / :meth:`CopyEngine.write_out_start`,
+leave the batch running, look at it with :meth:`CopyEngine.done` and
+:meth:`CopyEngine.check`, and :meth:`CopyEngine.finish` it later (the
+queue's asynchronous pops and deferred completions, :mod:`.queue`). Copies that continue one another on both
 sides (the pages of a 64 KiB receive buffer) go as one: the same bytes to
 the same places in fewer descriptors.
 
@@ -101,7 +102,8 @@ class CopyPolicy:
 COUNTERS = ("c2h_bytes", "c2h_dma_bytes", "c2h_bar0_bytes", "h2c_bytes", "h2c_dma_bytes", "h2c_bar0_bytes",
             "h2c_direct_bytes", "h2c_unaligned_dst_bytes", "h2c_unaligned_len_bytes", "dma_batches", "dma_copies")
 
-# One card -> host copy: (card address, length, staging card address, staging view of the widened slot).
+# One card -> host copy: (card address, length, staging card address of its bytes, staging view of its bytes);
+# the DMA widens it to the 64-byte grid around both addresses (they agree modulo 64).
 ReadCopy = tuple[int, int, int, memoryview]
 # One host -> card piece: (card address, length, room left in the descriptor, staging card address,
 # staging view of exactly length bytes).
@@ -134,9 +136,16 @@ class CopyEngine:
 
     # --- card -> host ----------------------------------------------------------------------------
     def read_in(self, copies: Sequence[ReadCopy]) -> None:
-        """Bring ``copies`` into staging: one DMA batch, or BAR0 reads."""
+        """Bring ``copies`` into staging: one DMA batch, or BAR0 reads; waits."""
+        c = self.read_in_start(copies)
+        if c is not None:
+            self.finish(c)
+
+    def read_in_start(self, copies: Sequence[ReadCopy]):
+        """As :meth:`read_in`, but returns the DMA batch's completion (None: the copies are done) instead of
+        waiting; :meth:`finish` it before anyone looks at the staging."""
         if not copies:
-            return
+            return None
         c = self.counters
         if self.dma is not None and self.policy.c2h_dma:
             batch = []
@@ -146,6 +155,7 @@ class CopyEngine:
                 h = addr & 63
                 m = align64(n + h)
                 src = addr - h
+                stage_card -= h
                 if src == end_src and stage_card == end_dst:
                     d, s_, k = batch[-1]                 # contiguous on both sides: one copy
                     batch[-1] = (d, s_, k + m)
@@ -154,18 +164,20 @@ class CopyEngine:
                 end_dst, end_src = stage_card + m, src + m
                 total += n
                 moved += m
-            self._dma(batch, moved)
+            completion = self._dma_start(batch, moved)
             c["c2h_dma_bytes"] += moved
+            c["c2h_bytes"] += total
+            return completion
         else:
             card = self.card
             total = 0
             for addr, n, _stage_card, view in copies:
-                h = addr & 63
                 src = card.view(addr, n)   # bounds-checked: MemoryAccessError outside card memory
-                view[h:h + n] = src if src is not None else card.read(addr, n)
+                view[:] = src if src is not None else card.read(addr, n)
                 total += n
             c["c2h_bar0_bytes"] += total
         c["c2h_bytes"] += total
+        return None
 
     # --- host -> card ----------------------------------------------------------------------------
     def write_out(self, pieces: Sequence[WritePiece]) -> None:
@@ -213,14 +225,22 @@ class CopyEngine:
         return self._dma_start(batch, dma_bytes) if batch else None
 
     def done(self, completion) -> bool:
-        """Whether a batch :meth:`write_out_start` returned has finished (looks, never waits)."""
+        """Whether a batch :meth:`read_in_start` or :meth:`write_out_start` returned has finished (looks, never
+        waits)."""
         if not completion.settled:
             for ch in completion.channels:
                 ch.poll()
         return completion.settled
 
+    def check(self, completion) -> None:
+        """Read the error register of each channel a batch runs on: one the engine stopped fails the batch
+        (what a waiting :meth:`finish` does every ``check_interval``; a register read, so only now and then)."""
+        for ch in completion.channels:
+            ch.check()
+
     def finish(self, completion) -> None:
-        """Wait for a batch :meth:`write_out_start` returned; :class:`VopCopyError` if it failed."""
+        """Wait for a batch :meth:`read_in_start` or :meth:`write_out_start` returned; :class:`VopCopyError` if it
+        failed."""
         try:
             completion.result(DMA_TIMEOUT)
         except DmaError as e:
@@ -236,5 +256,3 @@ class CopyEngine:
         self.counters["dma_copies"] += len(batch)
         return completion
 
-    def _dma(self, batch: list[tuple[int, int, int]], nbytes: int) -> None:
-        self.finish(self._dma_start(batch, nbytes))

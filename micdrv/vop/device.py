@@ -20,6 +20,12 @@ time the device's doorbell rings (spec 5.5):
 4. every queue of an active device is kicked (the doorbell does not say
    which queue; the kernel woke every poller too).
 
+Batches a queue copies in from the card without waiting
+(:meth:`~.queue.VopQueue.pop_start`) are looked after by a one-shot timer
+on the loop (:meth:`VopDevice._poll_incoming`): a look at the DMA status
+words per expiry, the channels' error registers read while a batch is
+slow, the backend resumed once its batch is in.
+
 Everything the card writes is checked before use: the rings by
 :class:`~micdrv.virtio.Vringh`, used addresses here, the doorbell the card
 asks to be rung (``h2c_vdev_db``, 0..15 or -1). A violation *breaks* the
@@ -32,10 +38,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from backends.backend import Backend
-from backends.eventloop import DeviceFds, Handler
+from backends.eventloop import EVENT_READ, DeviceFds, Handler, TimerFd
 from micdrv.virtio import VringError, VringLayout, Vringh
 from micdrv.virtio.access import ring_part
 from micdrv.virtio.device import (DEVICE_NAMES, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -51,6 +58,14 @@ from .layout import (CTRL_H2C_VDEV_DB, CTRL_HOST_ACK, CTRL_USED_ADDRESS_UPDATED,
 from .queue import StagingArea, VopQueue
 
 log = logging.getLogger(__name__)
+
+# Polling a batch that copies in from the card (VopDevice._poll_incoming) [choice]: the first look after
+# a delay that adapts between POLL_MIN and POLL_FIRST_MAX (starting at POLL_FIRST), then every POLL_MIN
+# doubling to POLL_MAX. Each look is one wake-up of the loop; DmaEngine's own waits sleep in the same range.
+POLL_FIRST = 0.00005
+POLL_FIRST_MAX = 0.001
+POLL_MIN = 0.00001
+POLL_MAX = 0.0002
 
 # What breaks a device: the card broke the protocol (rings, addresses), a copy failed, or its backend failed.
 DEVICE_ERRORS = (VringError, VopCopyError, MemoryAccessError, ValueError)
@@ -98,11 +113,17 @@ class VopDevice:
         self.removed = False
         self.handshake = threading.Lock()  # one config change or removal at a time (spec 5.5)
         self._fds = DeviceFds(host.loop, self.guarded)
+        # The poller for batches copying in from the card (VopQueue.pop_start): a timer on the loop, so the
+        # loop serves the tap and the other queues while the engine copies; see _poll_incoming.
+        self._timer = TimerFd()
+        self._pause = POLL_MIN
+        self._first = POLL_FIRST          # when the first look at a new batch is due (adapted, see _poll_incoming)
+        self._looks = 0                   # looks at the batches under way so far
         self._failed_logged = False
         self._info_views = [host.arena.view[host.arena.offset_of(v.info, 2):
                                             host.arena.offset_of(v.info, 2) + 2].cast("H") for v in vrings]
         self.counters = dict.fromkeys(("wakeups", "activations", "resets", "used_relocations", "config_changes",
-                                       "interrupts", "interrupts_skipped", "breaks"), 0)
+                                       "interrupts", "interrupts_skipped", "breaks", "incoming_polls"), 0)
 
     # --- the doorbell (loop thread) ----------------------------------------------------------------
     def service(self) -> None:
@@ -150,6 +171,38 @@ class VopDevice:
                 log.exception("%s: backend failed", self.name)
                 self._break(f"backend error: {type(ex).__name__}: {ex}")
         return run
+
+    # --- batches copying in (loop thread) ------------------------------------------------------------
+    def _schedule(self, q: VopQueue) -> None:
+        """A queue started a batch's DMA from the card: the first look at it after the adapted delay."""
+        if not self._timer.armed:
+            self._pause = POLL_MIN
+            self._looks = 0
+            self._timer.arm(self._first)
+
+    def _poll_incoming(self, _events: int) -> None:
+        """The timer: resume every queue whose batch is in; look again later (backing off) for the rest."""
+        timer = self._timer
+        timer.clear()
+        self.counters["incoming_polls"] += 1
+        now = time.monotonic()
+        ready, waiting = [], False
+        for q in self.queues:
+            state = q.incoming(now)
+            if state:
+                ready.append(q)
+            elif state is not None:
+                waiting = True
+        # The first look comes a little earlier each time it finds a batch in, and later each time it finds
+        # none: it settles where about every other batch is in at the first look, one wake-up or two each.
+        if self._looks == 0:
+            self._first = (max(POLL_MIN, self._first * 0.9) if ready else min(POLL_FIRST_MAX, self._first * 1.2))
+        self._looks += 1
+        if waiting:
+            timer.arm(self._pause)
+            self._pause = min(self._pause * 2, POLL_MAX)
+        for q in ready:
+            q.resume()       # may start the queue's next batch (_schedule): the timer is armed for it then
 
     # --- spec 5.5 step 1: the card moved its used rings -------------------------------------------------
     def _relocate_used(self) -> None:
@@ -212,10 +265,12 @@ class VopDevice:
             ring = Vringh(vr.num, (mem, vr.iova + lay.desc), (mem, vr.iova + lay.avail), used, bar0, acked,
                           f"{self.name} vring {i}")
             queues.append(VopQueue(i, ring, self.engine, self.staging[i], self._info_views[i], self.notify_card,
-                                   f"{self.name} vring {i}"))
+                                   f"{self.name} vring {i}", self._schedule))
         self.acked = acked
         self.queues = queues
         self.active = True
+        self._timer.disarm()
+        self._fds.watch(self._timer.fd, EVENT_READ, self._poll_incoming)
         self.counters["activations"] += 1
         log.info("%s: active (features %#x, used rings %s)", self.name, acked,
                  ", ".join(f"{u:#x}" if u is not None else "host" for u in self.used))
@@ -263,6 +318,7 @@ class VopDevice:
         """Removal (loop thread): stop serving; the host frees the vrings next."""
         self._deactivate()
         self.removed = True
+        self._timer.close()
 
     # --- what micctl shows --------------------------------------------------------------------------
     @property
@@ -286,5 +342,6 @@ class VopDevice:
                 "vrings": [{"num": v.num, "address": v.card, "used_address": u}
                            for v, u in zip(self.vrings, self.used)],
                 "queues": [q.status() for q in self.queues], "copy": dict(self.engine.counters),
-                "counters": dict(self.counters), "backend": self.backend.describe(),
+                "counters": dict(self.counters), "copy_in_first_look_us": round(self._first * 1e6, 1),
+                "backend": self.backend.describe(),
                 "backend_counters": self.backend.counters()}

@@ -18,6 +18,17 @@ waits for it, then publishes the used entries with one ``used.idx`` store,
 records the consumed index in ``_mic_vring_info.avail_idx`` (spec 5.6), and
 rings the card once if it wants an interrupt.
 
+Asynchronous pop (:meth:`VopQueue.pop_start`, what a drain with ``resume``
+uses -- the net backend's transmit queue): the chains are taken and staged
+and their DMA from the card started as above, but instead of waiting the
+queue keeps the batch *incoming* and returns None; the event loop serves
+the tap and the other queues meanwhile. The device's poller
+(:meth:`~.device.VopDevice._poll_incoming`, a timer on the loop) looks at
+the DMA's status word, reads the channels' error registers now and then,
+and calls the backend's ``resume`` once the data is in; its next pop
+returns the batch. One batch per queue is incoming at a time, so what a
+drain gives back (:meth:`VopQueue.abandon`) is still the last taken.
+
 Deferred completion (:meth:`VopQueue.complete_deferred`, what the drain
 loop uses): the batch's DMA to the card is started and the queue moves on --
 the backend processes the next batch (preadv into staging, say) while the
@@ -41,6 +52,7 @@ their payload in one DMA batch over all channels.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
@@ -48,7 +60,7 @@ from backends.virtqueue import Chain, Virtqueue
 from micdrv.virtio import DescChain, VringError, Vringh
 
 from ..pci import Allocation, DmaArena
-from .copy import DMA_TIMEOUT, CopyEngine
+from .copy import DMA_TIMEOUT, CopyEngine, VopCopyError
 from .staging import StagingRing, align64
 
 log = logging.getLogger(__name__)
@@ -57,18 +69,28 @@ MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest 
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
 DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
+CHECK_EVERY = 0.005         # a batch copying in longer than this has its channels' error registers read [choice]
 
 
-class _Staged:
-    """A chain's staging: its DescChain, where its piece is, and where each writable buffer sits."""
+class _Staged(Chain):
+    """A chain as this transport hands it out: the backend's :class:`~backends.virtqueue.Chain`, plus its
+    DescChain, where its staging piece is, and where each writable buffer sits (one object per chain)."""
 
-    __slots__ = ("desc", "offset", "own", "writable")
+    __slots__ = ("desc", "offset", "own", "wslots")
 
-    def __init__(self, desc: DescChain, offset: int, own: Allocation | None, writable: list[tuple[int, int, int]]):
+    def __init__(self, desc: DescChain, readable: list[memoryview], writable: list[memoryview], offset: int,
+                 own: Allocation | None, wslots: list[tuple[int, int, int]]):
+        self.head = desc.head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = desc.readable_len
+        self.writable_len = desc.writable_len
+        self.tail = 0
+        self.ctx = None
         self.desc = desc
-        self.offset = offset          # arena offset of the piece
+        self.offset = offset          # arena offset of the piece (-1: nothing staged)
         self.own = own                # an allocation of its own (oversize chain), else None
-        self.writable = writable      # (card address, length, offset of its bytes in the piece), per descriptor
+        self.wslots = wslots          # (card address, length, offset of its bytes in the piece), per descriptor
 
 
 class _Layout:
@@ -88,25 +110,25 @@ class _Layout:
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
-        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, slot offset, addr % 64)
+        self.reads: list[tuple[int, int, int, int]] = []     # (card address, length, offset of its bytes, end)
         for a, n in _extents(readable):
             h = a & 63
-            self.reads.append((a, n, pos, h))
+            self.reads.append((a, n, pos + h, pos + h + n))
             pos += align64(h + n)
-        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, length)
+        self.wviews: list[tuple[int, int]] = []              # (offset of the extent's bytes, end)
         self.wslots: list[tuple[int, int, int]] = []         # per descriptor: (card address, length, offset)
         ext_a = ext_start = ext_n = -1
         for a, n in writable:
             if a == ext_a + ext_n and ext_n > 0:
                 self.wslots.append((a, n, ext_start + ext_n))
                 ext_n += n
-                self.wviews[-1] = (ext_start, ext_n)
+                self.wviews[-1] = (ext_start, ext_start + ext_n)
                 continue
             if ext_n > 0:
                 pos = align64(ext_start + ext_n)
             ext_a, ext_n = a, n
             ext_start = pos + (a & 63)
-            self.wviews.append((ext_start, n))
+            self.wviews.append((ext_start, ext_start + n))
             self.wslots.append((a, n, ext_start))
         if ext_n > 0:
             pos = align64(ext_start + ext_n)
@@ -168,7 +190,8 @@ class VopQueue(Virtqueue):
     """One queue of a VOP device as its backend sees it."""
 
     def __init__(self, index: int, vring: Vringh, engine: CopyEngine, staging: StagingArea,
-                 info_avail_idx: memoryview, notify: Callable[[], None], name: str = ""):
+                 info_avail_idx: memoryview, notify: Callable[[], None], name: str = "",
+                 schedule: Callable[["VopQueue"], None] = lambda q: None):
         self.index = index
         self.size = vring.num
         self.name = name or vring.name
@@ -178,13 +201,97 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        # a pop_start batch whose readable data is still being copied in: (DMA completion, chains, start time),
+        # and the backend's resume (called by the device's poller, see VopDevice) once it is in
+        self._incoming: tuple[object, list[Chain], float] | None = None
+        self._resume: Callable[[], None] | None = None
+        self._schedule = schedule
         # completions under way, oldest first: (DMA completion or None, used entries, chains)
         self._deferred: deque[tuple[object, list[tuple[int, int]], list[Chain]]] = deque()
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
-                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits"), 0)
+                                       "staging_full", "oversize", "overflow", "deferred", "deferred_waits",
+                                       "pop_waits"), 0)
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._incoming is not None:
+            return self._take_incoming()              # a pop_start batch: waited for here
+        out, copies = self._take(limit)
+        if copies:
+            try:
+                self.engine.read_in(copies)
+            except BaseException:
+                for c in reversed(out):
+                    self._release(c)
+                raise
+        return out
+
+    def pop_start(self, limit: int, resume: Callable[[], None]) -> list[Chain] | None:
+        if self._incoming is not None:
+            completion = self._incoming[0]
+            if not self.engine.done(completion):
+                self._resume = resume
+                return None
+            return self._take_incoming()
+        out, copies = self._take(limit)
+        if not copies:
+            return out
+        try:
+            completion = self.engine.read_in_start(copies)
+        except BaseException:
+            for c in reversed(out):
+                self._release(c)
+            raise
+        if completion is None:
+            return out
+        self._incoming = (completion, out, time.monotonic())
+        self._resume = resume
+        self.counters["pop_waits"] += 1
+        self._schedule(self)
+        return None
+
+    def _take_incoming(self) -> list[Chain]:
+        """The chains of the batch :meth:`pop_start` left copying, once their data is in (waits if need be)."""
+        completion, out, _t0 = self._incoming
+        self._incoming = None
+        self._resume = None
+        try:
+            self.engine.finish(completion)   # raises if the DMA failed: the device breaks
+        except BaseException:
+            for c in reversed(out):
+                self._release(c)
+            raise
+        return out
+
+    def incoming(self, now: float) -> bool | None:
+        """For the transport's poller: None if no batch is copying in for a resume, True once it is in (or
+        failed: its pop then raises), False while it is still copying -- after :data:`DMA_TIMEOUT` a
+        :class:`~.copy.VopCopyError`, and the channels' error registers are read every ``CHECK_EVERY``."""
+        inc = self._incoming
+        if inc is None or self._resume is None:
+            return None
+        completion, _out, t0 = inc
+        engine = self.engine
+        if engine.done(completion):
+            return True
+        age = now - t0
+        if age >= CHECK_EVERY:
+            engine.check(completion)
+            if completion.settled:
+                return True
+            if age >= DMA_TIMEOUT:
+                raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes from the card not done after "
+                                   f"{DMA_TIMEOUT:g} s")
+        return False
+
+    def resume(self) -> None:
+        """Call the backend back: the batch it waits for is in."""
+        fn, self._resume = self._resume, None
+        if fn is not None:
+            fn()
+
+    def _take(self, limit: int) -> tuple[list[Chain], list]:
+        """Take up to ``limit`` chains and stage them; the card -> host copies their readable data needs."""
         if self._deferred:
             self._publish(len(self._deferred))        # what has finished meanwhile, without waiting
         st = self.staging
@@ -193,6 +300,7 @@ class VopQueue(Virtqueue):
         direct = self.engine.direct        # h2c_direct: card memory (bounds-checked views), else None
         out: list[Chain] = []
         copies = []
+        staged = self._staged
         try:
             # Chains are taken from the ring a few at a time, so a staging area that fills up gives back
             # at most the rest of one chunk, not all of ``limit`` walked for nothing.
@@ -215,11 +323,10 @@ class VopQueue(Virtqueue):
                             lay = shape.memo = _Layout(d.readable, wr)
                     total = lay.total
                     if not total:          # h2c_direct and nothing readable (or only empty buffers): no staging
-                        s = _Staged(d, -1, None, [(a, n, -1) for a, n in d.writable])
-                        self._staged[d.head] = s
-                        out.append(Chain(d.head, [], [direct.view(a, n) if direct is not None else view[0:0]
-                                                      for a, n in d.writable],
-                                         d.readable_len, d.writable_len, s))
+                        s = _Staged(d, [], [direct.view(a, n) if direct is not None else view[0:0]
+                                            for a, n in d.writable], -1, None, [(a, n, -1) for a, n in d.writable])
+                        staged[d.head] = s
+                        out.append(s)
                         taken += 1
                         continue
                     own = None
@@ -240,38 +347,36 @@ class VopQueue(Virtqueue):
                     else:
                         base = st.base + off
                     readable = []
-                    for a, n, rel, h in lay.reads:
-                        pos = base + rel
-                        copies.append((a, n, card0 + pos, view[pos:pos + align64(h + n)]))
-                        readable.append(view[pos + h:pos + h + n])
+                    for a, n, start, end in lay.reads:
+                        v = view[base + start:base + end]
+                        copies.append((a, n, card0 + base + start, v))
+                        readable.append(v)
                     if direct is None:
-                        writable = [view[base + rel:base + rel + n] for rel, n in lay.wviews]
+                        writable = [view[base + start:base + end] for start, end in lay.wviews]
                         wslots = lay.wslots
                     else:
                         writable = [direct.view(a, n) for a, n in d.writable]
                         wslots = [(a, n, -1) for a, n in d.writable]
-                    s = _Staged(d, base, own, wslots)
-                    self._staged[d.head] = s
-                    out.append(Chain(d.head, readable, writable, d.readable_len, d.writable_len, s))
+                    s = _Staged(d, readable, writable, base, own, wslots)
+                    staged[d.head] = s
+                    out.append(s)
                     taken += 1
                 if taken < len(descs):
                     self.counters["staging_full"] += 1
                     self.vring.abandon(descs[taken:])
                     break
-            if not out:
-                return out
-            self.engine.read_in(copies)
         except BaseException:
             for c in reversed(out):
-                self._release(c.ctx)
+                self._release(c)
             raise
         n = len(out)
-        c = self.counters
-        c["batches"] += 1
-        c["chains"] += n
-        if n > c["max_batch"]:
-            c["max_batch"] = n
-        return out
+        if n:
+            c = self.counters
+            c["batches"] += 1
+            c["chains"] += n
+            if n > c["max_batch"]:
+                c["max_batch"] = n
+        return out, copies
 
     # --- returning chains --------------------------------------------------------------------------
     def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
@@ -317,7 +422,7 @@ class VopQueue(Virtqueue):
             q.popleft()
             self.vring.push_many(used)
             for chain, _w in done:
-                self._release(chain.ctx)
+                self._release(chain)
             n += 1
         if not n:
             return
@@ -337,13 +442,15 @@ class VopQueue(Virtqueue):
         used = []
         direct = 0
         for chain, written in done:
-            s: _Staged = chain.ctx
+            s: _Staged = chain
             tail = chain.tail
             if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
                 raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
                                  f"its writable buffers hold {s.desc.writable_len}")
             used.append((chain.head, written + tail))
-            if s.writable and s.writable[0][2] < 0:      # h2c_direct: the backend wrote card memory itself
+            if not written and not tail:
+                continue                                 # nothing written (a transmit chain): nothing to copy
+            if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
             base = s.offset
@@ -354,7 +461,7 @@ class VopQueue(Virtqueue):
             # as one piece, not 17.
             run_a = run_k = run_room = run_pos = -1
             joinable = False
-            for a, n, rel in s.writable:
+            for a, n, rel in s.wslots:
                 if left <= 0:
                     break
                 k = n if n < left else left
@@ -370,7 +477,7 @@ class VopQueue(Virtqueue):
             if run_k > 0:
                 pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
             left = tail
-            for a, n, rel in reversed(s.writable):
+            for a, n, rel in reversed(s.wslots):
                 if left <= 0:
                     break
                 pos = base + rel
@@ -383,9 +490,9 @@ class VopQueue(Virtqueue):
         return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
-        self.vring.abandon([c.ctx.desc for c in chains])
+        self.vring.abandon([c.desc for c in chains])
         for c in reversed(chains):
-            self._release(c.ctx)
+            self._release(c)
 
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.desc.head, None) is None:
@@ -400,6 +507,14 @@ class VopQueue(Virtqueue):
     def release_all(self) -> None:
         """Forget every chain in flight (the device was reset or broken): their staging is free again --
         once no DMA still reads it (a deferred completion's is waited for, its outcome ignored)."""
+        if self._incoming is not None:
+            completion = self._incoming[0]
+            self._incoming = self._resume = None
+            try:
+                completion.wait(DMA_TIMEOUT)
+            except Exception:
+                log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
+                            self.name)
         while self._deferred:
             completion, _used, _done = self._deferred.popleft()
             if completion is not None:

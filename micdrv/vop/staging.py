@@ -46,39 +46,57 @@ class StagingRing:
 
     def alloc(self, n: int) -> int | None:
         """The offset of ``n`` bytes (rounded to 64), or None when they do not fit now."""
-        n = align64(max(n, 1))
-        if n > self.size:
+        n = (n + GRANULE - 1) & ~(GRANULE - 1) if n > 0 else GRANULE
+        size = self.size
+        if n > size:
             return None
         live = self._live
+        head, tail = self._head, self._tail
         if not live:
-            self._head = self._tail = 0
+            self._tail = 0
             start = 0
-        elif self._head > self._tail:
+        elif head > tail:
             # not wrapped: [tail, head) is in use; room after head, else wrap to 0 below tail
-            if self.size - self._head >= n:
-                start = self._head
-            elif self._tail >= n:
+            if size - head >= n:
+                start = head
+            elif tail >= n:
                 start = 0
-                live[-1][1] += self.size - self._head   # the skipped end belongs to the newest piece
-                self.allocated += self.size - self._head
+                live[-1][1] += size - head   # the skipped end belongs to the newest piece
+                self.allocated += size - head
             else:
                 return None
         else:
             # wrapped (head <= tail): in use are [tail, size) and [0, head); the gap is [head, tail)
-            if self._tail - self._head >= n:
-                start = self._head
+            if tail - head >= n:
+                start = head
             else:
                 return None
         live.append([start, n, False])
         self._head = start + n
-        self.allocated += n
-        self.high_water = max(self.high_water, self.allocated)
+        a = self.allocated = self.allocated + n
+        if a > self.high_water:
+            self.high_water = a
         return start
 
     def free(self, start: int) -> None:
         """Give back the allocation at ``start``."""
         live = self._live
-        if live and live[-1][0] == start and not live[-1][2]:
+        if not live:
+            raise ValueError(f"staging: free of offset {start}, which is not allocated")
+        first = live[0]
+        if first[0] == start and not first[2] and len(live) > 1:
+            # the oldest (chains complete in order): reclaimed at once, with the freed ones after it
+            live.popleft()
+            freed = first[1]
+            while live and live[0][2]:
+                freed += live.popleft()[1]
+            self.allocated -= freed
+            if live:
+                self._tail = live[0][0]
+            else:
+                self._head = self._tail = 0
+            return
+        if live[-1][0] == start and not live[-1][2]:
             # the newest: reclaim at once (an abandoned batch tail)
             s, n, _ = live.pop()
             self.allocated -= n

@@ -117,6 +117,7 @@ class DmaCompletion(concurrent.futures.Future):
         self.nbytes = nbytes
         self._remaining = parts
         self._plock = threading.Lock() if parts > 1 else None  # parts settle from different channels
+        self.interrupt = False  # whether its last STATUS raises the channel interrupt (set by _submit)
         self.settled = False  # set once the outcome is in: a lock-free done() for the polling loop
 
     @property
@@ -218,6 +219,8 @@ class DmaEngine:
         self._card_mem = card.aperture.size
         self._host_lo = card.smpt.to_card(card.arena.iova_base, card.arena.size)
         self._host_hi = self._host_lo + card.arena.size
+        # card memory below the system window and the arena above it: what _where tells them apart by
+        self._windows_apart = self._card_mem <= regs.SYSTEM_WINDOW <= self._host_lo
 
     # --- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
@@ -355,14 +358,38 @@ class DmaEngine:
         self._rr = start + 1
         total = 0
         step = dma_desc.MAX_XFER
+        # card memory is [0, card_mem), the arena's window [host_lo, host_hi): a copy from one into the other
+        # passes _where's checks as they stand, anything else is looked at by _where itself
+        card_mem, host_lo, host_hi = self._card_mem, self._host_lo, self._host_hi
+        fast = self._windows_apart
         for dst, src, length in copies:
             if length <= 0 or (dst | src | length) & (dma_desc.ALIGN - 1):
                 raise DmaError(f"DMA copy of {length:#x} bytes {src:#x} -> {dst:#x}",
                                "source, destination and length must be positive multiples of 64 (spec 4.1)")
-            if self._where(dst, length, "destination") & self._where(src, length, "source"):
-                raise DmaError(f"DMA copy {src:#x} -> {dst:#x}", "host to host: the engine cannot do it (spec 4.1)")
+            if not (fast and ((0 <= src and src + length <= card_mem and host_lo <= dst and dst + length <= host_hi)
+                              or (0 <= dst and dst + length <= card_mem and host_lo <= src
+                                  and src + length <= host_hi))):
+                if self._where(dst, length, "destination") & self._where(src, length, "source"):
+                    raise DmaError(f"DMA copy {src:#x} -> {dst:#x}",
+                                   "host to host: the engine cannot do it (spec 4.1)")
             total += length
         order = (chans[start:] + chans[:start])[:max(1, min(len(chans), total // max(self.spread_min, 1)))]
+        if len(order) == 1:
+            # one channel (everything under twice spread_min): the descriptors in one list, as below
+            ch = order[0]
+            one: list[tuple[int, int]] = []
+            for dst, src, length in copies:
+                if length <= step:
+                    one.append((src | (length >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst))
+                else:
+                    one.extend((src + o | (min(step, length - o) >> 6) << _LEN_SHIFT, _MEMCPY_QW1 | dst + o)
+                               for o in range(0, length, step))
+            if len(one) <= ch.max_batch:
+                c = DmaCompletion(self, (ch,), total, 1)
+                if callback is not None:
+                    c.add_done_callback(callback)
+                self._submit(c, ((ch, one, total),), interrupt)
+                return c
         load = {ch: 0 for ch in order}
         descs: dict[DmaChannel, list[tuple[int, int, int]]] = {ch: [] for ch in order}  # (qw0, qw1, bytes)
         for dst, src, length in copies:
@@ -414,6 +441,7 @@ class DmaEngine:
         return c
 
     def _submit(self, c: DmaCompletion, plan, interrupt: bool) -> None:
+        c.interrupt = interrupt
         try:
             for ch, batch, nbytes in plan:
                 if ch.try_submit(batch, c, interrupt, nbytes):
@@ -470,7 +498,7 @@ class DmaEngine:
                     if slack is None:
                         slack = timer_slack(FINE_SLACK_NS)
                     pause = min(pause * 2 or MIN_PAUSE, MAX_PAUSE)
-                    if self.interrupt_completion:
+                    if c.interrupt and self.interrupt_completion:   # else only polling can end it: sleep
                         concurrent.futures.wait([c], pause)
                     else:
                         time.sleep(pause)
