@@ -70,23 +70,61 @@ class CardFault(Exception):
         super().__init__(f"card {'write' if write else 'read'} of [{addr:#x}, +{length:#x}): {detail}")
 
 
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (Include/pybuffer.h): how a read-only source's address is found."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer  # a PyDLL function: runs holding the GIL, raises as Python does
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PyBUF_SIMPLE = 0  # contiguous bytes, read-only allowed
+_memmove = ctypes.memmove  # a CDLL foreign function: the GIL is released while it runs
+
+
 def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> None:
     """dst[:] = src; large copies without holding the GIL unless ``release_gil`` is False.
 
-    Releasing the GIL lets other threads run during the copy, and costs
-    ctypes' few microseconds: a thread that has nothing to run beside it
-    (the vfio-user server thread running a batch inline) copies holding it.
+    Releasing the GIL lets the simulator's other threads (card OS, doorbells,
+    the vfio-user server) run on the other core during the copy, for
+    ctypes' 1-2 microseconds. Safety: the memory stays mapped while the copy
+    runs because both buffers are *exported* for its duration -- the
+    destination through ``from_buffer``, a read-only source (card software's
+    ``bytes``, a read-only DMA map) through ``PyObject_GetBuffer`` -- and an
+    exported mmap refuses ``close()`` (BufferError; :class:`DmaSpace` and
+    :class:`~micdrv.pci.vfio_user.MemoryRegion` then leave the pages to the
+    last view, see ``tests/test_sim_dma.py``'s unmap race). Views that are
+    not plain contiguous bytes take the plain copy.
     """
     n = len(dst)
-    if release_gil and n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
-        d = (ctypes.c_char * n).from_buffer(dst)
-        s = (ctypes.c_char * n).from_buffer(src)
+    if not release_gil or n < GIL_FREE_COPY or dst.readonly or len(src) != n or dst.format != "B" or \
+            src.format != "B" or not dst.c_contiguous or not src.c_contiguous:
+        dst[:] = src  # (which also refuses views of different sizes)
+        return
+    d = (ctypes.c_char * n).from_buffer(dst)
+    try:
+        if not src.readonly:
+            s = (ctypes.c_char * n).from_buffer(src)
+            try:
+                _memmove(d, s, n)
+            finally:
+                del s
+            return
+        buf = _PyBuffer()
+        _get_buffer(src, buf, _PyBUF_SIMPLE)
         try:
-            ctypes.memmove(d, s, n)
+            _memmove(d, buf.buf, n)
         finally:
-            del d, s
-    else:
-        dst[:] = src
+            _release_buffer(buf)
+    finally:
+        del d
 
 
 class CardBus:
@@ -98,6 +136,7 @@ class CardBus:
         self.registers = registers
         self.smpt = smpt
         self._dma = dma
+        self._dma_space: DmaSpace | None = None  # what _dma() returned once it was a DmaSpace (a server keeps its own)
         self._lock = threading.Lock()
         self.faults = 0
         self.recent_faults: collections.deque[str] = collections.deque(maxlen=RECENT_FAULTS)
@@ -119,14 +158,23 @@ class CardBus:
         callers then take :meth:`_pieces`, which checks everything and counts the faults."""
         if 0 <= addr and 0 < length and addr + length <= self.memory_size:
             return self.gddr[addr:addr + length]
+        if 0 < length:
+            return self._host_fast(addr, length, write)
+        return None
+
+    def _host_fast(self, addr: int, length: int, write: bool) -> memoryview | None:
+        """:meth:`_fast` for host memory (``length`` > 0): one SMPT page, the DMA mapping used last."""
         rel = addr - SYSTEM_WINDOW
-        if 0 <= rel < SYSTEM_WINDOW_SIZE and 0 < length:
+        if 0 <= rel < SYSTEM_WINDOW_SIZE:
             off = rel & SMPT_PAGE_MASK
             if off + length <= SMPT_PAGE_SIZE:
-                dma = self._dma()
+                dma = self._dma_space
+                if dma is None:
+                    dma = self._dma_space = self._dma()
                 if dma is not None:
-                    return dma.fast_view(smpt_host_page(self.smpt.entries[rel >> SMPT_PAGE_SHIFT]) + off, length,
-                                         write)
+                    # smpt_host_page(entry) inline: entry bits 31:2 = host address bits 63:34 (spec 2.4)
+                    return dma.fast_view((self.smpt.entries[rel >> SMPT_PAGE_SHIFT] >> 2 << SMPT_PAGE_SHIFT) + off,
+                                         length, write)
         return None
 
     def _pieces(self, addr: int, length: int, write: bool) -> list[memoryview]:
@@ -246,17 +294,24 @@ class CardBus:
 
     def copy(self, dst: int, src: int, length: int, *, release_gil: bool = True) -> None:
         """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy (:func:`copy_view`)."""
-        s = self._fast(src, length, False)
-        if s is not None:
-            d = self._fast(dst, length, True)
-            if d is not None:
-                try:
-                    copy_view(d, s, release_gil)
-                finally:
-                    d.release()
-                    s.release()
-                return
-            s.release()
+        if 0 < length:  # the fast cases (:meth:`_fast`) inline: this is every DMA descriptor
+            size = self.memory_size
+            s = self.gddr[src:src + length] if 0 <= src and src + length <= size else \
+                self._host_fast(src, length, False)
+            if s is not None:
+                d = self.gddr[dst:dst + length] if 0 <= dst and dst + length <= size else \
+                    self._host_fast(dst, length, True)
+                if d is not None:
+                    try:
+                        if length < GIL_FREE_COPY or not release_gil:
+                            d[:] = s
+                        else:
+                            copy_view(d, s)
+                    finally:
+                        d.release()
+                        s.release()
+                    return
+                s.release()
         s_pieces = self._pieces(src, length, False)
         try:
             d_pieces = self._pieces(dst, length, True)

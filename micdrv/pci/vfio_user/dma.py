@@ -48,12 +48,21 @@ class DmaFault(VfioUserError):
 
 @dataclass
 class DmaRegion:
-    """One DMA_MAP: ``size`` bytes at ``iova``; ``mm`` is the shared mapping (None: messages only)."""
+    """One DMA_MAP: ``size`` bytes at ``iova``; ``mm`` is the shared mapping (None: messages only).
+
+    ``view`` is a memoryview of all of ``mm``, made once: :meth:`DmaSpace.fast_view` slices it. It is
+    released at unmap, before ``mm`` is closed; a slice still alive then keeps the pages mapped.
+    """
 
     iova: int
     size: int
     flags: int
     mm: mmap.mmap | None
+    view: memoryview | None = None
+
+    def __post_init__(self) -> None:
+        if self.mm is not None and self.view is None:
+            self.view = memoryview(self.mm)
 
     @property
     def end(self) -> int:
@@ -173,7 +182,7 @@ class DmaSpace:
             raise DmaFault(iova, length, write, "mapping has no shared memory (no fd in DMA_MAP): use read/write")
         off = iova - region.iova
         try:
-            view = memoryview(region.mm)[off:off + length]
+            view = region.view[off:off + length]
         except ValueError:  # unmapped by the client meanwhile
             raise DmaFault(iova, length, write, "mapping was removed") from None
         self._last = region
@@ -186,13 +195,15 @@ class DmaSpace:
         and counts faults. Allowed access only, as :meth:`view`.
         """
         region = self._last
-        if (region is None or iova < region.iova or iova + length > region.iova + region.size or length <= 0
-                or not region.flags & (DMA_MAP_FLAG_WRITE if write else DMA_MAP_FLAG_READ)):
+        if region is None:
             return None
         off = iova - region.iova
+        if off < 0 or off + length > region.size or length <= 0 or \
+                not region.flags & (DMA_MAP_FLAG_WRITE if write else DMA_MAP_FLAG_READ):
+            return None
         try:
-            return memoryview(region.mm)[off:off + length]
-        except (ValueError, TypeError):  # unmapped meanwhile (closed, or never shared): the slow path says so
+            return region.view[off:off + length]
+        except (ValueError, TypeError):  # unmapped meanwhile (released, or never shared): the slow path says so
             return None
 
     def read(self, iova: int, length: int) -> bytes:
@@ -261,6 +272,8 @@ class DmaSpace:
 
 
 def _release(region: DmaRegion) -> None:
+    if region.view is not None:
+        region.view.release()  # slices of it stay valid: they hold the mapping themselves
     if region.mm is not None:
         try:
             region.mm.close()
