@@ -43,6 +43,7 @@ import threading
 from typing import Callable
 
 from micdrv.pci.vfio_user import DmaFault, DmaSpace
+from micdrv.pci.vfio_user.wire import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 from micdrv.x100 import regs
 
 from .registers import RegisterFile
@@ -59,6 +60,7 @@ smpt_host_page = regs.smpt_host_page
 MMIO_WINDOW = regs.CARD_MMIO_BASE
 MMIO_WINDOW_END = MMIO_WINDOW + regs.MMIO_SIZE
 GIL_FREE_COPY = 32 << 10  # from this size copies go through memmove with the GIL released
+_MAP_READ, _MAP_WRITE = DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 RECENT_FAULTS = 64  # how many fault descriptions to keep for the control socket
 
 
@@ -127,6 +129,27 @@ def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> Non
         del d
 
 
+class _HostWindow:
+    """Card addresses ``[lo, hi)``: SMPT entry ``index`` (= ``entry``) onto a DMA mapping whose view
+    holds card address X at offset X - ``base``; ``flags`` are the mapping's READ/WRITE bits."""
+
+    __slots__ = ("lo", "hi", "base", "view", "flags", "index", "entry")
+
+    @classmethod
+    def of(cls, dma: DmaSpace, index: int, entry: int, page: int) -> "_HostWindow | None":
+        """The window of the mapping ``dma`` used last, seen through SMPT ``index`` at card address ``page``."""
+        region = dma.last_region
+        if region is None or region.view is None:
+            return None
+        w = cls()
+        host = smpt_host_page(entry)  # host address of card address ``page``
+        w.base = page + region.iova - host  # card address of the mapping's first byte
+        w.lo = max(page, w.base)
+        w.hi = min(page + SMPT_PAGE_SIZE, w.base + region.size)
+        w.view, w.flags, w.index, w.entry = region.view, region.flags, index, entry
+        return w if w.lo < w.hi else None
+
+
 class CardBus:
     """Card physical memory: GDDR, the register window and the SMPT window onto host DMA maps."""
 
@@ -137,6 +160,7 @@ class CardBus:
         self.smpt = smpt
         self._dma = dma
         self._dma_space: DmaSpace | None = None  # what _dma() returned once it was a DmaSpace (a server keeps its own)
+        self._window: _HostWindow | None = None  # the host memory resolved last (:meth:`_host_fast`)
         self._lock = threading.Lock()
         self.faults = 0
         self.recent_faults: collections.deque[str] = collections.deque(maxlen=RECENT_FAULTS)
@@ -163,7 +187,23 @@ class CardBus:
         return None
 
     def _host_fast(self, addr: int, length: int, write: bool) -> memoryview | None:
-        """:meth:`_fast` for host memory (``length`` > 0): one SMPT page, the DMA mapping used last."""
+        """:meth:`_fast` for host memory (``length`` > 0): one SMPT page, the DMA mapping used last.
+
+        The card address range where that page and that mapping overlap is
+        remembered (:class:`_HostWindow`), so a stream of descriptors into the
+        same buffers skips the translation. It serves while the SMPT entry
+        holds the same value and the mapping is mapped: its unmap releases the
+        mapping's view, and slicing a released view fails. It holds nothing
+        else of the mapping, so it keeps no unmapped pages alive.
+        """
+        w = self._window
+        if w is not None and w.lo <= addr and addr + length <= w.hi and w.flags & (_MAP_WRITE if write else _MAP_READ) \
+                and self.smpt.entries[w.index] == w.entry:
+            off = addr - w.base
+            try:
+                return w.view[off:off + length]
+            except ValueError:  # unmapped since: resolve afresh
+                self._window = None
         rel = addr - SYSTEM_WINDOW
         if 0 <= rel < SYSTEM_WINDOW_SIZE:
             off = rel & SMPT_PAGE_MASK
@@ -172,9 +212,12 @@ class CardBus:
                 if dma is None:
                     dma = self._dma_space = self._dma()
                 if dma is not None:
-                    # smpt_host_page(entry) inline: entry bits 31:2 = host address bits 63:34 (spec 2.4)
-                    return dma.fast_view((self.smpt.entries[rel >> SMPT_PAGE_SHIFT] >> 2 << SMPT_PAGE_SHIFT) + off,
-                                         length, write)
+                    index = rel >> SMPT_PAGE_SHIFT
+                    entry = self.smpt.entries[index]
+                    view = dma.fast_view(smpt_host_page(entry) + off, length, write)
+                    if view is not None:
+                        self._window = _HostWindow.of(dma, index, entry, addr - off)
+                    return view
         return None
 
     def _pieces(self, addr: int, length: int, write: bool) -> list[memoryview]:

@@ -89,11 +89,12 @@ class DmaSpace:
         self._conn: Connection | None = None
         self._xfer = DEFAULT_MAX_DATA_XFER_SIZE
         self.faults = 0
-        self.message_bytes = 0
-        # The mapping the last view() found: a device keeps touching the same
-        # one (micdrv's arena is a single DMA_MAP), so fast_view() answers from
-        # it without the lock and the search. Cleared by every unmap.
-        self._last: DmaRegion | None = None  # bytes moved by DMA_READ/WRITE messages rather than shared memory
+        self.message_bytes = 0  # bytes moved by DMA_READ/WRITE messages rather than shared memory
+        #: The mapping the last view() found: a device keeps touching the same
+        #: one (micdrv's arena is a single DMA_MAP), so fast_view() answers from
+        #: it without the lock and the search. Set to None by every unmap, so a
+        #: model may cache what it derived from it while it stays the same object.
+        self.last_region: DmaRegion | None = None
 
     def attach(self, conn: Connection | None, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE) -> None:
         """Use ``conn`` for DMA_READ/WRITE (None while no client is connected)."""
@@ -148,13 +149,13 @@ class DmaSpace:
                 raise CommandError(_errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping")
             del self._starts[i]
             region = self._maps.pop(i)
-            self._last = None
+            self.last_region = None
         _release(region)
 
     def unmap_all(self) -> None:
         with self._lock:
             maps, self._maps, self._starts = self._maps, [], []
-            self._last = None
+            self.last_region = None
         for region in maps:
             _release(region)
 
@@ -185,7 +186,7 @@ class DmaSpace:
             view = region.view[off:off + length]
         except ValueError:  # unmapped by the client meanwhile
             raise DmaFault(iova, length, write, "mapping was removed") from None
-        self._last = region
+        self.last_region = region
         return view
 
     def fast_view(self, iova: int, length: int, write: bool = False) -> memoryview | None:
@@ -194,7 +195,7 @@ class DmaSpace:
         None is no verdict: the caller then asks :meth:`view`, which checks
         and counts faults. Allowed access only, as :meth:`view`.
         """
-        region = self._last
+        region = self.last_region
         if region is None:
             return None
         off = iova - region.iova
