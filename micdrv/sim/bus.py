@@ -335,7 +335,7 @@ class CardBus:
     def write64(self, addr: int, value: int) -> None:
         self.write(addr, (value & (1 << 64) - 1).to_bytes(8, "little"))
 
-    def copy(self, dst: int, src: int, length: int, *, release_gil: bool = True) -> None:
+    def copy(self, dst: int, src: int, length: int, release_gil: bool = True) -> None:
         """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy (:func:`copy_view`)."""
         if 0 < length:  # the fast cases (:meth:`_fast`) inline: this is every DMA descriptor
             size = self.memory_size
@@ -345,11 +345,11 @@ class CardBus:
                 d = self.gddr[dst:dst + length] if 0 <= dst and dst + length <= size else \
                     self._host_fast(dst, length, True)
                 if d is not None:
+                    if length < GIL_FREE_COPY or not release_gil:
+                        d[:] = s
+                        return  # (the two views go with this frame, now)
                     try:
-                        if length < GIL_FREE_COPY or not release_gil:
-                            d[:] = s
-                        else:
-                            copy_view(d, s)
+                        copy_view(d, s)
                     finally:
                         d.release()
                         s.release()

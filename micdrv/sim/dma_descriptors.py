@@ -132,7 +132,7 @@ def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int, release_gil: bool =
         if _SYSTEM <= src < _SYSTEM_END and _SYSTEM <= dst < _SYSTEM_END:
             raise DescriptorError(ERR_HOST_TO_HOST, f"MEMCPY {src:#x} -> {dst:#x}: host memory to host memory")
         try:
-            bus.copy(dst, src, length, release_gil=release_gil)
+            bus.copy(dst, src, length, release_gil)
         except CardFault as e:
             raise DescriptorError(ERR_ADDRESS, f"MEMCPY {src:#x} -> {dst:#x} +{length:#x}: {e.detail}") from None
         return length, False
