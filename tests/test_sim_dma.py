@@ -446,14 +446,16 @@ def test_a_copy_in_flight_finishes_from_the_pages_it_started_on():
     assert _mappings_named(name) == 0
 
 
-def test_copies_without_the_gil_from_read_only_and_strided_sources():
+def test_copy_view_takes_any_source_a_slice_assignment_takes():
     from micdrv.sim.bus import GIL_FREE_COPY, copy_view
 
     data = os.urandom(4 * GIL_FREE_COPY)
     dst = bytearray(4 * GIL_FREE_COPY)
-    copy_view(memoryview(dst), memoryview(data))  # bytes: a read-only source
+    copy_view(memoryview(dst), memoryview(data))  # bytes: read-only, copied holding the GIL
     assert dst == data
-    copy_view(memoryview(dst)[:2 * GIL_FREE_COPY], memoryview(data)[::2])  # not contiguous: the plain copy
+    copy_view(memoryview(dst), memoryview(bytearray(data[::-1])))  # writable: without the GIL
+    assert dst == data[::-1]
+    copy_view(memoryview(dst)[:2 * GIL_FREE_COPY], memoryview(bytearray(data))[::2])  # strided: the plain copy
     assert dst[:2 * GIL_FREE_COPY] == data[::2]
     with pytest.raises(ValueError):
         copy_view(memoryview(dst), memoryview(data)[1:])  # sizes differ: refused, as a slice assignment is

@@ -72,61 +72,37 @@ class CardFault(Exception):
         super().__init__(f"card {'write' if write else 'read'} of [{addr:#x}, +{length:#x}): {detail}")
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer`` (Include/pybuffer.h): how a read-only source's address is found."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer  # a PyDLL function: runs holding the GIL, raises as Python does
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-_PyBUF_SIMPLE = 0  # contiguous bytes, read-only allowed
-_memmove = ctypes.memmove  # a CDLL foreign function: the GIL is released while it runs
-
-
 def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> None:
     """dst[:] = src; large copies without holding the GIL unless ``release_gil`` is False.
 
-    Releasing the GIL lets the simulator's other threads (card OS, doorbells,
-    the vfio-user server) run on the other core during the copy, for
-    ctypes' 1-2 microseconds. Safety: the memory stays mapped while the copy
-    runs because both buffers are *exported* for its duration -- the
-    destination through ``from_buffer``, a read-only source (card software's
-    ``bytes``, a read-only DMA map) through ``PyObject_GetBuffer`` -- and an
-    exported mmap refuses ``close()`` (BufferError; :class:`DmaSpace` and
-    :class:`~micdrv.pci.vfio_user.MemoryRegion` then leave the pages to the
-    last view, see ``tests/test_sim_dma.py``'s unmap race). Views that are
-    not plain contiguous bytes take the plain copy.
+    Releasing the GIL lets the simulator's other threads run on the other
+    core during the copy, for ctypes' 1-2 microseconds, and lets DMA channels
+    copy in parallel. It has a price: the copying thread must win the GIL
+    back, and behind a thread busy in Python that takes up to a switch
+    interval (5 ms) -- a 64 KiB copy loop beside a spinning thread fell from
+    ~200 k to ~2 k copies a second. So only writable buffers go this way,
+    as before; read-only sources (card software's ``bytes``) copy holding the
+    GIL [measured: releasing it for them too gave no gain in VOP blk write and
+    net echo, and releasing it in the server thread's inline batches lost].
+
+    Safety: the memory stays mapped while the copy runs because both buffers
+    are *exported* for its duration (``from_buffer``, on top of the views the
+    caller holds), and an exported mmap refuses ``close()`` (BufferError;
+    :class:`DmaSpace` and :class:`~micdrv.pci.vfio_user.MemoryRegion` then
+    leave the pages to the last view: ``tests/test_sim_dma.py``, the unmap
+    race). Views that are not plain contiguous bytes take the plain copy.
     """
     n = len(dst)
-    if not release_gil or n < GIL_FREE_COPY or dst.readonly or len(src) != n or dst.format != "B" or \
-            src.format != "B" or not dst.c_contiguous or not src.c_contiguous:
+    if not release_gil or n < GIL_FREE_COPY or dst.readonly or src.readonly or len(src) != n or \
+            dst.format != "B" or src.format != "B" or not dst.c_contiguous or not src.c_contiguous:
         dst[:] = src  # (which also refuses views of different sizes)
         return
     d = (ctypes.c_char * n).from_buffer(dst)
+    s = (ctypes.c_char * n).from_buffer(src)
     try:
-        if not src.readonly:
-            s = (ctypes.c_char * n).from_buffer(src)
-            try:
-                _memmove(d, s, n)
-            finally:
-                del s
-            return
-        buf = _PyBuffer()
-        _get_buffer(src, buf, _PyBUF_SIMPLE)
-        try:
-            _memmove(d, buf.buf, n)
-        finally:
-            _release_buffer(buf)
+        ctypes.memmove(d, s, n)  # a CDLL foreign function: the GIL is released while it runs
     finally:
-        del d
+        del d, s
 
 
 class _HostWindow:
