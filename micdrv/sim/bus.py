@@ -43,6 +43,7 @@ import threading
 from typing import Callable
 
 from micdrv.pci.vfio_user import DmaFault, DmaSpace
+from micdrv.pci.vfio_user.wire import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 from micdrv.x100 import regs
 
 from .registers import RegisterFile
@@ -59,6 +60,7 @@ smpt_host_page = regs.smpt_host_page
 MMIO_WINDOW = regs.CARD_MMIO_BASE
 MMIO_WINDOW_END = MMIO_WINDOW + regs.MMIO_SIZE
 GIL_FREE_COPY = 32 << 10  # from this size copies go through memmove with the GIL released
+_MAP_READ, _MAP_WRITE = DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 RECENT_FAULTS = 64  # how many fault descriptions to keep for the control socket
 
 
@@ -73,20 +75,55 @@ class CardFault(Exception):
 def copy_view(dst: memoryview, src: memoryview, release_gil: bool = True) -> None:
     """dst[:] = src; large copies without holding the GIL unless ``release_gil`` is False.
 
-    Releasing the GIL lets other threads run during the copy, and costs
-    ctypes' few microseconds: a thread that has nothing to run beside it
-    (the vfio-user server thread running a batch inline) copies holding it.
+    Releasing the GIL lets the simulator's other threads run on the other
+    core during the copy, for ctypes' 1-2 microseconds, and lets DMA channels
+    copy in parallel. It has a price: the copying thread must win the GIL
+    back, and behind a thread busy in Python that takes up to a switch
+    interval (5 ms) -- a 64 KiB copy loop beside a spinning thread fell from
+    ~200 k to ~2 k copies a second. So only writable buffers go this way,
+    as before; read-only sources (card software's ``bytes``) copy holding the
+    GIL [measured: releasing it for them too gave no gain in VOP blk write and
+    net echo, and releasing it in the server thread's inline batches lost].
+
+    Safety: the memory stays mapped while the copy runs because both buffers
+    are *exported* for its duration (``from_buffer``, on top of the views the
+    caller holds), and an exported mmap refuses ``close()`` (BufferError;
+    :class:`DmaSpace` and :class:`~micdrv.pci.vfio_user.MemoryRegion` then
+    leave the pages to the last view: ``tests/test_sim_dma.py``, the unmap
+    race). Views that are not plain contiguous bytes take the plain copy.
     """
     n = len(dst)
-    if release_gil and n >= GIL_FREE_COPY and not dst.readonly and not src.readonly:
-        d = (ctypes.c_char * n).from_buffer(dst)
-        s = (ctypes.c_char * n).from_buffer(src)
-        try:
-            ctypes.memmove(d, s, n)
-        finally:
-            del d, s
-    else:
-        dst[:] = src
+    if not release_gil or n < GIL_FREE_COPY or dst.readonly or src.readonly or len(src) != n or \
+            dst.format != "B" or src.format != "B" or not dst.c_contiguous or not src.c_contiguous:
+        dst[:] = src  # (which also refuses views of different sizes)
+        return
+    d = (ctypes.c_char * n).from_buffer(dst)
+    s = (ctypes.c_char * n).from_buffer(src)
+    try:
+        ctypes.memmove(d, s, n)  # a CDLL foreign function: the GIL is released while it runs
+    finally:
+        del d, s
+
+
+class _HostWindow:
+    """Card addresses ``[lo, hi)``: SMPT entry ``index`` (= ``entry``) onto a DMA mapping whose view
+    holds card address X at offset X - ``base``; ``flags`` are the mapping's READ/WRITE bits."""
+
+    __slots__ = ("lo", "hi", "base", "view", "flags", "index", "entry")
+
+    @classmethod
+    def of(cls, dma: DmaSpace, index: int, entry: int, page: int) -> "_HostWindow | None":
+        """The window of the mapping ``dma`` used last, seen through SMPT ``index`` at card address ``page``."""
+        region = dma.last_region
+        if region is None or region.view is None:
+            return None
+        w = cls()
+        host = smpt_host_page(entry)  # host address of card address ``page``
+        w.base = page + region.iova - host  # card address of the mapping's first byte
+        w.lo = max(page, w.base)
+        w.hi = min(page + SMPT_PAGE_SIZE, w.base + region.size)
+        w.view, w.flags, w.index, w.entry = region.view, region.flags, index, entry
+        return w if w.lo < w.hi else None
 
 
 class CardBus:
@@ -98,6 +135,8 @@ class CardBus:
         self.registers = registers
         self.smpt = smpt
         self._dma = dma
+        self._dma_space: DmaSpace | None = None  # what _dma() returned once it was a DmaSpace (a server keeps its own)
+        self._window: _HostWindow | None = None  # the host memory resolved last (:meth:`_host_fast`)
         self._lock = threading.Lock()
         self.faults = 0
         self.recent_faults: collections.deque[str] = collections.deque(maxlen=RECENT_FAULTS)
@@ -119,14 +158,42 @@ class CardBus:
         callers then take :meth:`_pieces`, which checks everything and counts the faults."""
         if 0 <= addr and 0 < length and addr + length <= self.memory_size:
             return self.gddr[addr:addr + length]
+        if 0 < length:
+            return self._host_fast(addr, length, write)
+        return None
+
+    def _host_fast(self, addr: int, length: int, write: bool) -> memoryview | None:
+        """:meth:`_fast` for host memory (``length`` > 0): one SMPT page, the DMA mapping used last.
+
+        The card address range where that page and that mapping overlap is
+        remembered (:class:`_HostWindow`), so a stream of descriptors into the
+        same buffers skips the translation. It serves while the SMPT entry
+        holds the same value and the mapping is mapped: its unmap releases the
+        mapping's view, and slicing a released view fails. It holds nothing
+        else of the mapping, so it keeps no unmapped pages alive.
+        """
+        w = self._window
+        if w is not None and w.lo <= addr and addr + length <= w.hi and w.flags & (_MAP_WRITE if write else _MAP_READ) \
+                and self.smpt.entries[w.index] == w.entry:
+            off = addr - w.base
+            try:
+                return w.view[off:off + length]
+            except ValueError:  # unmapped since: resolve afresh
+                self._window = None
         rel = addr - SYSTEM_WINDOW
-        if 0 <= rel < SYSTEM_WINDOW_SIZE and 0 < length:
+        if 0 <= rel < SYSTEM_WINDOW_SIZE:
             off = rel & SMPT_PAGE_MASK
             if off + length <= SMPT_PAGE_SIZE:
-                dma = self._dma()
+                dma = self._dma_space
+                if dma is None:
+                    dma = self._dma_space = self._dma()
                 if dma is not None:
-                    return dma.fast_view(smpt_host_page(self.smpt.entries[rel >> SMPT_PAGE_SHIFT]) + off, length,
-                                         write)
+                    index = rel >> SMPT_PAGE_SHIFT
+                    entry = self.smpt.entries[index]
+                    view = dma.fast_view(smpt_host_page(entry) + off, length, write)
+                    if view is not None:
+                        self._window = _HostWindow.of(dma, index, entry, addr - off)
+                    return view
         return None
 
     def _pieces(self, addr: int, length: int, write: bool) -> list[memoryview]:
@@ -244,19 +311,26 @@ class CardBus:
     def write64(self, addr: int, value: int) -> None:
         self.write(addr, (value & (1 << 64) - 1).to_bytes(8, "little"))
 
-    def copy(self, dst: int, src: int, length: int, *, release_gil: bool = True) -> None:
+    def copy(self, dst: int, src: int, length: int, release_gil: bool = True) -> None:
         """Copy card memory to card memory (GDDR and/or host through the SMPT), zero-copy (:func:`copy_view`)."""
-        s = self._fast(src, length, False)
-        if s is not None:
-            d = self._fast(dst, length, True)
-            if d is not None:
-                try:
-                    copy_view(d, s, release_gil)
-                finally:
-                    d.release()
-                    s.release()
-                return
-            s.release()
+        if 0 < length:  # the fast cases (:meth:`_fast`) inline: this is every DMA descriptor
+            size = self.memory_size
+            s = self.gddr[src:src + length] if 0 <= src and src + length <= size else \
+                self._host_fast(src, length, False)
+            if s is not None:
+                d = self.gddr[dst:dst + length] if 0 <= dst and dst + length <= size else \
+                    self._host_fast(dst, length, True)
+                if d is not None:
+                    if length < GIL_FREE_COPY or not release_gil:
+                        d[:] = s
+                        return  # (the two views go with this frame, now)
+                    try:
+                        copy_view(d, s)
+                    finally:
+                        d.release()
+                        s.release()
+                    return
+                s.release()
         s_pieces = self._pieces(src, length, False)
         try:
             d_pieces = self._pieces(dst, length, True)

@@ -60,6 +60,11 @@ ERROR_NAMES = {ERR_TYPE: "type", ERR_ALIGN: "align", ERR_LENGTH: "length", ERR_A
 DESCRIPTOR = struct.Struct("<QQ")
 STATUS_ALIGN = 8
 DST_MASK = (1 << 59) - 1  # qw1 bits 58:0
+# The same constants as module globals, for execute() (every descriptor):
+_TYPE_SHIFT, _MEMCPY, _STATUS = regs.DESC_TYPE_SHIFT, regs.DESC_MEMCPY, regs.DESC_STATUS
+_ADDR_MASK, _LEN_SHIFT, _LEN_MASK = regs.DESC_ADDR_MASK, regs.DESC_LEN_SHIFT, regs.DESC_LEN_MASK
+_ALIGN, _ALIGN_MASK = regs.DMA_ALIGN, regs.DMA_ALIGN - 1
+_SYSTEM, _SYSTEM_END = regs.SYSTEM_WINDOW, regs.SYSTEM_WINDOW_END
 
 
 class DescriptorError(Exception):
@@ -110,32 +115,28 @@ def fetch(bus: CardBus, ring: Ring, index: int, count: int) -> list[tuple[int, i
         view.release()
 
 
-def _in_system(addr: int) -> bool:
-    return regs.SYSTEM_WINDOW <= addr < regs.SYSTEM_WINDOW_END
-
-
 def execute(bus: CardBus, qw0: int, qw1: int, max_xfer: int, release_gil: bool = True) -> tuple[int, bool]:
     """Run one descriptor: (bytes copied, interrupt requested). Raises DescriptorError.
 
     ``release_gil``: as :meth:`.bus.CardBus.copy`.
     """
-    kind = qw1 >> regs.DESC_TYPE_SHIFT
+    kind = qw1 >> _TYPE_SHIFT
     dst = qw1 & DST_MASK
-    if kind == regs.DESC_MEMCPY:
-        src = qw0 & regs.DESC_ADDR_MASK
-        length = (qw0 >> regs.DESC_LEN_SHIFT & regs.DESC_LEN_MASK) * regs.DMA_ALIGN
-        if src % regs.DMA_ALIGN or dst % regs.DMA_ALIGN:
+    if kind == _MEMCPY:
+        src = qw0 & _ADDR_MASK
+        length = (qw0 >> _LEN_SHIFT & _LEN_MASK) * _ALIGN  # in 64-byte units (spec 4.3)
+        if (src | dst) & _ALIGN_MASK:
             raise DescriptorError(ERR_ALIGN, f"MEMCPY {src:#x} -> {dst:#x}: addresses must be multiples of 64")
         if length == 0 or length > max_xfer:
             raise DescriptorError(ERR_LENGTH, f"MEMCPY of {length:#x} bytes (1..{max_xfer:#x} allowed)")
-        if _in_system(src) and _in_system(dst):
+        if _SYSTEM <= src < _SYSTEM_END and _SYSTEM <= dst < _SYSTEM_END:
             raise DescriptorError(ERR_HOST_TO_HOST, f"MEMCPY {src:#x} -> {dst:#x}: host memory to host memory")
         try:
-            bus.copy(dst, src, length, release_gil=release_gil)
+            bus.copy(dst, src, length, release_gil)
         except CardFault as e:
             raise DescriptorError(ERR_ADDRESS, f"MEMCPY {src:#x} -> {dst:#x} +{length:#x}: {e.detail}") from None
         return length, False
-    if kind == regs.DESC_STATUS:
+    if kind == _STATUS:
         if dst % STATUS_ALIGN:
             raise DescriptorError(ERR_ALIGN, f"STATUS to {dst:#x}: not 8-byte aligned")
         try:

@@ -48,12 +48,21 @@ class DmaFault(VfioUserError):
 
 @dataclass
 class DmaRegion:
-    """One DMA_MAP: ``size`` bytes at ``iova``; ``mm`` is the shared mapping (None: messages only)."""
+    """One DMA_MAP: ``size`` bytes at ``iova``; ``mm`` is the shared mapping (None: messages only).
+
+    ``view`` is a memoryview of all of ``mm``, made once: :meth:`DmaSpace.fast_view` slices it. It is
+    released at unmap, before ``mm`` is closed; a slice still alive then keeps the pages mapped.
+    """
 
     iova: int
     size: int
     flags: int
     mm: mmap.mmap | None
+    view: memoryview | None = None
+
+    def __post_init__(self) -> None:
+        if self.mm is not None and self.view is None:
+            self.view = memoryview(self.mm)
 
     @property
     def end(self) -> int:
@@ -80,11 +89,12 @@ class DmaSpace:
         self._conn: Connection | None = None
         self._xfer = DEFAULT_MAX_DATA_XFER_SIZE
         self.faults = 0
-        self.message_bytes = 0
-        # The mapping the last view() found: a device keeps touching the same
-        # one (micdrv's arena is a single DMA_MAP), so fast_view() answers from
-        # it without the lock and the search. Cleared by every unmap.
-        self._last: DmaRegion | None = None  # bytes moved by DMA_READ/WRITE messages rather than shared memory
+        self.message_bytes = 0  # bytes moved by DMA_READ/WRITE messages rather than shared memory
+        #: The mapping the last view() found: a device keeps touching the same
+        #: one (micdrv's arena is a single DMA_MAP), so fast_view() answers from
+        #: it without the lock and the search. Set to None by every unmap, so a
+        #: model may cache what it derived from it while it stays the same object.
+        self.last_region: DmaRegion | None = None
 
     def attach(self, conn: Connection | None, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE) -> None:
         """Use ``conn`` for DMA_READ/WRITE (None while no client is connected)."""
@@ -139,13 +149,13 @@ class DmaSpace:
                 raise CommandError(_errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping")
             del self._starts[i]
             region = self._maps.pop(i)
-            self._last = None
+            self.last_region = None
         _release(region)
 
     def unmap_all(self) -> None:
         with self._lock:
             maps, self._maps, self._starts = self._maps, [], []
-            self._last = None
+            self.last_region = None
         for region in maps:
             _release(region)
 
@@ -173,10 +183,10 @@ class DmaSpace:
             raise DmaFault(iova, length, write, "mapping has no shared memory (no fd in DMA_MAP): use read/write")
         off = iova - region.iova
         try:
-            view = memoryview(region.mm)[off:off + length]
+            view = region.view[off:off + length]
         except ValueError:  # unmapped by the client meanwhile
             raise DmaFault(iova, length, write, "mapping was removed") from None
-        self._last = region
+        self.last_region = region
         return view
 
     def fast_view(self, iova: int, length: int, write: bool = False) -> memoryview | None:
@@ -185,14 +195,16 @@ class DmaSpace:
         None is no verdict: the caller then asks :meth:`view`, which checks
         and counts faults. Allowed access only, as :meth:`view`.
         """
-        region = self._last
-        if (region is None or iova < region.iova or iova + length > region.iova + region.size or length <= 0
-                or not region.flags & (DMA_MAP_FLAG_WRITE if write else DMA_MAP_FLAG_READ)):
+        region = self.last_region
+        if region is None:
             return None
         off = iova - region.iova
+        if off < 0 or off + length > region.size or length <= 0 or \
+                not region.flags & (DMA_MAP_FLAG_WRITE if write else DMA_MAP_FLAG_READ):
+            return None
         try:
-            return memoryview(region.mm)[off:off + length]
-        except (ValueError, TypeError):  # unmapped meanwhile (closed, or never shared): the slow path says so
+            return region.view[off:off + length]
+        except (ValueError, TypeError):  # unmapped meanwhile (released, or never shared): the slow path says so
             return None
 
     def read(self, iova: int, length: int) -> bytes:
@@ -261,6 +273,8 @@ class DmaSpace:
 
 
 def _release(region: DmaRegion) -> None:
+    if region.view is not None:
+        region.view.release()  # slices of it stay valid: they hold the mapping themselves
     if region.mm is not None:
         try:
             region.mm.close()

@@ -192,7 +192,8 @@ class Connection:
                 self._dispatching = direct = True
             else:
                 self._commands.append(msg)
-            self._wake_locked()
+            if self._sleepers:  # _wake_locked() inline: this is every message
+                self._cond.notify_all()
         if err is not None:
             self._fail(err)
             raise err
@@ -202,7 +203,8 @@ class Connection:
             finally:
                 with self._lock:
                     self._dispatching = False
-                    self._wake_locked()
+                    if self._sleepers:
+                        self._cond.notify_all()
         if self._commands:  # queued by another reader meanwhile (a lock-free peek; re-checked under the lock)
             self._dispatch_pending()
         return "message"

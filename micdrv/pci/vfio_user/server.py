@@ -296,7 +296,11 @@ class VfioUserServer:
         offset, index, count = _unpack_rw(p)
         if len(p) != _RW_SIZE + count:
             raise CommandError(_errno.EINVAL, f"REGION_WRITE count {count} with {len(p) - _RW_SIZE} data bytes")
-        self._region(index, offset, count, True).write(offset, bytes(p[_RW_SIZE:]))
+        region = self.regions.get(index)  # _region() inline for the common case: every doorbell
+        if region is None or not region.flags & REGION_FLAG_WRITE or count > self.caps.data_xfer_size or \
+                offset + count > region.size:
+            region = self._region(index, offset, count, True)  # raises the reason
+        region.write(offset, bytes(p[_RW_SIZE:]))
         if msg.flags & FLAGS_NO_REPLY:
             return None  # posted (a doorbell): no reply to build
         return region_rw.pack(offset, index, count)
