@@ -144,7 +144,7 @@ def test_the_copy_engines_bar0_path_stays_in_card_memory(pieces, direction):
     if direction == "out":
         call = lambda: engine.write_out([(a, n, n, 0, memoryview(b"\x5A" * n)) for a, n in pieces])   # noqa: E731
     else:
-        call = lambda: engine.read_in([(a, n, 0, memoryview(bytearray(n + 64))) for a, n in pieces])  # noqa: E731
+        call = lambda: engine.read_in([(a, n, 0, memoryview(bytearray(n))) for a, n in pieces])  # noqa: E731
     if bad:
         with pytest.raises(MemoryAccessError):
             call()
