@@ -149,10 +149,12 @@ class CardVop:
                 continue
             try:
                 self.scan()
-            except CardFault:
+            except CardFault as e:
                 if self.side.stopped.is_set():
                     return
-                log.exception("card vop: scan")
+                # the host's memory went away under the scan (a host that disconnected or unmapped its
+                # DMA meanwhile): one line, and the next config doorbell scans again
+                log.warning("card vop: scan: %s", e)
             except Exception:
                 log.exception("card vop: scan")
 
