@@ -183,7 +183,8 @@ class ScifHwLink:
                     if not self.connected and self.peer.init_seen:
                         self._poll()  # SCIF_INIT flushes the poll work (spec 8.4 step 4)
             except Exception as e:
-                if self._stopping:
+                stopped = getattr(self.side, "stopped", None)   # a card side's: set by a card reset
+                if self._stopping or (stopped is not None and stopped.is_set()):
                     log.debug("%s: worker stopping: %s", self.name, e)
                 else:
                     log.exception("%s: node queue pair work failed", self.name)
