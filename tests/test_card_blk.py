@@ -171,6 +171,33 @@ def test_randread_keeps_its_requests_inside_the_disk_and_reads_what_the_seed_say
     assert "depth 1 " in sh(card, "blk randread vda 10 1")
 
 
+def test_submit_reads_queues_a_batch_with_one_kick_and_gives_the_memory_back(card, tmp_path):
+    data = os.urandom(MiB)
+    _dev, disk = attach(card, make_image(tmp_path / "a.img", 0, data))
+    heap = card.bus.arena
+    free, kicks = heap.free_bytes, disk.c["kicks"]
+    sectors = [8 * b for b in (5, 0, 255, 17, 5)]
+    reqs = disk.submit_reads(sectors, 4096, keep=True)
+    assert [r.sector for r in reqs] == sectors
+    assert disk.c["kicks"] - kicks <= 1                      # one kick decision for the whole batch
+    for r, s in zip(reqs, sectors):
+        r.wait()
+        v = disk.data_view(r)
+        assert bytes(v) == data[s * 512:s * 512 + 4096]      # in place, where the device put it
+        v.release()
+    disk.release_many(reqs)
+    disk.release_many(reqs)                                  # idempotent
+    assert not disk._inflight and heap.free_bytes == free
+    got = disk.submit_reads([8], 4096)                       # without keep: a bytearray each, memory back at once
+    assert got[0].wait() == data[4096:8192] and heap.free_bytes == free
+    with pytest.raises(ValueError):
+        disk.submit_reads([0], disk.max_request + 512)
+    disk.remove()
+    with pytest.raises(BlkError) as e:
+        disk.submit_reads([0, 8], 4096)
+    assert e.value.errno == errno.ENODEV
+
+
 def test_randread_refuses_what_it_cannot_do(card, tmp_path):
     attach(card, make_image(tmp_path / "a.img", 2048))             # four sectors: no whole 4 KiB block
     assert "vda: 2048 bytes, smaller than one 4096-byte read" in sh(card, "blk randread vda 10")
