@@ -84,6 +84,7 @@ REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
 # Requests read_stream / write_stream keep in flight: 16 MiB of card memory at 1 MiB [choice: the VOP host
 # serves batches of up to 8 MiB (its staging), 16 keep the next batch queued meanwhile]
 STREAM_WINDOW = 16
+CACHE_MAX = DATA_OFFSET + (64 << 10)   # requests up to this size keep their card memory for the next [choice]
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
@@ -200,6 +201,7 @@ class BlkDriver(VirtioDriver):
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._inflight: set[Request] = set()
+        self._cache: list[tuple[int, int]] = []   # card memory (addr, size) of finished small requests
         self._pool: list[bytearray] = []     # read_stream's buffers, kept for the next call (list ops are atomic)
         self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
                                 "interrupts", "kicks", "ring_waits", "heap_waits"), 0)
@@ -280,7 +282,7 @@ class BlkDriver(VirtioDriver):
             elif fill is not None and nbytes:
                 self._fill(mem, addr + DATA_OFFSET, nbytes, fill)
         except BaseException:
-            dev.free(addr, size)
+            self._give(dev, addr, size)
             raise
         segs = [(addr + DATA_OFFSET + o, min(self.seg_size, nbytes - o)) for o in range(0, nbytes, self.seg_size)]
         out, in_ = [(addr, B.OUTHDR_SIZE)], [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]
@@ -315,7 +317,7 @@ class BlkDriver(VirtioDriver):
                 mem.write(addr, pack(B.VIRTIO_BLK_T_IN, 0, sector) + b"\xff")   # status 0xff until written
         except BaseException:
             for req, _o, _i in posts:
-                dev.free(req.addr, req.size)
+                self._give(dev, req.addr, req.size)
             raise
         return [p[0] for p in posts[:self._post(dev, posts)]]
 
@@ -348,7 +350,7 @@ class BlkDriver(VirtioDriver):
                     added += 1
             except (BlkError, VringError, RingFull) as e:
                 for req, _o, _i in posts[added:]:
-                    dev.free(req.addr, req.size)
+                    self._give(dev, req.addr, req.size)
                 if isinstance(e, BlkError):
                     if not added:
                         raise
@@ -381,9 +383,23 @@ class BlkDriver(VirtioDriver):
 
     def _alloc(self, dev: VirtioDevice, size: int, wait: bool = True) -> int:
         """Card memory for a request; without room, wait for our requests in flight to give some back."""
+        if self._cache:
+            try:
+                addr, had = self._cache.pop()
+            except IndexError:            # emptied by another submitter meanwhile
+                pass
+            else:
+                if had == size:
+                    return addr
+                dev.free(addr, had)
         try:
             return dev.alloc(size, 64)
         except MemoryError as e:
+            self._drop_cache(dev)
+            try:
+                return dev.alloc(size, 64)
+            except MemoryError:
+                pass
             if not wait:
                 raise HeapFull(errno.ENOMEM, f"{self.disk}: {e}") from None
         deadline = time.monotonic() + REQUEST_TIMEOUT
@@ -403,6 +419,24 @@ class BlkDriver(VirtioDriver):
                                                     f"{REQUEST_TIMEOUT:g} s")
                 self.c["heap_waits"] += 1
                 self._room.wait(left)
+
+    def _give(self, dev: VirtioDevice, addr: int, size: int) -> None:
+        """Card memory of a request back: small ones are kept for the next requests (blk-mq allocates its
+        requests' memory once per tag, not per I/O), up to a ring's worth; the rest go to the heap."""
+        if size <= CACHE_MAX and dev is self.dev and not self.removing and len(self._cache) < self.vq.num:
+            self._cache.append((addr, size))
+        else:
+            dev.free(addr, size)
+
+    def _drop_cache(self, dev: VirtioDevice | None) -> None:
+        """Every cached request buffer back to the heap."""
+        while self._cache:
+            try:
+                addr, size = self._cache.pop()
+            except IndexError:
+                break
+            if dev is not None:
+                dev.free(addr, size)
 
     def _interrupt(self, vq: Virtqueue) -> None:
         """Completions (the transport's interrupt thread): status bytes read, waiters woken."""
@@ -457,7 +491,7 @@ class BlkDriver(VirtioDriver):
             req.held = False
         self._inflight.discard(req)
         if not req.held:
-            self.dev.free(req.addr, req.size)
+            self._give(req.dev, req.addr, req.size)
         req.finish()
 
     def data_view(self, req: Request) -> memoryview | None:
@@ -473,7 +507,7 @@ class BlkDriver(VirtioDriver):
             if not req.held:
                 return
             req.held = False
-            req.dev.free(req.addr, req.size)
+            self._give(req.dev, req.addr, req.size)
             self._room.notify_all()
 
     def release_many(self, reqs) -> None:
@@ -484,7 +518,7 @@ class BlkDriver(VirtioDriver):
             for req in reqs:
                 if req.held:
                     req.held = False
-                    req.dev.free(req.addr, req.size)
+                    self._give(req.dev, req.addr, req.size)
                     freed = True
                 elif not req.finished:
                     req.keep = False
@@ -712,6 +746,7 @@ class BlkDriver(VirtioDriver):
                 self._finish(req, BlkError(errno.EIO, f"{self.disk}: disk removed with the request in flight"))
             if self.vq is not None:
                 self.vq.ring.detach_unused()
+            self._drop_cache(dev)
             self.dev = None
             self._room.notify_all()
         self.kernel.printk(f"virtio_blk: [{self.disk}] removed")
