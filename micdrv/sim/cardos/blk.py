@@ -84,12 +84,15 @@ REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
 # Requests read_stream / write_stream keep in flight: 16 MiB of card memory at 1 MiB [choice: the VOP host
 # serves batches of up to 8 MiB (its staging), 16 keep the next batch queued meanwhile]
 STREAM_WINDOW = 16
+CACHE_MAX = DATA_OFFSET + (64 << 10)   # requests up to this size keep their card memory for the next [choice]
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
                               VIRTIO_RING_F_EVENT_IDX))
 TYPE_NAMES = {B.VIRTIO_BLK_T_IN: "read", B.VIRTIO_BLK_T_OUT: "write", B.VIRTIO_BLK_T_FLUSH: "flush",
               B.VIRTIO_BLK_T_GET_ID: "get_id"}
+_COUNTER = {B.VIRTIO_BLK_T_IN: "reads", B.VIRTIO_BLK_T_OUT: "writes", B.VIRTIO_BLK_T_FLUSH: "flushes",
+            B.VIRTIO_BLK_T_GET_ID: "get_ids"}
 _CFG = struct.Struct("<QII4xI")   # capacity @0, size_max @8, seg_max @12, blk_size @20 (section 3.2)
 
 
@@ -198,6 +201,7 @@ class BlkDriver(VirtioDriver):
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._inflight: set[Request] = set()
+        self._cache: list[tuple[int, int]] = []   # card memory (addr, size) of finished small requests
         self._pool: list[bytearray] = []     # read_stream's buffers, kept for the next call (list ops are atomic)
         self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
                                 "interrupts", "kicks", "ring_waits", "heap_waits"), 0)
@@ -278,7 +282,7 @@ class BlkDriver(VirtioDriver):
             elif fill is not None and nbytes:
                 self._fill(mem, addr + DATA_OFFSET, nbytes, fill)
         except BaseException:
-            dev.free(addr, size)
+            self._give(dev, addr, size)
             raise
         segs = [(addr + DATA_OFFSET + o, min(self.seg_size, nbytes - o)) for o in range(0, nbytes, self.seg_size)]
         out, in_ = [(addr, B.OUTHDR_SIZE)], [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]
@@ -286,29 +290,78 @@ class BlkDriver(VirtioDriver):
             out += segs
         else:
             in_ = segs + in_
-        need = 1 if self.vq.ring.use_indirect and len(out) + len(in_) > 1 else len(out) + len(in_)
+        self._post(dev, [(req, out, in_)])
+        return req
+
+    def submit_reads(self, sectors, nbytes: int, keep: bool = False) -> list[Request]:
+        """IN requests of ``nbytes`` each at ``sectors``, queued as one batch: what blk-mq does for a plugged
+        list (``virtio_queue_rqs``) -- every chain added under one lock round trip, then one kick decision for
+        them all. Their data as :meth:`submit` gives it (a ``bytearray`` each; with ``keep`` in place, for
+        :meth:`data_view` and :meth:`release_many`). Returns the requests queued, in order: all of them, or
+        those before one that could not be (ring room timed out, the disk broken or removed; the error is
+        raised when it is the first). No card memory for one fails the batch, none of it in flight."""
+        if nbytes > self.max_request or nbytes < 0:
+            raise ValueError(f"{self.disk}: {nbytes} bytes in one request, at most {self.max_request}")
+        dev = self.dev
+        if dev is None or self.removing:
+            raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
+        size, seg, mem, pack = DATA_OFFSET + nbytes, self.seg_size, dev.memory, B.OUTHDR.pack
+        posts = []
+        try:
+            for sector in sectors:
+                addr = self._alloc(dev, size)
+                req = Request(B.VIRTIO_BLK_T_IN, sector, nbytes, addr, size, None, dev, keep)
+                posts.append((req, [(addr, B.OUTHDR_SIZE)],
+                              [(addr + DATA_OFFSET + o, min(seg, nbytes - o)) for o in range(0, nbytes, seg)]
+                              + [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]))
+                mem.write(addr, pack(B.VIRTIO_BLK_T_IN, 0, sector) + b"\xff")   # status 0xff until written
+        except BaseException:
+            for req, _o, _i in posts:
+                self._give(dev, req.addr, req.size)
+            raise
+        return [p[0] for p in posts[:self._post(dev, posts)]]
+
+    def _post(self, dev: VirtioDevice, posts: list) -> int:
+        """Put ``(request, out, in)`` chains on the ring under one lock, waiting for room; one kick decision.
+        Returns how many were added: all, or those before one that could not be (its error is raised only
+        when it is the first). The card memory of every request not added is given back; the ring breaking
+        fails those already added, as BAD_RING does."""
+        ring = self.vq.ring
+        per = [1 if ring.use_indirect and len(out) + len(in_) > 1 else len(out) + len(in_) for _r, out, in_ in posts]
+        added = 0
         with self._room:
             try:
-                while True:
-                    if self.broken is not None or self.removing or self.dev is None:
-                        raise BlkError(errno.EIO if self.broken else errno.ENODEV,
-                                       f"{self.disk}: {self.broken or 'the disk is gone'}")
-                    if self.vq.ring.num_free >= need:
-                        break
-                    self.c["ring_waits"] += 1
-                    if not self._room.wait(REQUEST_TIMEOUT):
-                        raise BlkError(errno.ETIMEDOUT, f"{self.disk}: no ring room within {REQUEST_TIMEOUT:g} s")
-                self.vq.ring.add(out, in_, req)
+                for (req, out, in_), need in zip(posts, per):
+                    while True:
+                        if self.broken is not None or self.removing or self.dev is None:
+                            raise BlkError(errno.EIO if self.broken else errno.ENODEV,
+                                           f"{self.disk}: {self.broken or 'the disk is gone'}")
+                        if ring.num_free >= need:
+                            break
+                        if added:             # let the device see what is queued before waiting for room
+                            if self.vq.kick():
+                                self.c["kicks"] += 1
+                        self.c["ring_waits"] += 1
+                        if not self._room.wait(REQUEST_TIMEOUT):
+                            raise BlkError(errno.ETIMEDOUT, f"{self.disk}: no ring room within "
+                                                            f"{REQUEST_TIMEOUT:g} s")
+                    ring.add(out, in_, req)
+                    self._inflight.add(req)
+                    added += 1
             except (BlkError, VringError, RingFull) as e:
-                dev.free(addr, size)
+                for req, _o, _i in posts[added:]:
+                    self._give(dev, req.addr, req.size)
                 if isinstance(e, BlkError):
-                    raise
+                    if not added:
+                        raise
+                    if self.vq.kick():
+                        self.c["kicks"] += 1
+                    return added
                 self._break(f"add: {e}")
                 raise BlkError(errno.EIO, f"{self.disk}: {e}") from None
-            self._inflight.add(req)
             if self.vq.kick():
                 self.c["kicks"] += 1
-        return req
+        return added
 
     def _fill(self, mem, addr: int, nbytes: int, fill) -> None:
         """``fill(view)`` on the card memory at ``addr`` itself; where the transport gives no view of it, on a
@@ -330,9 +383,23 @@ class BlkDriver(VirtioDriver):
 
     def _alloc(self, dev: VirtioDevice, size: int, wait: bool = True) -> int:
         """Card memory for a request; without room, wait for our requests in flight to give some back."""
+        if self._cache:
+            try:
+                addr, had = self._cache.pop()
+            except IndexError:            # emptied by another submitter meanwhile
+                pass
+            else:
+                if had == size:
+                    return addr
+                dev.free(addr, had)
         try:
             return dev.alloc(size, 64)
         except MemoryError as e:
+            self._drop_cache(dev)
+            try:
+                return dev.alloc(size, 64)
+            except MemoryError:
+                pass
             if not wait:
                 raise HeapFull(errno.ENOMEM, f"{self.disk}: {e}") from None
         deadline = time.monotonic() + REQUEST_TIMEOUT
@@ -352,6 +419,24 @@ class BlkDriver(VirtioDriver):
                                                     f"{REQUEST_TIMEOUT:g} s")
                 self.c["heap_waits"] += 1
                 self._room.wait(left)
+
+    def _give(self, dev: VirtioDevice, addr: int, size: int) -> None:
+        """Card memory of a request back: small ones are kept for the next requests (blk-mq allocates its
+        requests' memory once per tag, not per I/O), up to a ring's worth; the rest go to the heap."""
+        if size <= CACHE_MAX and dev is self.dev and not self.removing and len(self._cache) < self.vq.num:
+            self._cache.append((addr, size))
+        else:
+            dev.free(addr, size)
+
+    def _drop_cache(self, dev: VirtioDevice | None) -> None:
+        """Every cached request buffer back to the heap."""
+        while self._cache:
+            try:
+                addr, size = self._cache.pop()
+            except IndexError:
+                break
+            if dev is not None:
+                dev.free(addr, size)
 
     def _interrupt(self, vq: Virtqueue) -> None:
         """Completions (the transport's interrupt thread): status bytes read, waiters woken."""
@@ -378,7 +463,6 @@ class BlkDriver(VirtioDriver):
         mem = self.dev.memory
         st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
         req.status = st
-        what = TYPE_NAMES.get(req.type, str(req.type))
         if st == B.VIRTIO_BLK_S_OK:
             if req.keep:
                 req.held = True       # the caller reads it in place, then gives the memory back
@@ -386,8 +470,7 @@ class BlkDriver(VirtioDriver):
                 dst = req.into if req.into is not None else bytearray(req.nbytes)
                 mem.read_into(req.addr + DATA_OFFSET, dst)
                 req.data = dst
-            key = {B.VIRTIO_BLK_T_IN: "reads", B.VIRTIO_BLK_T_OUT: "writes", B.VIRTIO_BLK_T_FLUSH: "flushes",
-                   B.VIRTIO_BLK_T_GET_ID: "get_ids"}.get(req.type)
+            key = _COUNTER.get(req.type)
             if key:
                 self.c[key] += 1
             if req.type == B.VIRTIO_BLK_T_IN:
@@ -396,6 +479,7 @@ class BlkDriver(VirtioDriver):
                 self.c["write_bytes"] += req.nbytes
         else:
             self.c["errors"] += 1
+            what = TYPE_NAMES.get(req.type, str(req.type))
             code = errno.EOPNOTSUPP if st == B.VIRTIO_BLK_S_UNSUPP else errno.EIO
             name = {B.VIRTIO_BLK_S_IOERR: "IOERR", B.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(st, f"status {st:#x}")
             req.error = BlkError(code, f"{self.disk}: {what} at sector {req.sector}: {name}")
@@ -407,7 +491,7 @@ class BlkDriver(VirtioDriver):
             req.held = False
         self._inflight.discard(req)
         if not req.held:
-            self.dev.free(req.addr, req.size)
+            self._give(req.dev, req.addr, req.size)
         req.finish()
 
     def data_view(self, req: Request) -> memoryview | None:
@@ -423,8 +507,23 @@ class BlkDriver(VirtioDriver):
             if not req.held:
                 return
             req.held = False
-            req.dev.free(req.addr, req.size)
+            self._give(req.dev, req.addr, req.size)
             self._room.notify_all()
+
+    def release_many(self, reqs) -> None:
+        """:meth:`release` for each of ``reqs``, under one lock round trip; a ``keep`` request still in flight
+        (its caller gives up on it) gives its card memory back itself when it completes."""
+        with self._room:
+            freed = False
+            for req in reqs:
+                if req.held:
+                    req.held = False
+                    self._give(req.dev, req.addr, req.size)
+                    freed = True
+                elif not req.finished:
+                    req.keep = False
+            if freed:
+                self._room.notify_all()
 
     # --- the synchronous API ---------------------------------------------------------------------
     def _check_range(self, sector: int, count: int) -> None:
@@ -647,6 +746,7 @@ class BlkDriver(VirtioDriver):
                 self._finish(req, BlkError(errno.EIO, f"{self.disk}: disk removed with the request in flight"))
             if self.vq is not None:
                 self.vq.ring.detach_unused()
+            self._drop_cache(dev)
             self.dev = None
             self._room.notify_all()
         self.kernel.printk(f"virtio_blk: [{self.disk}] removed")

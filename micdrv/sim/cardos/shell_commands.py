@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import datetime
+import errno
 import hashlib
 import random
 import shlex
@@ -33,7 +34,6 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from . import ip_apps
-from micdrv.virtio import blk as B
 
 from .blk import SECTOR, BlkError, human_size
 from .ip import NetError, ip_bytes
@@ -389,9 +389,11 @@ class Commands:
         """``blk randread``: COUNT reads of 4 KiB at random aligned offsets, QD of them in flight, timed here.
 
         Request ``i`` reads block ``random.Random(SEED).randrange(blocks)`` (the i-th draw; SEED default 0)
-        of the disk's whole 4 KiB blocks -- a partial block at the end is never read. The oldest request is
-        reaped before the next is submitted (fio's libaio engine with iodepth_batch_complete=1 keeps its
-        depth so). ``-s`` adds the sha256 of the data in request order (so the host can check what was
+        of the disk's whole 4 KiB blocks -- a partial block at the end is never read. As fio's libaio engine
+        with ``direct=1`` keeps its depth: the oldest request is waited for, with it every later one already
+        done (io_getevents with min_nr 1), then the depth is filled again with one batch (io_submit of
+        several iocbs; blk-mq queues a plugged list with one kick). The data stays where the device's DMA
+        put it (``O_DIRECT``: the reader's buffer is the DMA target), nothing copied. ``-s`` adds the sha256 of the data in request order (so the host can check what was
         read; it costs the card a hash per request, hence off by default). A failed request stops
         submission; those in flight are waited for, then the first error is the command's.
         """
@@ -411,24 +413,38 @@ class Commands:
         error: BlkError | None = None
         submitted = done = 0
         t0 = time.monotonic()
-        while done < count:
-            while error is None and submitted < count and len(inflight) < qd and not interrupted():
-                try:
-                    inflight.append(disk.submit(B.VIRTIO_BLK_T_IN, rng.randrange(blocks) * per,
-                                                nbytes=RANDREAD_SIZE))
-                    submitted += 1
-                except BlkError as e:
-                    error = e
-            if not inflight:
-                break
-            try:
-                data = inflight.popleft().wait()
-                done += 1
-            except BlkError as e:
-                error = error or e
-                continue
-            if digest is not None:
-                digest.update(data)
+        try:
+            while done < count:
+                want = min(qd - len(inflight), count - submitted)
+                if error is None and want > 0 and not interrupted():
+                    try:
+                        reqs = disk.submit_reads([rng.randrange(blocks) * per for _ in range(want)], RANDREAD_SIZE,
+                                                 keep=True)
+                        inflight.extend(reqs)
+                        submitted += len(reqs)
+                        if len(reqs) < want:
+                            error = BlkError(errno.EIO, f"{disk.disk}: {want - len(reqs)} of {want} reads not "
+                                                        f"queued")
+                    except BlkError as e:
+                        error = e
+                if not inflight:
+                    break
+                # The oldest, then every one after it already done, in order (io_getevents, min_nr 1)
+                reaped = [inflight.popleft()]
+                while inflight and inflight[0].finished:
+                    reaped.append(inflight.popleft())
+                for req in reaped:
+                    try:
+                        req.wait()
+                        done += 1
+                    except BlkError as e:
+                        error = error or e
+                        continue
+                    if digest is not None:
+                        disk._consume(req, digest.update)
+                disk.release_many(reaped)
+        finally:
+            disk.release_many(inflight)   # left by an exception: each gives its memory back as it completes
         seconds = time.monotonic() - t0
         if error is not None:
             raise error
