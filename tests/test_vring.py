@@ -576,3 +576,53 @@ def test_whatever_a_hostile_driver_writes_yields_valid_chains_or_the_one_error(d
     allowed = [(RING_AT, p.lay.size), (BUFS_AT, 0x1000)]
     for addr, n in p.mem.accesses:
         assert any(lo <= addr and addr + n <= lo + size for lo, size in allowed), (hex(addr), n)
+
+
+def test_avail_idx_is_published_with_one_store_another_cpu_never_sees_it_torn():
+    """The device reads avail.idx from another CPU (the daemon, while the card OS adds): every value it can
+    see is one the driver published. ``struct.pack_into`` zero-fills and writes byte by byte, which a
+    reader in another process caught as avail.idx 0 (the host then broke the ring, see DriverRing)."""
+    import mmap
+    import os
+    mm = mmap.mmap(-1, MEM_SIZE)           # MAP_SHARED: the child below sees every store
+    p = Pair(num=8, mem=BufferMemory(memoryview(mm)))
+    at = RING_AT + p.lay.avail + AVAIL_IDX
+    start = 0x00FE                         # the idx crosses 0x0100, 0x0200, ...: byte-wise stores would tear
+    p.drv.avail_idx = p.drv.last_used = p.drv._kicked = start
+    p.dev.last_avail = p.dev.used_idx = p.dev._signalled = start
+    p._u16(p.lay.avail + AVAIL_IDX, start)
+    p._u16(p.lay.used + USED_IDX, start)
+    stop_at = MEM_SIZE - 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                           # the "device CPU": spin reading avail.idx
+        try:
+            os.close(r)
+            h = memoryview(mm).cast("H")
+            i, last, bad, reads = at >> 1, start, 0, 0
+            while not mm[stop_at]:
+                v = h[i]
+                reads += 1
+                if v != last:
+                    # forward steps of more than one are values missed while this process was not running;
+                    # a step back is a value the driver never published (a torn store shows 0 or the new
+                    # low byte under a zero high byte: always behind)
+                    if (last - v) & 0xFFFF < 0x8000:
+                        bad += 1
+                    last = v
+            os.write(w, f"{bad} {reads}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        out, inb = p.buf(8), p.buf(8)
+        for _ in range(60000):
+            p.drv.add([out], [inb])
+            p.dev.push(p.dev.pop().head, 8)
+            p.drv.get_used()
+    finally:
+        mm[stop_at] = 1
+        bad, reads = map(int, os.read(r, 64).split())
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert reads > 0 and bad == 0, f"{bad} torn avail.idx values seen in {reads} reads"
