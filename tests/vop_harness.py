@@ -108,6 +108,11 @@ class Rig:
         if wait:
             wait_for(lambda: dev.state == "active" or dev.broken, f"{dev.name} to become active", WAIT)
             assert dev.state == "active", dev.status()
+            # The host activates at the card's DRIVER_OK, a moment before the card's probe returns; a test that
+            # resets or removes the device in that moment races the probe (which sets DRIVER_OK again after it).
+            off = dev.entry.offset
+            wait_for(lambda: (self.vs.card_device(off) or {}).get("state") == "probed", f"the card's probe of "
+                     f"{dev.name}", WAIT)
         return dev
 
     def console(self, **kw):
