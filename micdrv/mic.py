@@ -268,24 +268,32 @@ class MicDevice:
         with self._lock:
             if self.card is None:
                 return
+            # Every step runs even when an earlier one fails -- a card gone from the bus fails every register
+            # access -- so the host's side (threads, rings, arena, mappings) is always released.
             if self._started or self.scif_link is not None:
-                self._stop(force=True)
-            self._scif.shutdown(timeout=0)
+                self._teardown("stop", lambda: self._stop(force=True))
+            self._teardown("SCIF shutdown", lambda: self._scif.shutdown(timeout=0))
             if self.vop is not None:
-                self.vop.close()
+                self._teardown("VOP close", self.vop.close)
                 self.vop = None
             if self._irq_thread is not None:
-                self._irq_thread.stop()
+                self._teardown("interrupt thread", self._irq_thread.stop)
                 self._irq_thread = None
             if self.dma is not None:
-                self.dma.close()
+                self._teardown("DMA close", self.dma.close)
                 self.dma = None
             if self.device_page is not None:
-                self.device_page.close()
+                self._teardown("device page", self.device_page.close)
                 self.device_page = None
-            self.card.close()
+            self._teardown("card close", self.card.close)
             self.card = None
             self.arena.close()
+
+    def _teardown(self, what: str, step) -> None:
+        try:
+            step()
+        except (X100Error, PciError) as e:
+            log.warning("%s: %s: %s", self.name, what, e)
 
     def __enter__(self) -> "MicDevice":
         return self

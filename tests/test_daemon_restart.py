@@ -309,3 +309,45 @@ def test_a_killed_simulate_daemon_takes_its_card_along_and_the_next_one_starts_c
         for _ in mounts_at(str(d.run_dir / "mic0")):
             umount(str(d.run_dir / "mic0"), MNT_DETACH)
         hardening.fault(survived)
+
+
+def test_a_card_that_vanishes_under_an_online_daemon_leaves_it_running_and_sigterm_still_stops_it(tmp_path):
+    """The card's process SIGKILLed while it is online with a disk and a console -- what a card that falls
+    off the bus looks like to the driver: every register access and DMA map fails. The daemon keeps
+    answering, and SIGTERM still tears it down (socket, tree) without waiting for a card that will not
+    answer. It once hung: SCIF's node removal raised on the dead link before it dropped the peer, so
+    COSM's work thread waited forever on an endpoint nobody would close."""
+    base = Path(tempfile.mkdtemp(prefix="micdrv-vanish"))
+    os.chmod(base, 0o755)
+    fw = base / "firmware" / "uos.img"
+    fw.parent.mkdir()
+    write_files(fw)
+    img = base / "disk0.img"
+    with open(img, "wb") as f:
+        f.truncate(AREA * SECTOR)
+    config = (f'[card.mic0]\nfirmware = "{fw}"\ncmdline = "micdrv_sim.heartbeat=0.5"\nreset_timeout = 3\n'
+              f'heartbeat = {{ enable = true, timeout = 2.0 }}\n'
+              f'[[card.mic0.console]]\n[[card.mic0.blk]]\npath = "{img}"\nserial = "vanish-disk0"\n')
+    sim = SimulatedCardProcess(base / "sim", "--ready-delay", "0.05", "--memory", "1G")
+    d = None
+    try:
+        d = AttachedDaemon(base / "run", sim, "mic0", config)
+        d.ok("boot", "--wait", "mic0")
+        wait_for(lambda: all(x["state"] == "active" for x in devices(d)), "every device active")
+        assert "vda" in shell(d, "blk list")
+        sim.proc.kill()
+        sim.proc.wait(WAIT)
+        # the watchdog misses the heartbeats and declares the card crashed (left for the operator) ...
+        wait_for(lambda: d.status()["shutdown_status"] == "crashed", "the watchdog to declare the card crashed")
+        # ... whose reset cannot reach it
+        assert "mic0: reset_failed" in d.ok("reset", "--wait", "--timeout", "20", "mic0")
+        assert d.proc.poll() is None
+        assert d.stop() == 0, d.log()
+        assert not d.socket.exists() and not mounts_at(str(d.run_dir / "mic0"))
+        assert "Traceback" not in d.log(), d.log()
+    finally:
+        if d is not None:
+            d.kill()
+            for _ in mounts_at(str(d.run_dir / "mic0")):
+                umount(str(d.run_dir / "mic0"), MNT_DETACH)
+        sim.stop()

@@ -254,9 +254,11 @@ class ScifNode:
             if self._peers.get(peer.peer_node) is peer:
                 del self._peers[peer.peer_node]
         self._invalidate(peer.peer_node)
-        if close_link:
-            peer.link.close()
-        self._peer_changed(peer)
+        try:
+            if close_link:
+                peer.link.close()
+        finally:
+            self._peer_changed(peer)   # even when closing touched hardware that is gone
 
     def _reset_peer(self, peer: ScifPeer) -> None:
         """The peer left (EXIT); keep our QP and wait for it to set up again (spec 8.4 step 6)."""
@@ -321,6 +323,12 @@ class ScifNode:
                 acked = peer.exit_acked.is_set() or not peer.qp_ready
                 if not acked:
                     log.warning("%s: SCIF_EXIT to node %d: %s", self.name, peer_node, e)
+            except Exception as e:
+                # The hardware under the link failed (the card went off the bus, its vfio-user server
+                # died): no answer will come, but the peer and its connections must still go, or
+                # whoever waits on them (COSM's work on its endpoint) waits forever.
+                log.warning("%s: SCIF_EXIT to node %d: %s", self.name, peer_node, e)
+                acked = False
         if cancel is not None and cancel.is_set():
             self._drop_peer(peer, close_link=False)
             return False

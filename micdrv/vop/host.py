@@ -59,8 +59,8 @@ from micdrv.virtio.device import RING_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_
 from micdrv.virtio.ring import check_num, VringError
 
 from ..bootparam import DEVICE_DESC_OFFSET, MIC_DP_SIZE
-from ..pci import DmaArena
-from ..x100 import regs
+from ..pci import DmaArena, PciError
+from ..x100 import X100Error, regs
 from .copy import CopyPolicy
 from .device import VopDevice, VopError, VringBlock
 from .layout import (CTRL_CONFIG_CHANGE, CTRL_C2H_VDEV_DB, CTRL_GUEST_ACK, INFO_MAGIC, MIC_MAX_VRING_ENTRIES,
@@ -347,7 +347,13 @@ class VopHost:
 
     def _begin_remove(self, dev: VopDevice) -> int:
         dev.entry.set_ctrl_u8(CTRL_CONFIG_CHANGE, MIC_VIRTIO_PARAM_DEV_REMOVE)
-        return self._ring_config_db(f"remove {dev.name}")
+        try:
+            return self._ring_config_db(f"remove {dev.name}")
+        except (PciError, X100Error) as e:
+            # The card cannot be reached (gone from the bus): it will acknowledge nothing, but the host's
+            # side of the device (backend, rings, staging, doorbell) must still go.
+            log.warning("%s: removing %s: cannot ring the card's config doorbell: %s", self.name, dev.name, e)
+            return -1
 
     def _finish_remove(self, dev: VopDevice) -> None:
         e = dev.entry

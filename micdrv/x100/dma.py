@@ -238,19 +238,33 @@ class DmaEngine:
 
     def stop(self) -> None:
         """Free the interrupts and disable the channels; work still pending fails."""
-        for cookie in self._cookies:
-            self.card.free_irq(cookie)
-        self._cookies = []
+        # Each cookie is freed once, even when freeing one fails (a card gone from the bus fails the MXAR
+        # write after the callback is forgotten): a second stop() from close() then finds nothing to free.
+        cookies, self._cookies = self._cookies, []
+        error = None
+        for cookie in cookies:
+            try:
+                self.card.free_irq(cookie)
+            except Exception as e:
+                error = error or e
         for c in self._all:
-            c.shutdown()
+            try:
+                c.shutdown()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def close(self) -> None:
-        if not self.card.dev.closed:
-            self.stop()
-        for c in self.channels.values():
-            c.close()
-        self.channels = {}
-        self._all = []
+        """:meth:`stop`, then free the rings in host memory -- those even when the card cannot be reached."""
+        try:
+            if not self.card.dev.closed:
+                self.stop()
+        finally:
+            for c in self.channels.values():
+                c.close()
+            self.channels = {}
+            self._all = []
 
     def __enter__(self) -> "DmaEngine":
         return self

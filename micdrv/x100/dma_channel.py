@@ -141,11 +141,13 @@ class DmaChannel:
 
     def shutdown(self) -> None:
         """Disable the channel and mask its interrupt; pending work fails."""
-        with self._lock:
-            self._disable()
-            self._regs.set_bits(self._reg["DCAR"], regs.DCAR_IM1)
-            self.ready = False
-        self._fail_pending(DmaError(f"DMA channel {self.ch}", "channel shut down with work pending"))
+        try:
+            with self._lock:
+                self.ready = False
+                self._disable()
+                self._regs.set_bits(self._reg["DCAR"], regs.DCAR_IM1)
+        finally:   # a card that cannot be reached any more still fails its waiters
+            self._fail_pending(DmaError(f"DMA channel {self.ch}", "channel shut down with work pending"))
 
     def reinit(self) -> None:
         """Recover from a channel error: fail what is pending, then program the channel again (:meth:`setup`)."""
