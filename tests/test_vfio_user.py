@@ -865,3 +865,35 @@ def test_framing_gives_each_message_of_a_burst_exactly_its_own_fds():
             os.close(fd)
         sender.close()
         receiver.close()
+
+
+def test_a_command_that_arrives_with_a_reply_is_served_by_the_documented_event_loop():
+    """A DMA_READ right behind a reply, in one write, is served by a client that polls fileno() and calls
+    process_events() -- although the reader may have taken both into its receive buffer at once."""
+    answered = []
+
+    def script(sock):
+        msg_id, cmd, _body = recv_message(sock)
+        reply(sock, msg_id, cmd, version_reply())
+        msg_id, cmd, _body = recv_message(sock)
+        reply(sock, msg_id, cmd, P.device_info.pack(16, 3, 9, 5))
+        msg_id, cmd, _body = recv_message(sock)  # DEVICE_RESET: the reply and a DMA_READ in one write
+        sock.sendall(P.encode_header(msg_id, cmd, 0, P.FLAGS_TYPE_REPLY) +
+                     P.encode_header(77, P.DMA_READ, P.dma_rw.size, P.FLAGS_TYPE_COMMAND) + P.dma_rw.pack(0x1000, 4))
+        msg_id, cmd, size, flags, err = P.HEADER.unpack(sock.recv(16))
+        answered.append((msg_id, cmd, flags & P.FLAGS_ERROR, err))
+
+    fake = FakeServer(script)
+    try:
+        d = VfioUserDevice.connect(fake.path, WAIT)
+        try:
+            d.reset()
+            deadline = time.monotonic() + WAIT
+            while not answered and time.monotonic() < deadline:
+                if select.select([d.fileno()], [], [], 0.05)[0]:
+                    d.process_events()
+            assert answered == [(77, P.DMA_READ, P.FLAGS_ERROR, errno.EFAULT)]  # nothing mapped there
+        finally:
+            d.close()
+    finally:
+        fake.close()

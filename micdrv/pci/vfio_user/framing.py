@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import select
 import socket
+import struct
 import time
 from typing import Sequence
 
@@ -36,6 +37,7 @@ from .wire import FLAGS_TYPE_MASK, FLAGS_TYPE_REPLY, HEADER, HEADER_SIZE, MAX_RE
 
 _unpack_header_from = HEADER.unpack_from
 _pack_header = HEADER.pack
+_unpack_size_from = struct.Struct("<I").unpack_from  # the header's size field, at +4
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
 _SOCKET_BUFFER = 4 << 20  # ask for big socket buffers: a full-size message should not block a sender
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -134,6 +136,14 @@ class Framing:
             raise TimeoutError
 
     # --- receiving ------------------------------------------------------------------------
+    def has_message(self) -> bool:
+        """True when the buffer holds a whole message (or a header :meth:`receive` will refuse at once)."""
+        avail = self._end - self._pos
+        if avail < HEADER_SIZE:
+            return False
+        size = _unpack_size_from(self._buf, self._pos + 4)[0]
+        return size <= avail or size < HEADER_SIZE or size > self.max_msg_size
+
     def _recv(self, step: str) -> int:
         """One ``recvmsg_into`` at the end of the buffer; the byte count (0: EOF). Raises BlockingIOError.
 

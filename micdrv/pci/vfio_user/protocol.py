@@ -160,6 +160,35 @@ class Connection:
 
     def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None,
                    want: int | None = None) -> "str | Message":
+        """As the reader: :meth:`_read_one`, then the whole messages one read brought with it.
+
+        Nobody may leave the reader role while the receive buffer holds a
+        whole message: a thread polling :meth:`fileno` (an event loop, the
+        service thread) would not see it. So the reader goes on, without
+        blocking, until the buffer holds at most the beginning of one. The
+        reply to ``want`` is returned whatever comes after it.
+        """
+        result = self._read_one(timeout, step, wake_fd, want)
+        if not self._framing.has_message():
+            return result
+        me = threading.get_ident()
+        while True:
+            with self._lock:
+                if self._reader is not None:  # a reader, who takes what is buffered
+                    return result
+                self._reader = me
+            try:
+                got = self._read_one(0, step, None, want)
+            except VfioUserError:
+                if result.__class__ is Message:
+                    return result  # the connection is dead now; this call got its reply first
+                raise
+            if got.__class__ is Message:
+                result = got
+            if not self._framing.has_message():
+                return result
+
+    def _read_one(self, timeout: float | None, step: str, wake_fd: int | None, want: int | None) -> "str | Message":
         """As the reader: read at most one message, route it, give up the role, dispatch if allowed.
 
         The reply to ``want`` (the msg_id the reading thread awaits) is not
@@ -462,7 +491,7 @@ class Connection:
         p.register(self._service_stop, select.POLLIN)
         step = f"vfio-user service {self.name}"
         while True:
-            ready = p.poll()
+            ready = p.poll(0 if self._framing.has_message() else None)  # (a reader leaves none buffered)
             if any(fd == self._service_stop for fd, _ev in ready) or self._dead is not None:
                 return
             with self._lock:
