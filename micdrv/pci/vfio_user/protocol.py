@@ -173,6 +173,8 @@ class Connection:
             return result
         me = threading.get_ident()
         while True:
+            if result.__class__ is Message:
+                want = None  # got it: another reply with its msg_id is the peer's error
             with self._lock:
                 if self._reader is not None:  # a reader, who takes what is buffered
                     return result
@@ -469,7 +471,7 @@ class Connection:
                 if self._reader is not None:
                     break  # the reader in another thread handles what arrives
                 self._reader = me
-            if self._read_once(0, step) != "message":
+            if self._read_one(0, step, None, None) != "message":  # (until nothing is left: none stays buffered)
                 break
             n += 1
         self._dispatch_pending()
