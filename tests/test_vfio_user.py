@@ -812,3 +812,88 @@ def test_server_closes_fds_that_come_with_refused_commands(device):
         assert server_fds(device) == before
     finally:
         c.close()
+
+
+def test_framing_gives_each_message_of_a_burst_exactly_its_own_fds():
+    """Messages that arrive together come out of one read; fds go with the message they were sent with."""
+    from micdrv.pci.vfio_user.framing import Framing
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender = Framing(a, max_msg_size=1 << 21, io_timeout=WAIT)
+    receiver = Framing(b, max_msg_size=1 << 21, io_timeout=WAIT)
+    memfds = []
+
+    def memfd(tag: int) -> int:
+        fd = os.memfd_create(f"t{tag}")
+        os.pwrite(fd, struct.pack("<I", tag), 0)
+        memfds.append(fd)
+        return fd
+
+    # (msg_id, payload size, fd tags): small and large messages, with and without fds
+    plan = [(1, 4, []), (2, 20, [2]), (3, 0, []), (4, 8, [4, 40]), (5, 200 << 10, [5]), (6, 12, []),
+            (7, 300 << 10, []), (8, 16, [8]), (9, 4, [])]
+    sent = threading.Event()
+
+    def send_all():
+        for msg_id, n, tags in plan:
+            sender.send(msg_id, P.REGION_WRITE, P.FLAGS_NO_REPLY, 0, bytes([msg_id]) * n, [memfd(t) for t in tags], "t")
+        # a peer that attaches an fd to the second half of a message: that message gets it, if anyone
+        head = P.HEADER.pack(10, P.REGION_WRITE, P.HEADER_SIZE + 8, P.FLAGS_NO_REPLY, 0)
+        a.sendmsg([head + b"\x0a" * 4])
+        a.sendmsg([b"\x0a" * 4], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", memfd(99)))])
+        sender.send(11, P.REGION_WRITE, P.FLAGS_NO_REPLY, 0, b"\x0b", [], "t")
+        sent.set()
+
+    t = threading.Thread(target=send_all)
+    t.start()
+    try:
+        time.sleep(0.2)  # let the small ones pile up in the socket
+        got = []
+        for _ in range(len(plan) + 2):
+            m = receiver.receive(WAIT, "t")
+            assert isinstance(m, P.Message)
+            tags = sorted(struct.unpack("<I", os.pread(fd, 4, 0))[0] for fd in m.fds)
+            got.append((m.msg_id, len(m.payload), tags, set(m.payload) <= {m.msg_id}))
+            m.close_fds()
+        assert got[:len(plan)] == [(i, n, sorted(tags), True) for i, n, tags in plan]
+        assert got[len(plan)] in ((10, 8, [], True), (10, 8, [99], True)) and got[-1] == (11, 1, [], True)
+        assert sent.wait(WAIT)
+        assert receiver.receive(0, "t") == "timeout"
+    finally:
+        t.join(WAIT)
+        for fd in memfds:
+            os.close(fd)
+        sender.close()
+        receiver.close()
+
+
+def test_a_command_that_arrives_with_a_reply_is_served_by_the_documented_event_loop():
+    """A DMA_READ right behind a reply, in one write, is served by a client that polls fileno() and calls
+    process_events() -- although the reader may have taken both into its receive buffer at once."""
+    answered = []
+
+    def script(sock):
+        msg_id, cmd, _body = recv_message(sock)
+        reply(sock, msg_id, cmd, version_reply())
+        msg_id, cmd, _body = recv_message(sock)
+        reply(sock, msg_id, cmd, P.device_info.pack(16, 3, 9, 5))
+        msg_id, cmd, _body = recv_message(sock)  # DEVICE_RESET: the reply and a DMA_READ in one write
+        sock.sendall(P.encode_header(msg_id, cmd, 0, P.FLAGS_TYPE_REPLY) +
+                     P.encode_header(77, P.DMA_READ, P.dma_rw.size, P.FLAGS_TYPE_COMMAND) + P.dma_rw.pack(0x1000, 4))
+        msg_id, cmd, size, flags, err = P.HEADER.unpack(sock.recv(16))
+        answered.append((msg_id, cmd, flags & P.FLAGS_ERROR, err))
+
+    fake = FakeServer(script)
+    try:
+        d = VfioUserDevice.connect(fake.path, WAIT)
+        try:
+            d.reset()
+            deadline = time.monotonic() + WAIT
+            while not answered and time.monotonic() < deadline:
+                if select.select([d.fileno()], [], [], 0.05)[0]:
+                    d.process_events()
+            assert answered == [(77, P.DMA_READ, P.FLAGS_ERROR, errno.EFAULT)]  # nothing mapped there
+        finally:
+            d.close()
+    finally:
+        fake.close()

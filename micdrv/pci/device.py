@@ -270,7 +270,7 @@ class PciDevice(abc.ABC):
         data = self._region_read(region, offset, size)
         if len(data) != size:
             raise AccessError(f"read of region {region} at {offset:#x}", f"got {len(data)} of {size} bytes")
-        return struct.unpack("<" + _SIZES[size], data)[0]
+        return int.from_bytes(data, "little")
 
     def write(self, region: int, offset: BarOffset | int, size: int, value: int, *, posted: bool = True) -> None:
         """A sized, naturally aligned write.

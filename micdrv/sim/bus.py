@@ -262,6 +262,8 @@ class CardBus:
         raise self.fault(addr, length, write, "spans two SMPT pages: no single view")
 
     def read(self, addr: int, length: int) -> bytes:
+        if 0 <= addr and 0 < length and addr + length <= self.memory_size:  # GDDR: the common case first
+            return self.gddr[addr:addr + length].tobytes()
         if self._in_window(addr, length):
             off = self._mmio_offset(addr, length, False)
             value = self.registers.read32(off) if length == 4 else self.registers.read64(off)

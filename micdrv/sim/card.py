@@ -133,7 +133,7 @@ class X100Card(DeviceModel):
         with self.lock:
             side, self._side = self._side, None
             if side is not None:
-                side.stopped.set()
+                side.stop()
             self.os_record = None
             self.card_os = None
             self.spads[:] = [0] * regs.SPAD_COUNT
@@ -210,7 +210,7 @@ class X100Card(DeviceModel):
     def close(self) -> None:
         with self.lock:
             if self._side is not None:
-                self._side.stopped.set()
+                self._side.stop()
         self.bootstrap.close()
         self.dma_engine.close()
         self.card_doorbells.close()
@@ -241,12 +241,18 @@ class CardSide:
         self._card = card
         self._bus = card.bus
         self.stopped = threading.Event()
+        self._halted = False  # stopped, as a plain flag: every card access checks it (Event.is_set is a call)
         self.memory_size = card.memory_size
         self.download_addr = card.bootstrap.download_addr
         self.apic_id = card.bootstrap.apic_id
 
+    def stop(self) -> None:
+        """The card was reset: this card OS may touch the hardware no more (card lock held)."""
+        self._halted = True
+        self.stopped.set()
+
     def _check(self) -> None:
-        if self.stopped.is_set():
+        if self._halted:
             raise CardOSStopped()
 
     # memory

@@ -104,6 +104,8 @@ class RegisterFile:
                                              "32-bit (spec 2.1); 8-byte accesses must be 8-byte aligned")
 
     def region_read(self, offset: int, size: int) -> int:
+        if size == 4 and not offset & 3 and 0 <= offset < self.size:  # the common case: one dword
+            return self.read32(offset)
         self._check(offset, size, "read")
         return self.read32(offset) if size == 4 else self.read64(offset)
 

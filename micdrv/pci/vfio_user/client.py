@@ -58,6 +58,8 @@ MAX_IRQS = 50  # and on num_irqs (spec 2.7)
 MAX_REGION_INFO = 64 << 10  # the most argsz we re-ask with; a longer chain is a broken server
 CLIENT_MAX_MSG_FDS = 16  # what we can receive per message; QEMU offers 16 (spec 2.4)
 _SMALL_WRITE = 8  # a register write: posted in one message without the splitting loop
+_RW_SIZE = region_rw.size
+_pack_rw, _unpack_rw = region_rw.pack, region_rw.unpack_from  # every register access: no attribute lookups
 
 
 class VfioUserDevice(PciDevice):
@@ -77,6 +79,7 @@ class VfioUserDevice(PciDevice):
                                   max_dma_maps=DEFAULT_MAX_DMA_MAPS, pgsizes=4096, write_multiple=True)
         self._server = Capabilities()
         self._small_write = 0  # until VERSION has told us the server's max_data_xfer_size
+        self._small_read = 0  # likewise: reads up to this size are one REGION_READ
         self._region_fds: dict[int, int] = {}
         self._dma_lock = threading.Lock()
         self._dma_views: dict[int, tuple[DmaMapping, _mmap.mmap | None]] = {}
@@ -126,6 +129,7 @@ class VfioUserDevice(PciDevice):
         self._server = answer[2]
         self.version = (answer[0], answer[1])
         self._small_write = min(_SMALL_WRITE, self.max_data_xfer_size)
+        self._small_read = self.max_data_xfer_size
 
     @property
     def server_capabilities(self) -> Capabilities:
@@ -202,6 +206,13 @@ class VfioUserDevice(PciDevice):
         return decode_irq_info(reply.payload, expected_index=index)
 
     def _region_read(self, index: int, offset: int, length: int) -> bytes:
+        if length <= self._small_read:  # a register: one message, nothing to split, no text unless it fails
+            p = self._conn.call(REGION_READ, _pack_rw(offset, index, length)).payload
+            if len(p) == _RW_SIZE + length and _unpack_rw(p) == (offset, index, length):
+                data = p[_RW_SIZE:]
+                return data if data.__class__ is bytes else bytes(data)
+            raise ProtocolError(f"vfio-user REGION_READ region {index} on {self.name}",
+                                f"reply of {len(p)} bytes does not echo offset {offset:#x} count {length}")
         step = f"vfio-user REGION_READ region {index} on {self.name}"
         chunk = self.max_data_xfer_size
         pieces = []
@@ -218,7 +229,7 @@ class VfioUserDevice(PciDevice):
 
     def _region_write(self, index: int, offset: int, data: bytes, posted: bool) -> None:
         if posted and len(data) <= self._small_write:  # a doorbell: one message, nothing to split
-            self._conn.call(REGION_WRITE, region_rw.pack(offset, index, len(data)) + data, no_reply=True)
+            self._conn.call(REGION_WRITE, _pack_rw(offset, index, len(data)) + data, no_reply=True)
             return
         step = f"vfio-user REGION_WRITE region {index} on {self.name}"
         chunk = self.max_data_xfer_size

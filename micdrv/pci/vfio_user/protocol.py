@@ -97,7 +97,9 @@ class Connection:
         self._dispatching = False
         self._dispatch_thread: int | None = None  # set by serve_forever: only it dispatches
         self._next_id = 0
+        self._posted_id = 0x8000  # NO_REPLY ids: their own counter (see call)
         self._steps: dict[int, str] = {}  # command -> the step text of its calls, built once
+        self._reply_steps: dict[int, str] = {}  # command -> the step text of our replies to it
         self._dead: VfioUserError | None = None
         self._closed = False
         self._service: threading.Thread | None = None
@@ -156,8 +158,44 @@ class Connection:
         self._fail(exc)
         raise exc
 
-    def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None) -> str:
+    def _read_once(self, timeout: float | None, step: str, wake_fd: int | None = None,
+                   want: int | None = None) -> "str | Message":
+        """As the reader: :meth:`_read_one`, then the whole messages one read brought with it.
+
+        Nobody may leave the reader role while the receive buffer holds a
+        whole message: a thread polling :meth:`fileno` (an event loop, the
+        service thread) would not see it. So the reader goes on, without
+        blocking, until the buffer holds at most the beginning of one. The
+        reply to ``want`` is returned whatever comes after it.
+        """
+        result = self._read_one(timeout, step, wake_fd, want)
+        if not self._framing.has_message():
+            return result
+        me = threading.get_ident()
+        while True:
+            if result.__class__ is Message:
+                want = None  # got it: another reply with its msg_id is the peer's error
+            with self._lock:
+                if self._reader is not None:  # a reader, who takes what is buffered
+                    return result
+                self._reader = me
+            try:
+                got = self._read_one(0, step, None, want)
+            except VfioUserError:
+                if result.__class__ is Message:
+                    return result  # the connection is dead now; this call got its reply first
+                raise
+            if got.__class__ is Message:
+                result = got
+            if not self._framing.has_message():
+                return result
+
+    def _read_one(self, timeout: float | None, step: str, wake_fd: int | None, want: int | None) -> "str | Message":
         """As the reader: read at most one message, route it, give up the role, dispatch if allowed.
+
+        The reply to ``want`` (the msg_id the reading thread awaits) is not
+        routed through ``_replies`` but returned: the common case of a call,
+        its reply read by its own thread.
 
         A command that arrives while nothing is queued or being dispatched,
         read by a thread allowed to dispatch, is handled right here instead
@@ -183,10 +221,15 @@ class Connection:
             return msg
         err = None
         direct = False
+        mine = None
         with self._lock:
             self._reader = None
             if msg.flags & FLAGS_TYPE_MASK == FLAGS_TYPE_REPLY:
-                err = self._route_reply_locked(msg, step)
+                if msg.msg_id == want:
+                    self._waiting.discard(want)
+                    mine = msg
+                else:
+                    err = self._route_reply_locked(msg, step)
             elif (not self._dispatching and not self._commands and self._dead is None
                   and self._dispatch_thread in (None, threading.get_ident())):
                 self._dispatching = direct = True
@@ -206,8 +249,13 @@ class Connection:
                     if self._sleepers:
                         self._cond.notify_all()
         if self._commands:  # queued by another reader meanwhile (a lock-free peek; re-checked under the lock)
-            self._dispatch_pending()
-        return "message"
+            try:
+                self._dispatch_pending()
+            except BaseException:
+                if mine is not None:
+                    mine.close_fds()
+                raise
+        return "message" if mine is None else mine
 
     def _route_reply_locked(self, msg: Message, step: str) -> ProtocolError | None:
         if msg.msg_id in self._waiting and msg.msg_id not in self._replies:
@@ -241,17 +289,24 @@ class Connection:
         step = self._steps.get(command)
         if step is None:
             step = self._steps[command] = f"vfio-user {command_name(command)} on {self.name}"
+        if no_reply:  # a posted write, every doorbell: no reply will carry the id, so no bookkeeping
+            with self._send_lock:
+                if self._dead is not None:
+                    raise self._dead_error(step)
+                # Any id does (spec 2.2 NO_REPLY); a counter of their own, so the send lock alone guards it.
+                self._posted_id = msg_id = (self._posted_id + 1) & 0xFFFF
+                try:
+                    self._framing.send(msg_id, command, _POSTED, 0, payload, fds, step)
+                    return None
+                except DisconnectedError as e:
+                    exc = e
+            self._fail(exc)
+            raise exc
         with self._lock:
             if self._dead is not None:
                 raise self._dead_error(step)
-            if no_reply:  # no reply will carry this id: any id does, no bookkeeping (spec 2.2 NO_REPLY)
-                msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
-            else:
-                msg_id = self._new_id_locked()
-                self._waiting.add(msg_id)
-        if no_reply:
-            self._send(msg_id, command, _POSTED, 0, payload, fds, step)
-            return None
+            msg_id = self._new_id_locked()
+            self._waiting.add(msg_id)
         try:
             self._send(msg_id, command, FLAGS_TYPE_COMMAND, 0, payload, fds, step)
         except BaseException:
@@ -292,7 +347,9 @@ class Connection:
                         self._reader = me
                         break
                     self._sleep_locked(remaining)
-            self._read_once(remaining, step)
+            reply = self._read_once(remaining, step, want=msg_id)
+            if reply.__class__ is Message:
+                return reply
 
     # --- serving the peer's commands --------------------------------------------------------------
     def _dispatch_pending(self) -> None:
@@ -347,7 +404,9 @@ class Connection:
             if error:
                 log.warning("%s: NO_REPLY %s failed with errno %d", self.name, msg.name, error)
             return
-        step = f"vfio-user {msg.name} from the peer of {self.name}"
+        step = self._reply_steps.get(msg.command)
+        if step is None:
+            step = self._reply_steps[msg.command] = f"vfio-user {msg.name} from the peer of {self.name}"
         if error:
             self._send(msg.msg_id, msg.command, FLAGS_TYPE_REPLY | FLAGS_ERROR, error, b"", (), step)
             return
@@ -412,7 +471,7 @@ class Connection:
                 if self._reader is not None:
                     break  # the reader in another thread handles what arrives
                 self._reader = me
-            if self._read_once(0, step) != "message":
+            if self._read_one(0, step, None, None) != "message":  # (until nothing is left: none stays buffered)
                 break
             n += 1
         self._dispatch_pending()
@@ -434,7 +493,7 @@ class Connection:
         p.register(self._service_stop, select.POLLIN)
         step = f"vfio-user service {self.name}"
         while True:
-            ready = p.poll()
+            ready = p.poll(0 if self._framing.has_message() else None)  # (a reader leaves none buffered)
             if any(fd == self._service_stop for fd, _ev in ready) or self._dead is not None:
                 return
             with self._lock:

@@ -74,6 +74,7 @@ class VfioUserServer:
         self.caps = Capabilities(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size,
                                  max_dma_maps=max_dma_maps, pgsizes=4096, write_multiple=True)
         self.reply_timeout = reply_timeout
+        self._max_xfer = self.caps.data_xfer_size
         self.irqs = Interrupts(model.irq_vector_counts())
         self.dma = DmaSpace(max_maps=max_dma_maps)
         self.regions: dict[int, Region] = dict(model.regions)
@@ -285,9 +286,12 @@ class VfioUserServer:
         p = msg.payload
         if len(p) != region_rw.size:
             raise CommandError(_errno.EINVAL, f"REGION_READ payload of {len(p)} bytes")
-        offset, index, count = region_rw.unpack(p)
-        data = self._region(index, offset, count, False).read(offset, count)
-        return region_rw.pack(offset, index, count) + data
+        offset, index, count = _unpack_rw(p)
+        region = self.regions.get(index)  # _region() inline for the common case: every register read
+        if region is None or not region.flags & REGION_FLAG_READ or count > self._max_xfer or \
+                offset + count > region.size:
+            region = self._region(index, offset, count, False)  # raises the reason
+        return bytes(p) + region.read(offset, count)  # the reply echoes the request's struct (spec 2.5)
 
     def _region_write(self, msg: Message):
         p = msg.payload
@@ -297,13 +301,13 @@ class VfioUserServer:
         if len(p) != _RW_SIZE + count:
             raise CommandError(_errno.EINVAL, f"REGION_WRITE count {count} with {len(p) - _RW_SIZE} data bytes")
         region = self.regions.get(index)  # _region() inline for the common case: every doorbell
-        if region is None or not region.flags & REGION_FLAG_WRITE or count > self.caps.data_xfer_size or \
+        if region is None or not region.flags & REGION_FLAG_WRITE or count > self._max_xfer or \
                 offset + count > region.size:
             region = self._region(index, offset, count, True)  # raises the reason
         region.write(offset, bytes(p[_RW_SIZE:]))
         if msg.flags & FLAGS_NO_REPLY:
             return None  # posted (a doorbell): no reply to build
-        return region_rw.pack(offset, index, count)
+        return bytes(p[:_RW_SIZE])  # the request's struct echoed (spec 2.5)
 
     def _write_multi(self, msg: Message):
         p = msg.payload

@@ -106,7 +106,7 @@ class CommandError(Exception):
         super().__init__(f"[{_errno.errorcode.get(errno, errno)}] {detail}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One received message: header fields, payload and the fds that came with it.
 
