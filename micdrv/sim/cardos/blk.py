@@ -160,6 +160,20 @@ class Request:
             except RuntimeError:      # released meanwhile by another path (a reset racing a completion)
                 pass
 
+    @staticmethod
+    def finish_all(reqs: list["Request"]) -> None:
+        """:meth:`finish` for each of ``reqs``, every one marked finished before the first waiter wakes: a
+        reaper woken by the first then finds the rest done too, as io_getevents returns every event the
+        interrupt completed (woken one by one, it would reap the first alone and resubmit one request)."""
+        ended = [r for r in reqs if not r.finished]
+        for r in ended:
+            r.finished = True
+        for r in ended:
+            try:
+                r._done.release()
+            except RuntimeError:      # released meanwhile by another path (a reset racing a completion)
+                pass
+
     def wait(self, timeout: float = REQUEST_TIMEOUT) -> bytearray | memoryview | None:
         """Block until the request completed; its data (IN, GET_ID: ``into`` if given) or None; raises
         :class:`BlkError`."""
@@ -446,8 +460,12 @@ class BlkDriver(VirtioDriver):
                 return
             try:
                 done = vq.ring.get_all_used()
-                for req, _len in done:
-                    self._complete(req)
+                ended: list[Request] = []
+                try:
+                    for req, _len in done:
+                        self._complete(req, ended)
+                finally:
+                    Request.finish_all(ended)   # every one done before the first waiter wakes
             except VringError as e:
                 self._break(str(e))
                 return
@@ -458,8 +476,8 @@ class BlkDriver(VirtioDriver):
             if done:
                 self._room.notify_all()
 
-    def _complete(self, req: Request) -> None:
-        """Finish ``req`` from its status byte (lock held)."""
+    def _complete(self, req: Request, ended: list[Request]) -> None:
+        """End ``req`` from its status byte (lock held); appended to ``ended`` for its waiters to be woken."""
         mem = self.dev.memory
         st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
         req.status = st
@@ -483,16 +501,21 @@ class BlkDriver(VirtioDriver):
             code = errno.EOPNOTSUPP if st == B.VIRTIO_BLK_S_UNSUPP else errno.EIO
             name = {B.VIRTIO_BLK_S_IOERR: "IOERR", B.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(st, f"status {st:#x}")
             req.error = BlkError(code, f"{self.disk}: {what} at sector {req.sector}: {name}")
-        self._finish(req)
+        self._finish(req, ended=ended)
 
-    def _finish(self, req: Request, error: BlkError | None = None) -> None:
+    def _finish(self, req: Request, error: BlkError | None = None, ended: list[Request] | None = None) -> None:
+        """``req`` is over (lock held): out of flight, its card memory back unless held; its waiters woken now,
+        or -- ``ended`` given -- appended there for the caller to wake with the rest (:meth:`Request.finish_all`)."""
         if error is not None:
             req.error = error
             req.held = False
         self._inflight.discard(req)
         if not req.held:
             self._give(req.dev, req.addr, req.size)
-        req.finish()
+        if ended is None:
+            req.finish()
+        else:
+            ended.append(req)
 
     def data_view(self, req: Request) -> memoryview | None:
         """A completed ``keep`` request's data where the device put it (its card memory), or None where the
