@@ -517,7 +517,12 @@ class BlkDriver(VirtioDriver):
     def _complete(self, req: Request, ended: list[Request]) -> None:
         """End ``req`` from its status byte (lock held); appended to ``ended`` for its waiters to be woken."""
         mem = self.dev.memory
-        st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
+        v = mem.view(req.addr + B.OUTHDR_SIZE, 1)    # a load where card memory maps (RingMemory), not a bus copy
+        if v is None:
+            st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
+        else:
+            st = v[0]
+            v.release()
         req.status = st
         if st == B.VIRTIO_BLK_S_OK:
             if req.keep:
