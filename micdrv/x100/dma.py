@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import os
 import threading
 import time
 from concurrent.futures._base import FINISHED as _FINISHED, PENDING as _PENDING  # Future's states
@@ -65,9 +66,12 @@ SPREAD_MIN = 8 * 1024 * 1024
 # seconds; after that, and for larger copies from the start, it sleeps with
 # back-off (MIN_PAUSE doubling to MAX_PAUSE). Spinning is the latency path;
 # sleeping leaves the CPU to whoever does the copy (the simulated card, on a
-# small machine). While it sleeps the thread's timer slack is FINE_SLACK_NS:
-# Linux lets a sleep overrun by the slack, 50 us by default (prctl(2)
-# PR_SET_TIMERSLACK), which would turn a 10 us pause into 60.
+# small machine). The spin itself yields the CPU between looks (sched_yield(2)):
+# on 2 cores a spinner that never yields was a third of the daemon's samples
+# while the simulator's threads could be waiting for a CPU to do the copy.
+# While it sleeps the thread's timer slack is FINE_SLACK_NS: Linux lets a sleep
+# overrun by the slack, 50 us by default (prctl(2) PR_SET_TIMERSLACK), which
+# would turn a 10 us pause into 60.
 SPIN = 0.0002
 SPIN_BYTES = 256 * 1024
 MIN_PAUSE = 0.00001
@@ -82,6 +86,7 @@ _MEMCPY_QW1 = regs.DESC_MEMCPY << regs.DESC_TYPE_SHIFT
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # <linux/prctl.h>
 _libc = ctypes.CDLL(None, use_errno=True)
+_sched_yield = os.sched_yield
 
 
 def timer_slack(ns: int) -> int:
@@ -508,7 +513,12 @@ class DmaEngine:
                 if deadline is not None and t >= deadline:
                     raise DmaTimeout(f"wait for DMA of {c.nbytes:#x} bytes on channel(s) "
                                      f"{', '.join(str(ch.ch) for ch in chans)}", f"not complete after {timeout:g} s")
-                if t >= spin_end:
+                if t < spin_end:
+                    # spinning yields the CPU (and the GIL) between looks, as cpu_relax() would let a sibling
+                    # hyperthread run: on a small machine the runnable thread may be the one doing the copy
+                    # (the simulated card), or a thread of ours with an interrupt to send
+                    _sched_yield()
+                else:
                     if slack is None:
                         slack = timer_slack(FINE_SLACK_NS)
                     pause = min(pause * 2 or MIN_PAUSE, MAX_PAUSE)

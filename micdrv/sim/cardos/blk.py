@@ -85,6 +85,10 @@ REQUEST_TIMEOUT = 30.0         # the block layer's default request timeout
 # serves batches of up to 8 MiB (its staging), 16 keep the next batch queued meanwhile]
 STREAM_WINDOW = 16
 CACHE_MAX = DATA_OFFSET + (64 << 10)   # requests up to this size keep their card memory for the next [choice]
+# IN chains kept built per card address and read size (a cached request's memory comes back with the same
+# addresses: its descriptors and indirect table are the same bytes every time, as blk-mq sets a tag's
+# request up once) -- at most this many per size [choice: a few rings' worth]
+CHAINS_MAX = 512
 
 WANTED = sum(1 << b for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_RO,
                               B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, VIRTIO_RING_F_INDIRECT_DESC,
@@ -160,6 +164,20 @@ class Request:
             except RuntimeError:      # released meanwhile by another path (a reset racing a completion)
                 pass
 
+    @staticmethod
+    def finish_all(reqs: list["Request"]) -> None:
+        """:meth:`finish` for each of ``reqs``, every one marked finished before the first waiter wakes: a
+        reaper woken by the first then finds the rest done too, as io_getevents returns every event the
+        interrupt completed (woken one by one, it would reap the first alone and resubmit one request)."""
+        ended = [r for r in reqs if not r.finished]
+        for r in ended:
+            r.finished = True
+        for r in ended:
+            try:
+                r._done.release()
+            except RuntimeError:      # released meanwhile by another path (a reset racing a completion)
+                pass
+
     def wait(self, timeout: float = REQUEST_TIMEOUT) -> bytearray | memoryview | None:
         """Block until the request completed; its data (IN, GET_ID: ``into`` if given) or None; raises
         :class:`BlkError`."""
@@ -202,6 +220,8 @@ class BlkDriver(VirtioDriver):
         self._room = threading.Condition(self._lock)
         self._inflight: set[Request] = set()
         self._cache: list[tuple[int, int]] = []   # card memory (addr, size) of finished small requests
+        self._chains: dict[int, dict[int, object]] = {}   # read size -> card address -> PreparedChain
+        self._chains_ring = None                             # ... for this ring
         self._pool: list[bytearray] = []     # read_stream's buffers, kept for the next call (list ops are atomic)
         self.c = dict.fromkeys(("reads", "read_bytes", "writes", "write_bytes", "flushes", "get_ids", "errors",
                                 "interrupts", "kicks", "ring_waits", "heap_waits"), 0)
@@ -306,20 +326,52 @@ class BlkDriver(VirtioDriver):
         if dev is None or self.removing:
             raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
         size, seg, mem, pack = DATA_OFFSET + nbytes, self.seg_size, dev.memory, B.OUTHDR.pack
+        ring = self.vq.ring
+        if self._chains_ring is not ring:         # a new ring (probe): its chains are built anew
+            self._chains, self._chains_ring = {}, ring
+        chains = self._chains.setdefault(nbytes, {})
         posts = []
         try:
             for sector in sectors:
                 addr = self._alloc(dev, size)
                 req = Request(B.VIRTIO_BLK_T_IN, sector, nbytes, addr, size, None, dev, keep)
-                posts.append((req, [(addr, B.OUTHDR_SIZE)],
-                              [(addr + DATA_OFFSET + o, min(seg, nbytes - o)) for o in range(0, nbytes, seg)]
-                              + [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)]))
+                chain = chains.get(addr)
+                if chain is None:
+                    chain = ring.prepare([(addr, B.OUTHDR_SIZE)],
+                                         [(addr + DATA_OFFSET + o, min(seg, nbytes - o)) for o in range(0, nbytes, seg)]
+                                         + [(addr + B.OUTHDR_SIZE, B.STATUS_SIZE)])
+                    if len(chains) < CHAINS_MAX:
+                        chains[addr] = chain
+                posts.append((req, chain))
                 mem.write(addr, pack(B.VIRTIO_BLK_T_IN, 0, sector) + b"\xff")   # status 0xff until written
         except BaseException:
-            for req, _o, _i in posts:
+            for req, _c in posts:
                 self._give(dev, req.addr, req.size)
             raise
-        return [p[0] for p in posts[:self._post(dev, posts)]]
+        return [p[0] for p in posts[:self._post_prepared(dev, posts)]]
+
+    def _post_prepared(self, dev: VirtioDevice, posts: list) -> int:
+        """:meth:`_post` for ``(request, PreparedChain)`` pairs: with room for all of them on a working disk,
+        every chain placed by :meth:`~micdrv.virtio.driver.DriverRing.add_prepared_many` (one ``avail.idx``
+        store) and one kick decision; otherwise :meth:`_post` does it, waiting for room."""
+        ring = self.vq.ring
+        need = 0
+        for _r, chain in posts:
+            need += 1 if chain.table is not None else len(chain.out) + len(chain.in_)
+        with self._room:
+            if self.broken is None and not self.removing and self.dev is not None and ring.num_free >= need:
+                try:
+                    ring.add_prepared_many([(chain, req) for req, chain in posts])
+                except (VringError, RingFull) as e:
+                    # some may be on the ring: failed with the ring, their memory not given back (BAD_RING)
+                    self._inflight.update(req for req, _c in posts)
+                    self._break(f"add: {e}")
+                    raise BlkError(errno.EIO, f"{self.disk}: {e}") from None
+                self._inflight.update(req for req, _c in posts)
+                if self.vq.kick():
+                    self.c["kicks"] += 1
+                return len(posts)
+        return self._post(dev, [(req, chain.out, chain.in_) for req, chain in posts])
 
     def _post(self, dev: VirtioDevice, posts: list) -> int:
         """Put ``(request, out, in)`` chains on the ring under one lock, waiting for room; one kick decision.
@@ -446,8 +498,12 @@ class BlkDriver(VirtioDriver):
                 return
             try:
                 done = vq.ring.get_all_used()
-                for req, _len in done:
-                    self._complete(req)
+                ended: list[Request] = []
+                try:
+                    for req, _len in done:
+                        self._complete(req, ended)
+                finally:
+                    Request.finish_all(ended)   # every one done before the first waiter wakes
             except VringError as e:
                 self._break(str(e))
                 return
@@ -458,10 +514,15 @@ class BlkDriver(VirtioDriver):
             if done:
                 self._room.notify_all()
 
-    def _complete(self, req: Request) -> None:
-        """Finish ``req`` from its status byte (lock held)."""
+    def _complete(self, req: Request, ended: list[Request]) -> None:
+        """End ``req`` from its status byte (lock held); appended to ``ended`` for its waiters to be woken."""
         mem = self.dev.memory
-        st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
+        v = mem.view(req.addr + B.OUTHDR_SIZE, 1)    # a load where card memory maps (RingMemory), not a bus copy
+        if v is None:
+            st = mem.read(req.addr + B.OUTHDR_SIZE, 1)[0]
+        else:
+            st = v[0]
+            v.release()
         req.status = st
         if st == B.VIRTIO_BLK_S_OK:
             if req.keep:
@@ -483,16 +544,21 @@ class BlkDriver(VirtioDriver):
             code = errno.EOPNOTSUPP if st == B.VIRTIO_BLK_S_UNSUPP else errno.EIO
             name = {B.VIRTIO_BLK_S_IOERR: "IOERR", B.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}.get(st, f"status {st:#x}")
             req.error = BlkError(code, f"{self.disk}: {what} at sector {req.sector}: {name}")
-        self._finish(req)
+        self._finish(req, ended=ended)
 
-    def _finish(self, req: Request, error: BlkError | None = None) -> None:
+    def _finish(self, req: Request, error: BlkError | None = None, ended: list[Request] | None = None) -> None:
+        """``req`` is over (lock held): out of flight, its card memory back unless held; its waiters woken now,
+        or -- ``ended`` given -- appended there for the caller to wake with the rest (:meth:`Request.finish_all`)."""
         if error is not None:
             req.error = error
             req.held = False
         self._inflight.discard(req)
         if not req.held:
             self._give(req.dev, req.addr, req.size)
-        req.finish()
+        if ended is None:
+            req.finish()
+        else:
+            ended.append(req)
 
     def data_view(self, req: Request) -> memoryview | None:
         """A completed ``keep`` request's data where the device put it (its card memory), or None where the

@@ -429,13 +429,19 @@ class Commands:
                         error = e
                 if not inflight:
                     break
-                # The oldest, then every one after it already done, in order (io_getevents, min_nr 1)
+                # The oldest waited for, then it and every one after it already done, in order (io_getevents,
+                # min_nr 1: the events there are once the first is in -- looked for before it is in, the
+                # interrupt that ends them all would be reaped one request at a time)
+                try:
+                    inflight[0].wait()
+                except BlkError:
+                    pass                  # its error is taken below, with it
                 reaped = [inflight.popleft()]
                 while inflight and inflight[0].finished:
                     reaped.append(inflight.popleft())
                 for req in reaped:
                     try:
-                        req.wait()
+                        req.wait(0)       # done already (or timed out above: ETIMEDOUT again, at once)
                         done += 1
                     except BlkError as e:
                         error = error or e
