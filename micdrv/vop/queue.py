@@ -69,6 +69,8 @@ MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest 
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
 DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
+LAZY_BATCH_BYTES = 1 << 20  # a lazy queue gathers completions into one DMA batch up to this many bytes [choice]
+LAZY_BATCH_CHAINS = 64      # ... or this many chains
 CHECK_EVERY = 0.005         # a batch copying in longer than this has its channels' error registers read [choice]
 
 
@@ -257,6 +259,10 @@ class VopQueue(Virtqueue):
         # instead of the loop waiting for it (see complete_many); when the poller started watching them
         self.lazy = lazy
         self._out_t0: float | None = None
+        # lazy: completions gathered for one copy-out batch, not started yet (pieces; (used, chains) per call)
+        self._gather: list = []
+        self._gathered: list[tuple[list[tuple[int, int]], list[tuple[Chain, int]]]] = []
+        self._gather_bytes = self._gather_chains = 0
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
                                        "staging_full", "oversize", "overflow", "deferred", "deferred_waits",
                                        "pop_waits"), 0)
@@ -380,7 +386,8 @@ class VopQueue(Virtqueue):
                         continue
                     own = None
                     off = ring_alloc(total)
-                    if off is None and not out and self._deferred:
+                    if off is None and not out and (self._deferred or self._gathered):
+                        self._start_gathered()
                         self._publish(0)                     # staging held by completions still copying: wait
                         off = ring_alloc(total)
                     if off is None:
@@ -435,8 +442,7 @@ class VopQueue(Virtqueue):
             # (outgoing): the loop serves the tap and the other queues meanwhile instead of waiting for the
             # engine. Data is still on the card before its used entry.
             if done:
-                pieces, used = self._pieces(done)
-                self._deferred.append((self.engine.write_out_start(pieces), used, done))
+                self._gather_done(done)
             self.flush()
             return
         if self._deferred:
@@ -452,6 +458,15 @@ class VopQueue(Virtqueue):
         done = list(done)
         if not done:
             return
+        if self.lazy:
+            # A drain's batches gathered into one copy-out batch (one DMA submission, one completion), started
+            # once it is big enough or the drain ends (flush): each submission is a doorbell the card handles.
+            self._gather_done(done)
+            if self._gather_bytes < LAZY_BATCH_BYTES and self._gather_chains < LAZY_BATCH_CHAINS:
+                return
+            self._start_gathered()
+            self._publish(DEFERRED_BATCHES)
+            return
         pieces, used = self._pieces(done)
         completion = self.engine.write_out_start(pieces)
         if completion is not None:
@@ -459,7 +474,35 @@ class VopQueue(Virtqueue):
         self._deferred.append((completion, used, done))
         self._publish(DEFERRED_BATCHES)
 
+    def _gather_done(self, done: list[tuple[Chain, int]]) -> None:
+        pieces, used = self._pieces(done)
+        self._gather += pieces
+        self._gathered.append((used, done))
+        self._gather_chains += len(done)
+        for p in pieces:
+            self._gather_bytes += p[1]
+
+    def _start_gathered(self) -> None:
+        """Start the copy-out of what :meth:`complete_deferred` gathered (lazy queues): one batch."""
+        gathered = self._gathered
+        if not gathered:
+            return
+        pieces = self._gather
+        self._gather, self._gathered = [], []
+        self._gather_bytes = self._gather_chains = 0
+        completion = self.engine.write_out_start(pieces)
+        if completion is not None:
+            self.counters["deferred"] += 1
+        if len(gathered) == 1:
+            used, done = gathered[0]
+        else:
+            used = [u for us, _d in gathered for u in us]
+            done = [x for _us, d in gathered for x in d]
+        self._deferred.append((completion, used, done))
+
     def flush(self) -> None:
+        if self._gathered:
+            self._start_gathered()
         if self._deferred:
             if not self.lazy:
                 self._publish(0)
@@ -592,6 +635,8 @@ class VopQueue(Virtqueue):
                 log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
                             self.name)
         self._out_t0 = None
+        self._gather, self._gathered = [], []      # never started: nothing reads their staging
+        self._gather_bytes = self._gather_chains = 0
         while self._deferred:
             completion, _used, _done = self._deferred.popleft()
             if completion is not None:
