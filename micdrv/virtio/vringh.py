@@ -234,30 +234,37 @@ class Vringh:
         fast = self.indirect and desc_mv is not None and buf_mv is not None
         lo, hi, table_max = self._buf_lo, self._buf_hi, num * DESC_SIZE
         unpack_from = DESC.unpack_from
+        ah = getattr(avail, "words", None)   # a mapped avail ring as 16-bit words (one load per entry)
+        ring0 = AVAIL_RING >> 1
+        last = self.last_avail
+        hits = 0
         # Read barrier (section 1.5 step 1): program order on x86.
-        for _ in range(n):
-            last = self.last_avail
-            slot = last & mask
-            head = avail.u16(AVAIL_RING + 2 * slot)
-            if head >= num:
-                raise self._fail(f"avail.ring[{slot}]: head {head} out of range 0..{num - 1}")
-            if head in inflight:
-                raise self._fail(f"avail.ring[{slot}]: head {head} is already in flight")
-            chain = None
-            if fast:
-                addr, length, flags, _nxt = unpack_from(desc_mv, head << 4)
-                if (flags & ~VRING_DESC_F_WRITE == VRING_DESC_F_INDIRECT and 0 < length <= table_max
-                        and not length & 15 and lo <= addr and addr + length <= hi):
-                    shape = shapes.get(bytes(buf_mv[addr - lo:addr - lo + length]))
-                    if shape is not None:
-                        self.shape_hits += 1
-                        chain = DescChain(head, shape.readable, shape.writable, shape.readable_len,
-                                          shape.writable_len, last, shape)
-            if chain is None:
-                chain = self._walk(head, last)
-            self.last_avail = (last + 1) & 0xFFFF
-            inflight[head] = (chain.writable_len, last)
-            out.append(chain)
+        try:
+            for _ in range(n):
+                slot = last & mask
+                head = ah[ring0 + slot] if ah is not None else avail.u16(AVAIL_RING + 2 * slot)
+                if head >= num:
+                    raise self._fail(f"avail.ring[{slot}]: head {head} out of range 0..{num - 1}")
+                if head in inflight:
+                    raise self._fail(f"avail.ring[{slot}]: head {head} is already in flight")
+                chain = None
+                if fast:
+                    addr, length, flags, _nxt = unpack_from(desc_mv, head << 4)
+                    if (flags & ~VRING_DESC_F_WRITE == VRING_DESC_F_INDIRECT and 0 < length <= table_max
+                            and not length & 15 and lo <= addr and addr + length <= hi):
+                        shape = shapes.get(bytes(buf_mv[addr - lo:addr - lo + length]))
+                        if shape is not None:
+                            hits += 1
+                            chain = DescChain(head, shape.readable, shape.writable, shape.readable_len,
+                                              shape.writable_len, last, shape)
+                if chain is None:
+                    chain = self._walk(head, last)
+                inflight[head] = (chain.writable_len, last)
+                last = (last + 1) & 0xFFFF
+                out.append(chain)
+        finally:
+            self.last_avail = last          # the chains taken before a broken one stay taken, as before
+            self.shape_hits += hits
         return out
 
     def abandon(self, chains: list[DescChain]) -> None:

@@ -191,17 +191,17 @@ class CopyEngine:
         instead of waiting; :meth:`finish` it before the card may look at the data."""
         if not pieces:
             return None
-        c = self.counters
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
+        dma_min = pol.h2c_dma_min
         batch = []
         card = self.card
-        total = dma_bytes = 0
+        total = dma_bytes = dma_n = bar0_n = udst = ulen = 0   # counted here, added to the counters once
         end_dst = end_src = -1
         for addr, n, room, stage_card, view in pieces:
             total += n
-            m = align64(n)
-            if use_dma and not (addr | stage_card) & 63 and m <= room and n >= pol.h2c_dma_min:
+            m = (n + 63) & ~63                               # align64
+            if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
                 if addr == end_dst and stage_card == end_src:
                     d, s_, k = batch[-1]                 # contiguous on both sides: one copy
                     batch[-1] = (d, s_, k + m)
@@ -209,19 +209,26 @@ class CopyEngine:
                     batch.append((addr, stage_card, m))
                 end_dst, end_src = addr + m, stage_card + m
                 dma_bytes += m
-                c["h2c_dma_bytes"] += n
+                dma_n += n
                 continue
             if addr & 63:
-                c["h2c_unaligned_dst_bytes"] += n
+                udst += n
             elif m > room:
-                c["h2c_unaligned_len_bytes"] += n
-            c["h2c_bar0_bytes"] += n
+                ulen += n
+            bar0_n += n
             dst = card.view(addr, n)       # bounds-checked: MemoryAccessError outside card memory
             if dst is not None:
                 dst[:] = view
             else:
                 card.write(addr, view)
+        c = self.counters
         c["h2c_bytes"] += total
+        if dma_n:
+            c["h2c_dma_bytes"] += dma_n
+        if bar0_n:
+            c["h2c_bar0_bytes"] += bar0_n
+            c["h2c_unaligned_dst_bytes"] += udst
+            c["h2c_unaligned_len_bytes"] += ulen
         return self._dma_start(batch, dma_bytes) if batch else None
 
     def done(self, completion) -> bool:

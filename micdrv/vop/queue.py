@@ -69,6 +69,8 @@ MAX_CHAIN_BYTES = 16 << 20  # staging for one chain; Linux virtio-blk's largest 
 OVERFLOW_BYTES = 8 << 20    # a queue's own arena allocations beyond its staging area, at most [choice]
 DEFERRED_BATCHES = 2        # completions whose DMA may still run while the next batch is processed [choice]
 POP_CHUNK = 16              # chains taken from the ring at a time while staging them (see pop_many)
+LAZY_BATCH_BYTES = 1 << 20  # a lazy queue gathers completions into one DMA batch up to this many bytes [choice]
+LAZY_BATCH_CHAINS = 64      # ... or this many chains
 CHECK_EVERY = 0.005         # a batch copying in longer than this has its channels' error registers read [choice]
 
 
@@ -76,10 +78,10 @@ class _Staged(Chain):
     """A chain as this transport hands it out: the backend's :class:`~backends.virtqueue.Chain`, plus its
     DescChain, where its staging piece is, and where each writable buffer sits (one object per chain)."""
 
-    __slots__ = ("desc", "offset", "own", "wslots")
+    __slots__ = ("desc", "offset", "own", "wslots", "lay")
 
     def __init__(self, desc: DescChain, readable: list[memoryview], writable: list[memoryview], offset: int,
-                 own: Allocation | None, wslots: list[tuple[int, int, int]]):
+                 own: Allocation | None, wslots: list[tuple[int, int, int]], lay: "_Layout | None" = None):
         self.head = desc.head
         self.readable = readable
         self.writable = writable
@@ -91,6 +93,7 @@ class _Staged(Chain):
         self.offset = offset          # arena offset of the piece (-1: nothing staged)
         self.own = own                # an allocation of its own (oversize chain), else None
         self.wslots = wslots          # (card address, length, offset of its bytes in the piece), per descriptor
+        self.lay = lay                # the staging layout wslots came from (its copy-out plans are kept there)
 
 
 class _Layout:
@@ -106,7 +109,7 @@ class _Layout:
     each descriptor's own room (spec 5.7).
     """
 
-    __slots__ = ("total", "reads", "wviews", "wslots")
+    __slots__ = ("total", "reads", "wviews", "wslots", "plans")
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
@@ -133,6 +136,50 @@ class _Layout:
         if ext_n > 0:
             pos = align64(ext_start + ext_n)
         self.total = pos
+        self.plans: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}   # see _copy_out_plan
+
+
+MAX_PLANS = 64   # copy-out plans kept per layout (distinct written/tail pairs) [choice]
+
+
+def _copy_out_plan(wslots: Sequence[tuple[int, int, int]], written: int, tail: int) -> list[tuple[int, int, int, int]]:
+    """The host -> card pieces of a chain whose writable descriptors are ``wslots`` that got ``written`` bytes at
+    the front of its stream and ``tail`` at the end: (card address, length, room left in the descriptor, offset
+    of its bytes in the staging piece) each. The same for every chain of one layout and the same counts, so a
+    layout keeps them (:attr:`_Layout.plans`).
+
+    A descriptor written whole, 64-byte aligned and a multiple of 64 long, is joined by the next one when that
+    continues it and its rounded length fits it: the copy-out rule (spec 5.7) gives the joined piece the answer
+    it gives each of them (DMA), and the pages of a big receive buffer leave as one piece, not 17.
+    """
+    plan = []
+    left = written
+    run_a = run_k = run_room = run_rel = -1
+    joinable = False
+    for a, n, rel in wslots:
+        if left <= 0:
+            break
+        k = n if n < left else left
+        if joinable and a == run_a + run_room and align64(k) <= n:
+            run_k += k
+            run_room += n
+        else:
+            if run_k > 0:
+                plan.append((run_a, run_k, run_room, run_rel))
+            run_a, run_k, run_room, run_rel = a, k, n, rel
+        joinable = k == n and not (a | n) & 63 and run_k == run_room
+        left -= k
+    if run_k > 0:
+        plan.append((run_a, run_k, run_room, run_rel))
+    left = tail
+    for a, n, rel in reversed(wslots):
+        if left <= 0:
+            break
+        k = n if n < left else left
+        skip = n - k
+        plan.append((a + skip, k, k, rel + skip))
+        left -= k
+    return plan
 
 
 def _extents(bufs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -191,7 +238,7 @@ class VopQueue(Virtqueue):
 
     def __init__(self, index: int, vring: Vringh, engine: CopyEngine, staging: StagingArea,
                  info_avail_idx: memoryview, notify: Callable[[], None], name: str = "",
-                 schedule: Callable[["VopQueue"], None] = lambda q: None):
+                 schedule: Callable[["VopQueue"], None] = lambda q: None, lazy: bool = False):
         self.index = index
         self.size = vring.num
         self.name = name or vring.name
@@ -208,6 +255,14 @@ class VopQueue(Virtqueue):
         self._schedule = schedule
         # completions under way, oldest first: (DMA completion or None, used entries, chains)
         self._deferred: deque[tuple[object, list[tuple[int, int]], list[Chain]]] = deque()
+        # lazy: a drain's last completions are published by the device's poller once their DMA is done,
+        # instead of the loop waiting for it (see complete_many); when the poller started watching them
+        self.lazy = lazy
+        self._out_t0: float | None = None
+        # lazy: completions gathered for one copy-out batch, not started yet (pieces; (used, chains) per call)
+        self._gather: list = []
+        self._gathered: list[tuple[list[tuple[int, int]], list[tuple[Chain, int]]]] = []
+        self._gather_bytes = self._gather_chains = 0
         self.counters = dict.fromkeys(("chains", "batches", "max_batch", "interrupts", "interrupts_suppressed",
                                        "staging_full", "oversize", "overflow", "deferred", "deferred_waits",
                                        "pop_waits"), 0)
@@ -331,8 +386,9 @@ class VopQueue(Virtqueue):
                         continue
                     own = None
                     off = ring_alloc(total)
-                    if off is None and not out and self._deferred:
-                        self.flush()                         # staging held by completions still copying
+                    if off is None and not out and (self._deferred or self._gathered):
+                        self._start_gathered()
+                        self._publish(0)                     # staging held by completions still copying: wait
                         off = ring_alloc(total)
                     if off is None:
                         if total > MAX_CHAIN_BYTES:
@@ -357,7 +413,7 @@ class VopQueue(Virtqueue):
                     else:
                         writable = [direct.view(a, n) for a, n in d.writable]
                         wslots = [(a, n, -1) for a, n in d.writable]
-                    s = _Staged(d, readable, writable, base, own, wslots)
+                    s = _Staged(d, readable, writable, base, own, wslots, lay if direct is None else None)
                     staged[d.head] = s
                     out.append(s)
                     taken += 1
@@ -381,6 +437,14 @@ class VopQueue(Virtqueue):
     # --- returning chains --------------------------------------------------------------------------
     def complete_many(self, done: Iterable[tuple[Chain, int]]) -> None:
         done = list(done)
+        if self.lazy:
+            # Start the copies, publish whatever is done (in order), and leave the rest to the device's poller
+            # (outgoing): the loop serves the tap and the other queues meanwhile instead of waiting for the
+            # engine. Data is still on the card before its used entry.
+            if done:
+                self._gather_done(done)
+            self.flush()
+            return
         if self._deferred:
             self.flush()
         if not done:
@@ -394,6 +458,15 @@ class VopQueue(Virtqueue):
         done = list(done)
         if not done:
             return
+        if self.lazy:
+            # A drain's batches gathered into one copy-out batch (one DMA submission, one completion), started
+            # once it is big enough or the drain ends (flush): each submission is a doorbell the card handles.
+            self._gather_done(done)
+            if self._gather_bytes < LAZY_BATCH_BYTES and self._gather_chains < LAZY_BATCH_CHAINS:
+                return
+            self._start_gathered()
+            self._publish(DEFERRED_BATCHES)
+            return
         pieces, used = self._pieces(done)
         completion = self.engine.write_out_start(pieces)
         if completion is not None:
@@ -401,9 +474,72 @@ class VopQueue(Virtqueue):
         self._deferred.append((completion, used, done))
         self._publish(DEFERRED_BATCHES)
 
+    def _gather_done(self, done: list[tuple[Chain, int]]) -> None:
+        pieces, used = self._pieces(done)
+        self._gather += pieces
+        self._gathered.append((used, done))
+        self._gather_chains += len(done)
+        for p in pieces:
+            self._gather_bytes += p[1]
+
+    def _start_gathered(self) -> None:
+        """Start the copy-out of what :meth:`complete_deferred` gathered (lazy queues): one batch."""
+        gathered = self._gathered
+        if not gathered:
+            return
+        pieces = self._gather
+        self._gather, self._gathered = [], []
+        self._gather_bytes = self._gather_chains = 0
+        completion = self.engine.write_out_start(pieces)
+        if completion is not None:
+            self.counters["deferred"] += 1
+        if len(gathered) == 1:
+            used, done = gathered[0]
+        else:
+            used = [u for us, _d in gathered for u in us]
+            done = [x for _us, d in gathered for x in d]
+        self._deferred.append((completion, used, done))
+
     def flush(self) -> None:
+        if self._gathered:
+            self._start_gathered()
         if self._deferred:
-            self._publish(0)
+            if not self.lazy:
+                self._publish(0)
+                return
+            self._publish(len(self._deferred))   # what is done, without waiting
+            if self._deferred:
+                if self._out_t0 is None:
+                    self._out_t0 = time.monotonic()
+                self._schedule(self)
+
+    def outgoing(self, now: float) -> bool:
+        """For the transport's poller (lazy queues): publish the completions whose DMA is done; True while some
+        are still copying -- after :data:`DMA_TIMEOUT` a :class:`~.copy.VopCopyError`, and the channels' error
+        registers are read every ``CHECK_EVERY``."""
+        q = self._deferred
+        if not q:
+            self._out_t0 = None
+            return False
+        self._publish(len(q))
+        if not q:
+            self._out_t0 = None
+            return False
+        t0 = self._out_t0
+        if t0 is None:
+            t0 = self._out_t0 = now
+        age = now - t0
+        if age >= CHECK_EVERY:
+            completion = q[0][0]
+            self.engine.check(completion)
+            if completion.settled:
+                self._publish(len(q))       # failed (finish raises: the device breaks) or just done
+                self._out_t0 = now if q else None
+                return bool(q)
+            if age >= DMA_TIMEOUT:
+                raise VopCopyError(f"{self.name}: DMA of {completion.nbytes} bytes to the card not done after "
+                                   f"{DMA_TIMEOUT:g} s")
+        return True
 
     def _publish(self, keep: int) -> None:
         """Publish the deferred completions, oldest first: those whose DMA is done, and -- waiting for
@@ -426,6 +562,8 @@ class VopQueue(Virtqueue):
             n += 1
         if not n:
             return
+        if not q:
+            self._out_t0 = None
         self._info[0] = self.vring.last_avail
         if self.vring.needs_notify():
             self.counters["interrupts"] += 1
@@ -454,37 +592,18 @@ class VopQueue(Virtqueue):
                 direct += written + tail
                 continue
             base = s.offset
-            left = written
-            # A descriptor written whole, 64-byte aligned and a multiple of 64 long, is joined by the next one
-            # when that continues it and its rounded length fits it: the copy-out rule (spec 5.7) gives the
-            # joined piece the answer it gives each of them (DMA), and the pages of a big receive buffer leave
-            # as one piece, not 17.
-            run_a = run_k = run_room = run_pos = -1
-            joinable = False
-            for a, n, rel in s.wslots:
-                if left <= 0:
-                    break
-                k = n if n < left else left
-                if joinable and a == run_a + run_room and align64(k) <= n:
-                    run_k += k
-                    run_room += n
-                else:
-                    if run_k > 0:
-                        pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
-                    run_a, run_k, run_room, run_pos = a, k, n, base + rel
-                joinable = k == n and not (a | n) & 63 and run_k == run_room
-                left -= k
-            if run_k > 0:
-                pieces.append((run_a, run_k, run_room, card0 + run_pos, view[run_pos:run_pos + run_k]))
-            left = tail
-            for a, n, rel in reversed(s.wslots):
-                if left <= 0:
-                    break
+            lay = s.lay
+            if lay is None:
+                plan = _copy_out_plan(s.wslots, written, tail)
+            else:
+                plan = lay.plans.get((written, tail))
+                if plan is None:
+                    if len(lay.plans) >= MAX_PLANS:
+                        lay.plans.clear()
+                    plan = lay.plans[written, tail] = _copy_out_plan(s.wslots, written, tail)
+            for a, k, room, rel in plan:
                 pos = base + rel
-                k = n if n < left else left
-                skip = n - k
-                pieces.append((a + skip, k, k, card0 + pos + skip, view[pos + skip:pos + n]))
-                left -= k
+                pieces.append((a, k, room, card0 + pos, view[pos:pos + k]))
         if direct:
             self.engine.wrote_direct(direct)
         return pieces, used
@@ -515,6 +634,9 @@ class VopQueue(Virtqueue):
             except Exception:
                 log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
                             self.name)
+        self._out_t0 = None
+        self._gather, self._gathered = [], []      # never started: nothing reads their staging
+        self._gather_bytes = self._gather_chains = 0
         while self._deferred:
             completion, _used, _done = self._deferred.popleft()
             if completion is not None:
