@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from backends.blk import BlkBackend
-from micdrv.sim.cardos.blk import BlkDriver, BlkError
+from micdrv.sim.cardos.blk import BlkDriver, BlkError, Request
 from micdrv.sim.cardos.shell_commands import fill_pattern, pattern_bytes
 from micdrv.virtio import blk as B
 from tests.card_kernel import BootedCard, wait_for
@@ -452,3 +452,17 @@ def test_streams_bigger_than_card_memory_take_turns_with_their_own_requests(tmp_
     finally:
         c.close()
         be.close()
+
+
+def test_requests_ended_together_are_all_done_when_the_first_waiter_wakes():
+    # what the interrupt handler completes at once, a reaper woken by the first finds done too (io_getevents
+    # returns every event there is): woken one by one, it reaped the first alone and resubmitted one request
+    reqs = [Request(B.VIRTIO_BLK_T_IN, i, 4096, 0, 4160) for i in range(32)]
+    seen = []
+    t = threading.Thread(target=lambda: (reqs[0].wait(5), seen.append([r.finished for r in reqs])))
+    t.start()
+    Request.finish_all(reqs)
+    t.join(5)
+    assert seen == [[True] * 32]
+    Request.finish_all(reqs)                       # idempotent: nothing released twice
+    assert all(r.wait(0) is None for r in reqs)
