@@ -570,8 +570,7 @@ class VopQueue(Virtqueue):
             n += 1
         if not n:
             return
-        if not q:
-            self._out_t0 = None
+        self._out_t0 = None     # the oldest under way changed: its age (outgoing) counts from the next look
         self._info[0] = self.vring.last_avail
         if self.vring.needs_notify():
             self.counters["interrupts"] += 1
