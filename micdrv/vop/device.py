@@ -24,7 +24,9 @@ Batches a queue copies in from the card without waiting
 (:meth:`~.queue.VopQueue.pop_start`) are looked after by a one-shot timer
 on the loop (:meth:`VopDevice._poll_incoming`): a look at the DMA status
 words per expiry, the channels' error registers read while a batch is
-slow, the backend resumed once its batch is in.
+slow, the backend resumed once its batch is in. The same timer publishes
+a lazy queue's completions whose copies to the card were still running when
+its drain returned (:meth:`~.queue.VopQueue.outgoing`).
 
 Everything the card writes is checked before use: the rings by
 :class:`~micdrv.virtio.Vringh`, used addresses here, the doorbell the card

@@ -39,6 +39,14 @@ first chain of a batch finds staging held by them, and always before the
 drain returns (:meth:`VopQueue.flush`). Data is on the card before its used
 entry either way; one interrupt decision covers what one call publishes.
 
+Lazy queues (``lazy``, for a backend whose ``lazy_completion`` says nothing depends on when the card sees
+its completions -- the net backend): a drain's completions are gathered into one copy-out batch (up to
+:data:`LAZY_BATCH_BYTES` or :data:`LAZY_BATCH_CHAINS`, one DMA submission instead of one per drain batch),
+and what is still copying when the drain ends is not waited for: the device's poller
+(:meth:`VopQueue.outgoing`, the same timer as the copies in) publishes it once its DMA is done, so the
+loop serves the tap and the other queue instead of spinning on the engine. A chain that finds the staging
+area held by them waits for them as before, and a reset does (:meth:`VopQueue.release_all`).
+
 A chain bigger than the staging area gets an arena allocation of its own
 (up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
 chain that finds the staging area full while its batch already has chains,
@@ -562,8 +570,7 @@ class VopQueue(Virtqueue):
             n += 1
         if not n:
             return
-        if not q:
-            self._out_t0 = None
+        self._out_t0 = None     # the oldest under way changed: its age (outgoing) counts from the next look
         self._info[0] = self.vring.last_avail
         if self.vring.needs_notify():
             self.counters["interrupts"] += 1
