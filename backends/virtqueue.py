@@ -163,7 +163,10 @@ class Virtqueue(abc.ABC):
         its source or sink is ready. Each batch is completed with one
         :meth:`complete_deferred` (the transport may still be copying it
         while the next batch is processed) or, where it stops, one
-        :meth:`complete_many`; nothing is held back when drain returns.
+        :meth:`complete_many`; nothing is held back when drain returns, except
+        by a transport that publishes a lazy backend's last completions once
+        their copies are done (``lazy_completion``, micdrv/vop/queue.py):
+        those reach the driver a moment later, never before their data.
 
         ``more()``, if given, is asked before every batch but the first
         whether the backend's source still has anything (a receive queue's
