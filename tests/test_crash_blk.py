@@ -120,10 +120,16 @@ def test_a_panic_in_the_middle_of_block_writes_loses_nothing_that_was_flushed(da
         w = Writer(d.sim_control, round_, rng).start()
         wait_for(lambda: w.flushes >= 3 or w.error, "three FLUSHes")
         assert w.error is None, w.error
-        # Land in the middle of a write: just after a write command went out to the card.
-        w.sent.clear()
-        assert w.sent.wait(WAIT)
-        time.sleep(rng.uniform(0, 0.003))
+        # Land in the middle of a write: just after a write of 512 KiB or more went out to the card (it
+        # runs for a millisecond or two on the card; a one-sector write is done before a panic arrives).
+        deadline = time.monotonic() + WAIT
+        while True:
+            w.sent.clear()
+            assert w.sent.wait(WAIT) and w.error is None, w.error
+            if w.inflight is not None and w.inflight[1] >= 1024:
+                break
+            assert time.monotonic() < deadline, "no write of 1024 sectors or more"
+        time.sleep(rng.uniform(0, 0.001))
         how(d)
         wait_for(lambda: d.status()["shutdown_status"] == "crashed", "the watchdog", WATCHDOG + WAIT)
         s = d.status()
