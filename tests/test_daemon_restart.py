@@ -44,17 +44,23 @@ HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"
 AREA = 16384                  # sectors per kill round (8 MiB)
 
 
+def card_files(prefix: str, sectors: int) -> tuple[Path, Path, Path]:
+    """A directory others may enter, the card OS image in it and a sparse disk image of ``sectors``."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    fw = base / "firmware" / "uos.img"
+    fw.parent.mkdir()
+    write_files(fw)
+    img = base / "disk0.img"
+    with open(img, "wb") as f:
+        f.truncate(sectors * SECTOR)
+    return base, fw, img
+
+
 @pytest.fixture(scope="module")
 def card():
     with namespace("mdr") as ns:
-        base = Path(tempfile.mkdtemp(prefix="micdrv-restart"))
-        os.chmod(base, 0o755)
-        fw = base / "firmware" / "uos.img"
-        fw.parent.mkdir()
-        write_files(fw)
-        img = base / "disk0.img"
-        with open(img, "wb") as f:
-            f.truncate(4 * AREA * SECTOR)
+        base, fw, img = card_files("micdrv-restart", 4 * AREA)
         tap = f"mdr{os.getpid() % 100000}"
         config = f"""
 [card.mic0]
@@ -311,20 +317,13 @@ def test_a_killed_simulate_daemon_takes_its_card_along_and_the_next_one_starts_c
         hardening.fault(survived)
 
 
-def test_a_card_that_vanishes_under_an_online_daemon_leaves_it_running_and_sigterm_still_stops_it(tmp_path):
+def test_a_card_that_vanishes_under_an_online_daemon_leaves_it_running_and_sigterm_still_stops_it():
     """The card's process SIGKILLed while it is online with a disk and a console -- what a card that falls
     off the bus looks like to the driver: every register access and DMA map fails. The daemon keeps
     answering, and SIGTERM still tears it down (socket, tree) without waiting for a card that will not
     answer. It once hung: SCIF's node removal raised on the dead link before it dropped the peer, so
     COSM's work thread waited forever on an endpoint nobody would close."""
-    base = Path(tempfile.mkdtemp(prefix="micdrv-vanish"))
-    os.chmod(base, 0o755)
-    fw = base / "firmware" / "uos.img"
-    fw.parent.mkdir()
-    write_files(fw)
-    img = base / "disk0.img"
-    with open(img, "wb") as f:
-        f.truncate(AREA * SECTOR)
+    base, fw, img = card_files("micdrv-vanish", AREA)
     config = (f'[card.mic0]\nfirmware = "{fw}"\ncmdline = "micdrv_sim.heartbeat=0.5"\nreset_timeout = 3\n'
               f'heartbeat = {{ enable = true, timeout = 2.0 }}\n'
               f'[[card.mic0.console]]\n[[card.mic0.blk]]\npath = "{img}"\nserial = "vanish-disk0"\n')
