@@ -197,7 +197,8 @@ def _wait_for(name: str, path: Path, states: list[str], timeout: float) -> dict:
     return request(name, path, "wait", io_timeout=timeout + REQUEST_TIMEOUT, states=states, timeout=timeout)
 
 
-def _transition(cmd: str, wait_states: list[str]):
+def _transition(cmd: str, wait_states: list[str], success: str):
+    """A state change; with ``--wait``, the first of ``wait_states`` reached must be ``success``, else exit 1."""
     def run(args) -> int:
         fields = {}
         if cmd == "boot":
@@ -209,6 +210,8 @@ def _transition(cmd: str, wait_states: list[str]):
             if args.wait:
                 w = _wait_for(name, path, wait_states, args.timeout)
                 print(_status_line({"card": name, **w}))
+                if w.get("state") != success:
+                    raise CliError(f"{name}: {cmd} ended in {w.get('state')}, not {success}")
         return _each(args, one)
     return run
 
@@ -354,14 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = card_cmd("status", "state and shutdown status", _cmd_status)
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    b = card_cmd("boot", "boot the card(s)", _transition("boot", ["online", "ready", "reset_failed"]), wait=True)
+    b = card_cmd("boot", "boot the card(s)", _transition("boot", ["online", "ready", "reset_failed"], "online"), wait=True)
     b.add_argument("--firmware", help="OS image, relative to the firmware directory (sets the attribute)")
     b.add_argument("--ramdisk", help="ramdisk image (sets the attribute)")
     b.add_argument("--cmdline", help="kernel command line (sets the attribute)")
     card_cmd("shutdown", "orderly shutdown; the daemon then resets the card to ready",
-             _transition("shutdown", ["ready", "reset_failed"]), wait=True)
-    card_cmd("reset", "reset the card(s) to ready", _transition("reset", ["ready", "reset_failed"]), wait=True)
-    card_cmd("reboot", "shutdown and boot again", _transition("reboot", ["online"]), wait=True)
+             _transition("shutdown", ["ready", "reset_failed"], "ready"), wait=True)
+    card_cmd("reset", "reset the card(s) to ready", _transition("reset", ["ready", "reset_failed"], "ready"), wait=True)
+    card_cmd("reboot", "shutdown and boot again", _transition("reboot", ["online", "reset_failed"], "online"), wait=True)
     w = card_cmd("wait", "wait until the card(s) are online or ready", _cmd_wait)
     w.add_argument("--state", action="append", help="wait for this state instead (repeatable)")
     i = card_cmd("info", "attributes and hardware facts", _cmd_info)

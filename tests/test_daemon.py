@@ -171,8 +171,10 @@ def test_with_the_heartbeat_disabled_a_silent_card_stays_online(mic0):
 def test_a_card_that_never_becomes_ready_ends_in_reset_failed(mic1):
     boot_online(mic1)
     mic1.card("fail_next_reset")
-    out = mic1.ok("reset", "--wait", "--timeout", "30", "mic1")
-    assert "mic1: reset_failed" in out
+    r = mic1.micctl("reset", "--wait", "--timeout", "30", "mic1")
+    assert r.returncode == 1, r                 # the reset asked for did not happen: a failure, not success
+    assert "mic1: reset_failed" in r.stdout
+    assert r.stderr.strip() == "micctl: mic1: reset ended in reset_failed, not ready", r.stderr
     mic1.ok("reset", "--wait", "mic1")  # the next reset works again
     assert mic1.status()["state"] == "ready"
 
