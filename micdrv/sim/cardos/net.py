@@ -51,14 +51,20 @@ the buffer is posted for receive again when its transmit chain comes back
 (reaped after every receive batch while any is out), and at most three
 quarters of the receive buffers are out that way [choice].
 
-**Receive processing** runs on the device's worker thread (NAPI): the
-interrupt only disables further receive interrupts and wakes it; it
-drains (up to 64 used entries, ``used.idx`` read once), hands frames to the
-stack in place (one view of the receive buffers and one of each transmit
-pool per batch, taken through the card bus, so a stopped card OS is refused
-at the next batch), kicks once for the replies, refills in one
-``avail.idx`` store and one kick, re-enables and re-checks (the
-notification-suppression loop of section 1.6, driver side). Frames shorter
+**Receive processing** is NAPI: the receive interrupt disables further
+receive interrupts and polls right there, in the interrupt's context, as
+Linux's softirq runs the poll the hard interrupt scheduled, on the same CPU
+-- no other thread is woken for a frame. A poll drains (up to 64 used
+entries, ``used.idx`` read once), hands frames to the stack in place (one
+view of the receive buffers and one of each transmit pool per batch, taken
+through the card bus, so a stopped card OS is refused at the next batch),
+kicks once for the replies, refills in one ``avail.idx`` store and one kick,
+re-enables and re-checks (the notification-suppression loop of section 1.6,
+driver side). The interrupt context never waits: when the transmit ring has
+no room for a batch's replies, after a full budget, or while another poll
+runs, the poll is left to the device's worker thread (ksoftirqd's part),
+which may wait for transmit room and also polls every 0.5 s whatever
+happens. Only one context polls at a time (NAPI_STATE_SCHED). Frames shorter
 than header + 14, a bad GSO type, or checksum offsets outside the frame are
 dropped and counted (section 2.3).
 
@@ -101,6 +107,7 @@ SMALL_CAPACITY = HDR_LEN + 1518    # section 2.5: hdr_len + 14 + 4 (VLAN) + 1500
 SMALL_TX_SLOT, BIG_TX_SLOT = 2048, 65600   # transmit slot pools; 65600 = mpssd's ALIGN(64 KiB + 14, 64)
 BIG_TX_SLOTS = 32                  # 64 KiB frames in flight at most [choice: 2 MiB of card memory]
 NAPI_BUDGET = 64                   # frames per receive batch (Linux's NAPI weight)
+INLINE_ROUNDS = 4                  # polls in one interrupt before the rest goes to the worker [choice]
 LENT = -1                          # transmit token pool of a receive buffer sent back in place (xmit_in_place)
 TX_WAIT = 2.0                      # a transmit waits this long for ring room before the frame is dropped
 
@@ -173,7 +180,9 @@ class NetDriver(VirtioDriver):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._tx_pending = 0          # chains added since the last kick
-        self._napi_ident: int | None = None   # the receive worker's thread: its transmits kick per batch
+        self._polling = threading.Lock()   # held by whoever polls (NAPI_STATE_SCHED): the interrupt or the worker
+        self._napi_ident: int | None = None   # the polling thread, while it polls: its transmits kick per batch
+        self._napi_inline = False             # that poll runs in the interrupt's context: it must not wait
         self.c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_short", "rx_bad_header",
                                 "rx_batches", "rx_interrupts", "tx_packets", "tx_bytes", "tx_dropped",
                                 "tx_too_big", "tx_waits", "tx_interrupts", "tx_in_place", "kicks"), 0)
@@ -266,15 +275,26 @@ class NetDriver(VirtioDriver):
         with self._rx_lock:
             if self.broken is None:
                 vq.ring.disable_cb()
-        self._wake.set()
+        if self._stop.is_set() or not self._polling.acquire(blocking=False):
+            self._wake.set()        # a poll runs (it re-checks on waking), or we are going away
+            return
+        try:
+            self._napi_ident, self._napi_inline = threading.get_ident(), True
+            self._poll(inline=True)
+        except Exception as e:      # as the worker: card memory gone (a card reset), or a bug
+            if not self._stop.is_set():
+                log.exception("%s: receive poll failed", self.ifname)
+                self._break(f"receive poll: {type(e).__name__}: {e}")
+        finally:
+            self._napi_ident, self._napi_inline = None, False
+            self._polling.release()
 
     def _tx_interrupt(self, vq: Virtqueue) -> None:
         self.c["tx_interrupts"] += 1
         self._tx_room.set()
 
-    # --- receive: the NAPI worker ------------------------------------------------------------------
+    # --- receive: NAPI polls, in the interrupt or in the worker ---------------------------------------
     def _napi(self) -> None:
-        self._napi_ident = threading.get_ident()
         try:
             self._poll_loop()
         except Exception as e:      # card memory gone (a card reset), or a bug: never a silent dead thread
@@ -286,36 +306,68 @@ class NetDriver(VirtioDriver):
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
-            while not self._stop.is_set() and self.broken is None:
+            with self._polling:
+                self._napi_ident = threading.get_ident()
                 try:
-                    with self._rx_lock:
-                        batch = self.rx.ring.get_used_many(NAPI_BUDGET)
-                except VringError as e:
-                    self._break(str(e))
-                    break
-                if batch:
-                    self.c["rx_batches"] += 1
-                    self._receive(batch)
-                    # The batch's buffers but those it sent in place: they come back (in _returned) when the
-                    # device completes their transmit chains, which may have happened already.
-                    lent = self._lent_batch
-                    tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
-                    with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
-                        self._kick_tx()
-                        if self._lent:
-                            self._reap()
-                        returned, self._returned = self._returned, []
-                    with self._rx_lock:
-                        try:
-                            self._refill(tokens + returned)
-                        except (VringError, RingFull) as e:
-                            self._break(f"refill: {e}")
-                            break
-                if len(batch) < NAPI_BUDGET:
-                    with self._rx_lock:
-                        if self.rx.ring.enable_cb():
-                            break           # nothing pending: sleep until the next interrupt
-                        self.rx.ring.disable_cb()
+                    self._poll(inline=False)
+                finally:
+                    self._napi_ident = None
+
+    def _poll(self, inline: bool) -> None:
+        """Receive batches until the ring is empty with interrupts on again (the poller holds ``_polling``).
+
+        ``inline`` (the interrupt's context): at most INLINE_ROUNDS batches,
+        and none the transmit ring could not take the replies of without
+        waiting; what is left is the worker's, interrupts still off.
+        """
+        rounds = 0
+        while not self._stop.is_set() and self.broken is None:
+            if inline:
+                rounds += 1
+                if rounds > INLINE_ROUNDS or not self._tx_room_for_batch():
+                    self._wake.set()
+                    return
+            try:
+                with self._rx_lock:
+                    batch = self.rx.ring.get_used_many(NAPI_BUDGET)
+            except VringError as e:
+                self._break(str(e))
+                break
+            if batch:
+                self.c["rx_batches"] += 1
+                self._receive(batch)
+                # The batch's buffers but those it sent in place: they come back (in _returned) when the
+                # device completes their transmit chains, which may have happened already.
+                lent = self._lent_batch
+                tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
+                with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
+                    self._kick_tx()
+                    if self._lent:
+                        self._reap()
+                    returned, self._returned = self._returned, []
+                with self._rx_lock:
+                    try:
+                        self._refill(tokens + returned)
+                    except (VringError, RingFull) as e:
+                        self._break(f"refill: {e}")
+                        break
+            if len(batch) < NAPI_BUDGET:
+                with self._rx_lock:
+                    if self.rx.ring.enable_cb():
+                        break           # nothing pending: sleep until the next interrupt
+                    self.rx.ring.disable_cb()
+
+    def _tx_room_for_batch(self) -> bool:
+        """Room on the transmit ring for a reply to each frame of a full batch, reaping if need be.
+
+        A received frame makes at most one reply (echo, ARP or ICMP answer)."""
+        with self._tx_lock:
+            ring = self.tx.ring
+            need = NAPI_BUDGET * (1 if ring.use_indirect else 2)
+            if ring.num_free < need or len(self._pools[0].free) < NAPI_BUDGET:
+                self._reap()
+            return ring.num_free >= min(need, ring.num) and len(self._pools[0].free) >= min(NAPI_BUDGET,
+                                                                                               self._pools[0].count)
 
     def _receive(self, batch: list[tuple[int, int]]) -> None:
         """Hand a batch of received frames to the stack, each in place in its receive buffer.
@@ -532,7 +584,9 @@ class NetDriver(VirtioDriver):
         while self.broken is None and not self._stop.is_set():
             self._tx_room.clear()
             if ring.enable_cb():                 # nothing completed yet: wait for the interrupt
-                self._wait_room(min(0.2, max(0.0, deadline - time.monotonic())))
+                # (a poll in the interrupt's context is what would take it: it looks at the ring again soon)
+                slice_ = 0.001 if self._napi_inline and threading.get_ident() == self._napi_ident else 0.2
+                self._wait_room(min(slice_, max(0.0, deadline - time.monotonic())))
             self._reap()
             if room():
                 slot = pool.free.pop()
@@ -571,6 +625,8 @@ class NetDriver(VirtioDriver):
         w = self._worker
         if w is not None and w is not threading.current_thread():
             w.join(5.0)
+        if self._napi_ident != threading.get_ident() and self._polling.acquire(timeout=5.0):
+            self._polling.release()        # a poll in an interrupt's context has seen the stop
 
     def _release(self, reset: bool) -> None:
         dev = self.dev
