@@ -112,7 +112,10 @@ class X100Card(DeviceModel):
         self.dma_engine.map_registers(rf)
 
         self.regions[BAR0] = self.gddr
-        self.regions[BAR4] = TrappedRegion(regs.MMIO_SIZE, rf.region_read, rf.region_write)
+        # A host write may ring card doorbells: their handlers run after it, in this thread (doorbells.py).
+        self.regions[BAR4] = TrappedRegion(regs.MMIO_SIZE, rf.region_read,
+                                           lambda offset, data: self.card_doorbells.posted(rf.region_write, offset,
+                                                                                           data))
         self.card_reset()  # power-on: the bootstrap comes up ready after the delay
 
     # --- the server's parts, once attached ---------------------------------------------------

@@ -450,8 +450,10 @@ class NetDriver(VirtioDriver):
         pool_i = 0 if size <= SMALL_TX_SLOT else 1
         batch_tx = None
         if threading.get_ident() == self._napi_ident:
-            kick = False      # a reply from the receive worker: kicked once at the end of its batch (_poll_loop)
+            kick = False      # a reply from a receive poll: kicked once at the end of its batch (_poll)
             batch_tx = self._batch_tx
+            if self._napi_inline:
+                wait = 0.0    # the interrupt's context never waits (_poll made sure of room for a batch)
         with self._tx_lock:
             if self.broken is not None or self.dev is None:
                 slot = None
@@ -584,9 +586,7 @@ class NetDriver(VirtioDriver):
         while self.broken is None and not self._stop.is_set():
             self._tx_room.clear()
             if ring.enable_cb():                 # nothing completed yet: wait for the interrupt
-                # (a poll in the interrupt's context is what would take it: it looks at the ring again soon)
-                slice_ = 0.001 if self._napi_inline and threading.get_ident() == self._napi_ident else 0.2
-                self._wait_room(min(slice_, max(0.0, deadline - time.monotonic())))
+                self._wait_room(min(0.2, max(0.0, deadline - time.monotonic())))
             self._reap()
             if room():
                 slot = pool.free.pop()
