@@ -118,6 +118,17 @@ BIG_MODE_FEATURES = sum(1 << b for b in (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET
                                          N.VIRTIO_NET_F_GUEST_ECN, N.VIRTIO_NET_F_GUEST_UFO))
 _PLAIN_HDR = HDR.pack(0, 0, 0, 0, 0, 0)  # no offload asked for
 GSO_TYPES = {N.VIRTIO_NET_HDR_GSO_NONE, N.VIRTIO_NET_HDR_GSO_TCPV4, N.VIRTIO_NET_HDR_GSO_TCPV6}
+_CSUM_HDRS: dict[tuple[int, int], bytes] = {}   # (start, offset) -> its NEEDS_CSUM header, packed once
+
+
+def _csum_hdr(csum: tuple[int, int]) -> bytes:
+    """The virtio-net header asking the device to complete a checksum at ``csum`` = (start, offset)."""
+    h = _CSUM_HDRS.get(csum)
+    if h is None:
+        h = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum)
+        if len(_CSUM_HDRS) < 64:      # a UDP or ICMP header's field: a handful of values at most
+            _CSUM_HDRS[csum] = h
+    return h
 
 
 class NetDeviceBroken(Exception):
@@ -386,7 +397,11 @@ class NetDriver(VirtioDriver):
             self._batch_tx = tx_views
         self._rx_view = area
         self._lent_batch = set()
+        packets = nbytes = 0
         try:
+            if area is None:
+                self._receive_copied(batch)
+                return
             for token, n in batch:
                 addr, off = rx_bufs[token]
                 flen = n - HDR_LEN
@@ -394,24 +409,18 @@ class NetDriver(VirtioDriver):
                     c["rx_short"] += 1
                     c["rx_dropped"] += 1
                     continue
-                if area is not None:
-                    at = addr - base
-                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
-                else:
-                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
-                if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                at = addr - base
+                flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
+                if gso and ((gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or not gso_size) or \
                         flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
                     c["rx_bad_header"] += 1
                     c["rx_dropped"] += 1
                     continue
-                if area is not None:
-                    frame = area[at + off:at + off + flen]
-                else:
-                    frame = memoryview(mem.read(addr + off, flen))
-                c["rx_packets"] += 1
-                c["rx_bytes"] += flen
-                if area is not None:
-                    self._rx_cur = (token, addr, off, frame)
+                at += off
+                frame = area[at:at + flen]
+                packets += 1
+                nbytes += flen
+                self._rx_cur = (token, addr, off, frame)
                 try:
                     stack.receive(self, flags, frame)
                 except Exception:
@@ -420,12 +429,40 @@ class NetDriver(VirtioDriver):
                     self._rx_cur = None
                     frame.release()
         finally:
+            c["rx_packets"] += packets
+            c["rx_bytes"] += nbytes
             self._batch_tx = self._rx_view = None
             for v in tx_views:
                 if v is not None:
                     v.release()
             if area is not None:
                 area.release()
+
+    def _receive_copied(self, batch: list[tuple[int, int]]) -> None:
+        """:meth:`_receive` when the receive buffers cannot be viewed: each frame read out of card memory."""
+        mem, stack, c, rx_bufs = self.dev.memory, self.drivers.stack, self.c, self._rx_bufs
+        for token, n in batch:
+            addr, off = rx_bufs[token]
+            flen = n - HDR_LEN
+            if flen < ETH_HLEN:
+                c["rx_short"] += 1
+                c["rx_dropped"] += 1
+                continue
+            flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
+            if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                    flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
+                c["rx_bad_header"] += 1
+                c["rx_dropped"] += 1
+                continue
+            frame = memoryview(mem.read(addr + off, flen))
+            c["rx_packets"] += 1
+            c["rx_bytes"] += flen
+            try:
+                stack.receive(self, flags, frame)
+            except Exception:
+                log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
+            finally:
+                frame.release()
 
     # --- transmit ----------------------------------------------------------------------------------
     def xmit(self, parts, csum: tuple[int, int] | None = None, kick: bool = True,
@@ -445,8 +482,7 @@ class NetDriver(VirtioDriver):
             c["tx_too_big"] += 1
             return False
         # The virtio-net header and the first part (the frame's headers) as one piece: one store, not two.
-        first = (HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR) + \
-            (parts[0] if parts else b"")
+        first = (_csum_hdr(csum) if csum else _PLAIN_HDR) + (parts[0] if parts else b"")
         pool_i = 0 if size <= SMALL_TX_SLOT else 1
         batch_tx = None
         if threading.get_ident() == self._napi_ident:
@@ -529,7 +565,7 @@ class NetDriver(VirtioDriver):
             # The header right before the frame (in the big buffers' padding, over the small ones' received
             # header), as XDP_TX puts it in the headroom: header and frame adjacent, one piece for the device.
             at = addr + off - HDR_LEN - self._rx_area[0]
-            area[at:at + HDR_LEN] = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
+            area[at:at + HDR_LEN] = _csum_hdr(csum) if csum else _PLAIN_HDR
             try:
                 ring.add_pair(addr + off - HDR_LEN, HDR_LEN, addr + off, flen, (LENT, token))
             except (VringError, RingFull) as e:
