@@ -22,12 +22,14 @@ sends go to the bootstrap, which only acts on the boot kick (vector 229 on
 APICICR7 to its APIC ID, spec 3.2 step 10; :mod:`.bootstrap`). Once the
 card OS runs they, and RDMASR writes, are card doorbells delivered to the
 handler card software registered for that doorbell
-(:meth:`CardDoorbells.request`). A host's write of a doorbell register is
-a posted write (nobody waits for it, spec 2.3): its handler runs right
-after it, in the thread that took the write, once the card lock is released
-(:meth:`CardDoorbells.posted`) -- the card CPU taking the interrupt, with no
-thread woken in between. A ring from anywhere else (a DMA STATUS store
-into the registers) goes to a dispatcher thread. Handlers run one at a time
+(:meth:`CardDoorbells.request`), by default in a dispatcher thread (a
+threaded interrupt) so the host's register write returns at once. A handler
+requested ``inline`` runs right after the host's write instead, in the
+thread that took it, once the card lock is released
+(:meth:`CardDoorbells.posted`; the write is posted, nobody waits for it,
+spec 2.3) -- the card CPU taking the interrupt, with no thread woken in
+between; a ring of it from anywhere else (a DMA STATUS store into the
+registers) still goes to the dispatcher. Handlers run one at a time
 wherever they run, in the order each source rang; a ring queued before a
 card reset is dropped (its epoch is gone); a handler that raises is counted
 and logged. A doorbell with no handler is counted as unhandled.
@@ -57,6 +59,7 @@ class CardDoorbells:
 
     def __init__(self):
         self._handlers: dict[int, Handler] = {}
+        self._inline: set[int] = set()     # doorbells whose handler runs after the host's write, in its thread
         self._users = [0] * regs.NUM_CARD_DOORBELLS
         self._lock = threading.Lock()
         self._running = threading.Lock()   # held while a handler runs: one at a time, wherever
@@ -69,17 +72,23 @@ class CardDoorbells:
         self._thread = threading.Thread(target=self._run, name="card doorbells", daemon=True)
         self._thread.start()
 
-    def request(self, db: int, handler: Handler) -> None:
-        """Card software: call ``handler(db)`` whenever the host rings ``db`` (never under the card lock)."""
+    def request(self, db: int, handler: Handler, inline: bool = False) -> None:
+        """Card software: call ``handler(db)`` whenever the host rings ``db`` (never under the card lock): in
+        the dispatcher thread, or with ``inline`` right after the host's write, in the thread that took it."""
         if not 0 <= db < regs.NUM_CARD_DOORBELLS:
             raise ValueError(f"card doorbell {db} out of range 0..15")
         with self._lock:
             self._handlers[db] = handler
             self._users[db] += 1
+            if inline:
+                self._inline.add(db)
+            else:
+                self._inline.discard(db)
 
     def free(self, db: int) -> None:
         with self._lock:
             self._handlers.pop(db, None)
+            self._inline.discard(db)
 
     def least_used(self) -> int:
         """The doorbell used least so far, lowest number first ("least-used of 16", spec 2.3)."""
@@ -91,7 +100,8 @@ class CardDoorbells:
         with self._lock:
             self.rung[db] += 1
             epoch = self._epoch
-        pending = getattr(self._here, "pending", None)
+            inline = db in self._inline
+        pending = getattr(self._here, "pending", None) if inline else None
         if pending is not None:
             pending.append((epoch, db))
         else:
@@ -112,6 +122,7 @@ class CardDoorbells:
         """Card reset: card software is gone with its handlers; queued rings are dropped."""
         with self._lock:
             self._handlers.clear()
+            self._inline.clear()
             self._users = [0] * regs.NUM_CARD_DOORBELLS
             self._epoch += 1
 
