@@ -369,16 +369,20 @@ class NetDriver(VirtioDriver):
                     self.rx.ring.disable_cb()
 
     def _tx_room_for_batch(self) -> bool:
-        """Room on the transmit ring for a reply to each frame of a full batch, reaping if need be.
+        """Room on the transmit ring for a reply to each frame the next batch takes, reaping only if need be.
 
         A received frame makes at most one reply (echo, ARP or ICMP answer)."""
+        try:
+            with self._rx_lock:
+                frames = min(self.rx.ring.used_pending(), NAPI_BUDGET)
+        except VringError:
+            return True             # the batch itself meets it and breaks the device
         with self._tx_lock:
-            ring = self.tx.ring
-            need = NAPI_BUDGET * (1 if ring.use_indirect else 2)
-            if ring.num_free < need or len(self._pools[0].free) < NAPI_BUDGET:
+            ring, small = self.tx.ring, self._pools[0].free
+            need = frames * (1 if ring.use_indirect else 2)
+            if ring.num_free < need or len(small) < frames:
                 self._reap()
-            return ring.num_free >= min(need, ring.num) and len(self._pools[0].free) >= min(NAPI_BUDGET,
-                                                                                               self._pools[0].count)
+            return ring.num_free >= need and len(small) >= frames
 
     def _receive(self, batch: list[tuple[int, int]]) -> None:
         """Hand a batch of received frames to the stack, each in place in its receive buffer.
