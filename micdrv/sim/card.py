@@ -28,7 +28,8 @@ Card software API -- :class:`CardSide`, handed to the card OS:
 ``mmio_read(off)``, ``mmio_write(off, v)``     the register file at its BAR4 offsets
 ``spad(i)``, ``set_spad(i, v)``                scratch pads (spec 2.2)
 ``send_host_doorbell(db)``                     SDBIC[db] = 0x80000000: host doorbell 0..3 (spec 2.3)
-``request_doorbell(db, fn)``, ``free_doorbell``  ``fn(db)`` runs when the host rings card doorbell db
+``request_doorbell(db, fn[, inline])``,        ``fn(db)`` runs when the host rings card doorbell db
+``free_doorbell``                              (in a dispatcher thread, or inline after the write)
 ``least_used_doorbell()``                      "least-used of 16" (spec 2.3)
 ``set_dma_interrupt(fn)``                      ``fn(ch)`` on a card-owned channel's STATUS interrupt
 ``post(code)``                                 two-character post code (spec 2.1)
@@ -112,7 +113,10 @@ class X100Card(DeviceModel):
         self.dma_engine.map_registers(rf)
 
         self.regions[BAR0] = self.gddr
-        self.regions[BAR4] = TrappedRegion(regs.MMIO_SIZE, rf.region_read, rf.region_write)
+        # A host write may ring card doorbells: their handlers run after it, in this thread (doorbells.py).
+        self.regions[BAR4] = TrappedRegion(regs.MMIO_SIZE, rf.region_read,
+                                           lambda offset, data: self.card_doorbells.posted(rf.region_write, offset,
+                                                                                           data))
         self.card_reset()  # power-on: the bootstrap comes up ready after the delay
 
     # --- the server's parts, once attached ---------------------------------------------------
@@ -311,9 +315,11 @@ class CardSide:
             raise ValueError(f"host doorbell {db} out of range 0..3")
         self.mmio_write(regs.sdbic(db), regs.SDBIC_DBREQ)
 
-    def request_doorbell(self, db: int, handler: Callable[[int], None]) -> None:
+    def request_doorbell(self, db: int, handler: Callable[[int], None], inline: bool = False) -> None:
+        """``handler(db)`` when the host rings ``db``: in a dispatcher thread, or ``inline`` right after the
+        host's write (:class:`~.doorbells.CardDoorbells`)."""
         self._check()
-        self._card.card_doorbells.request(db, handler)
+        self._card.card_doorbells.request(db, handler, inline)
 
     def free_doorbell(self, db: int) -> None:
         self._card.card_doorbells.free(db)

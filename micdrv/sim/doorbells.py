@@ -22,9 +22,17 @@ sends go to the bootstrap, which only acts on the boot kick (vector 229 on
 APICICR7 to its APIC ID, spec 3.2 step 10; :mod:`.bootstrap`). Once the
 card OS runs they, and RDMASR writes, are card doorbells delivered to the
 handler card software registered for that doorbell
-(:meth:`CardDoorbells.request`), in one dispatcher thread so the host's
-register write returns at once. A doorbell with no handler is counted as
-unhandled.
+(:meth:`CardDoorbells.request`), by default in a dispatcher thread (a
+threaded interrupt) so the host's register write returns at once. A handler
+requested ``inline`` runs right after the host's write instead, in the
+thread that took it, once the card lock is released
+(:meth:`CardDoorbells.posted`; the write is posted, nobody waits for it,
+spec 2.3) -- the card CPU taking the interrupt, with no thread woken in
+between; a ring of it from anywhere else (a DMA STATUS store into the
+registers) still goes to the dispatcher. Handlers run one at a time
+wherever they run, in the order each source rang; a ring queued before a
+card reset is dropped (its epoch is gone); a handler that raises is counted
+and logged. A doorbell with no handler is counted as unhandled.
 """
 
 from __future__ import annotations
@@ -47,12 +55,15 @@ IpiSink = Callable[[int, int, int], bool]
 
 
 class CardDoorbells:
-    """Host->card doorbells 0-15 as card software sees them: handlers, a dispatcher thread, counters."""
+    """Host->card doorbells 0-15 as card software sees them: handlers, where they run, counters."""
 
     def __init__(self):
         self._handlers: dict[int, Handler] = {}
+        self._inline: set[int] = set()     # doorbells whose handler runs after the host's write, in its thread
         self._users = [0] * regs.NUM_CARD_DOORBELLS
         self._lock = threading.Lock()
+        self._running = threading.Lock()   # held while a handler runs: one at a time, wherever
+        self._here = threading.local()     # .pending: rings to deliver after the write in progress (posted)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._epoch = 0
         self.rung = [0] * regs.NUM_CARD_DOORBELLS
@@ -61,17 +72,23 @@ class CardDoorbells:
         self._thread = threading.Thread(target=self._run, name="card doorbells", daemon=True)
         self._thread.start()
 
-    def request(self, db: int, handler: Handler) -> None:
-        """Card software: call ``handler(db)`` (in the dispatcher thread) whenever the host rings ``db``."""
+    def request(self, db: int, handler: Handler, inline: bool = False) -> None:
+        """Card software: call ``handler(db)`` whenever the host rings ``db`` (never under the card lock): in
+        the dispatcher thread, or with ``inline`` right after the host's write, in the thread that took it."""
         if not 0 <= db < regs.NUM_CARD_DOORBELLS:
             raise ValueError(f"card doorbell {db} out of range 0..15")
         with self._lock:
             self._handlers[db] = handler
             self._users[db] += 1
+            if inline:
+                self._inline.add(db)
+            else:
+                self._inline.discard(db)
 
     def free(self, db: int) -> None:
         with self._lock:
             self._handlers.pop(db, None)
+            self._inline.discard(db)
 
     def least_used(self) -> int:
         """The doorbell used least so far, lowest number first ("least-used of 16", spec 2.3)."""
@@ -79,16 +96,33 @@ class CardDoorbells:
             return min(range(regs.NUM_CARD_DOORBELLS), key=lambda db: (self._users[db], db))
 
     def ring(self, db: int) -> None:
-        """The host rang ``db`` (called under the card lock: only queue it)."""
+        """``db`` was rung (called under the card lock: only note it)."""
         with self._lock:
             self.rung[db] += 1
             epoch = self._epoch
-        self._queue.put((epoch, db))
+            inline = db in self._inline
+        pending = getattr(self._here, "pending", None) if inline else None
+        if pending is not None:
+            pending.append((epoch, db))
+        else:
+            self._queue.put((epoch, db))
+
+    def posted(self, write: Callable, *args) -> None:
+        """``write(*args)`` (a host register write, taking the card lock itself), then the handlers of the
+        doorbells it rang, here."""
+        self._here.pending = pending = []
+        try:
+            write(*args)
+        finally:
+            self._here.pending = None
+            for epoch, db in pending:
+                self._deliver(epoch, db)
 
     def reset(self) -> None:
         """Card reset: card software is gone with its handlers; queued rings are dropped."""
         with self._lock:
             self._handlers.clear()
+            self._inline.clear()
             self._users = [0] * regs.NUM_CARD_DOORBELLS
             self._epoch += 1
 
@@ -102,13 +136,16 @@ class CardDoorbells:
             item = self._queue.get()
             if item is None:
                 return
-            epoch, db = item
+            self._deliver(*item)
+
+    def _deliver(self, epoch: int, db: int) -> None:
+        with self._running:
             with self._lock:
                 handler = self._handlers.get(db) if epoch == self._epoch else None
                 if handler is None:
                     self.unhandled += 1
             if handler is None:
-                continue
+                return
             try:
                 handler(db)
             except Exception:

@@ -118,6 +118,7 @@ class DriverRing:
         # ring once per 30-100 k blk requests). _ViewPart.set_u16 stores through an 'H' view.
         self._set_avail = self._avail.set_u16
         self._get_used_elem = self._unpacker(self._used, USED_ELEM)
+        self._used_mv = getattr(self._used, "mv", None)
         self._table_mv = getattr(self._indirect_parts, "mv", None)
 
     @staticmethod
@@ -331,21 +332,32 @@ class DriverRing:
         if not n:
             return got
         # Read barrier after seeing used.idx: program order on x86.
-        unpack, outstanding, free, mask = self._get_used_elem, self._out, self._free, self._mask
+        outstanding, free, mask = self._out, self._free, self._mask
         track = not self._cb_disabled
         last = self.last_used
+        mv = self._used_mv
+        if mv is not None:      # the n elements in (at most) two C calls: up to the ring's end, then from its start
+            first = last & mask
+            k = min(n, self.num - first)
+            at = USED_RING + USED_ELEM_SIZE * first
+            elems = list(USED_ELEM.iter_unpack(mv[at:at + USED_ELEM_SIZE * k]))
+            if k < n:
+                elems += USED_ELEM.iter_unpack(mv[USED_RING:USED_RING + USED_ELEM_SIZE * (n - k)])
+        else:
+            unpack = self._get_used_elem
+            elems = [unpack(USED_RING + USED_ELEM_SIZE * ((last + i) & mask)) for i in range(n)]
         try:
-            for _ in range(n):
-                slot = last & mask
-                id_, length = unpack(USED_RING + USED_ELEM_SIZE * slot)
+            for id_, length in elems:
                 o = outstanding.pop(id_, None)
                 if o is None:
+                    slot = last & mask
                     if id_ >= self.num:
                         raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} out of range 0..{self.num - 1}")
                     raise VringError(f"{self.name}: used.ring[{slot}]: id {id_} is not a head in flight")
                 token, descs, writable_len = o
                 if length > writable_len:
                     outstanding[id_] = o
+                    slot = last & mask
                     raise VringError(f"{self.name}: used.ring[{slot}]: head {id_} returned with len {length}, but "
                                      f"its writable buffers hold {writable_len}")
                 if len(descs) == 1:

@@ -68,6 +68,7 @@ ARP_TRIES, ARP_INTERVAL = 3, 1.0
 
 ETH = struct.Struct("!6s6sH")
 ETH_IPV4 = struct.Struct("!6s6sHBBHHHBBH4s4s")   # an Ethernet header and an IPv4 header without options, one pack
+ETH_IPV4_UDP = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")   # ... and a UDP header
 ARP = struct.Struct("!HHBBH6s4s6s4s")       # RFC 826 for Ethernet / IPv4
 IPV4 = struct.Struct("!BBHHHBBH4s4s")       # RFC 791 header without options
 UDP = struct.Struct("!HHHH")
@@ -212,23 +213,24 @@ class IpStack:
             return
         c = self.c
         c["eth_in"] += 1
-        dst, src_mac, ethertype = ETH.unpack_from(frame)
-        if dst != dev.mac and dst != BROADCAST_MAC:
+        if len(frame) >= ETH_HLEN + IP_HLEN:     # the Ethernet header and what would be an IPv4 one: one unpack
+            dst_mac, src_mac, ethertype, vihl, _tos, total, _ident, frag, ttl, proto, _sum, src, dst = \
+                ETH_IPV4.unpack_from(frame)
+        else:
+            dst_mac, src_mac, ethertype = ETH.unpack_from(frame)
+        if dst_mac != dev.mac and dst_mac != BROADCAST_MAC:
             c["eth_other"] += 1      # multicast (IPv6 neighbour discovery, ...) or another host's
             return
-        if ethertype == ETH_P_IP:
-            self._ip_in(dev, hdr_flags, frame, src_mac)
-        elif ethertype == ETH_P_ARP:
-            self._arp_in(dev, frame)
-        else:
-            c["proto_unknown"] += 1
-
-    def _ip_in(self, dev: "NetDriver", hdr_flags: int, frame: memoryview, src_mac: bytes) -> None:
-        c = self.c
+        if ethertype != ETH_P_IP:
+            if ethertype == ETH_P_ARP:
+                self._arp_in(dev, frame)
+            else:
+                c["proto_unknown"] += 1
+            return
+        # IPv4
         if len(frame) < ETH_HLEN + IP_HLEN:
             c["ip_bad"] += 1
             return
-        vihl, _tos, total, _ident, frag, ttl, proto, _sum, src, dst = IPV4.unpack_from(frame, ETH_HLEN)
         ihl = (vihl & 0xF) * 4
         # The header checksum: ip_csum.valid(ip_csum.partial(header)), inline (every header is even-sized).
         if vihl >> 4 != 4 or ihl < IP_HLEN or total < ihl or ETH_HLEN + total > len(frame) or \
@@ -376,23 +378,40 @@ class IpStack:
 
     def udp_send(self, dst: bytes, dport: int, sport: int, payload, dst_mac: bytes | None = None,
                  kick: bool = True) -> bool:
-        """One UDP datagram; its checksum partial (NEEDS_CSUM) if the device takes that, else computed."""
+        """One UDP datagram; its checksum partial (NEEDS_CSUM) if the device takes that, else computed.
+
+        What :meth:`send_ip` does, with the three headers packed at once (every echo reply comes here).
+        """
         dev = self.netdev
         if dev is None:
             raise NetError("ENETDOWN: no network interface")
+        c = self.c
+        c["udp_out"] += 1
         ulen = UDP_HLEN + len(payload)
+        total = IP_HLEN + ulen
+        if total > dev.mtu:
+            raise NetError(f"EMSGSIZE: a {total}-byte datagram exceeds {dev.ifname}'s MTU {dev.mtu}")
+        if dst_mac is None:
+            dst_mac = self.resolve(self.next_hop(dst))
+        dst_sum = int.from_bytes(dst, "big")
         # ip_csum.pseudo_header(self.ip, dst, IPPROTO_UDP, ulen), from the sums of its fields.
-        seed = self._src_sum + int.from_bytes(dst, "big") + IPPROTO_UDP + ulen
+        seed = self._src_sum + dst_sum + IPPROTO_UDP + ulen
         if dev.csum_tx:
-            head = UDP.pack(sport, dport, ulen, ip_csum.fold(seed))
-            csum = (0, 6)
+            ucsum = seed % 0xFFFF or 0xFFFF           # ip_csum.fold(seed)
+            csum = (ETH_HLEN + IP_HLEN, 6)           # the device completes it (send_ip's ``csum``, in the frame)
         else:
-            value = ip_csum.udp_field(ip_csum.finish(seed + sport + dport + ulen + ip_csum.partial(payload)))
-            head = UDP.pack(sport, dport, ulen, value)
+            ucsum = ip_csum.udp_field(ip_csum.finish(seed + sport + dport + ulen + ip_csum.partial(payload)))
             csum = None
-        self.c["udp_out"] += 1
-        return self.send_ip(dst, IPPROTO_UDP, [head, payload], dst_mac, csum, kick,
-                            in_place=payload is self._rx_payload)
+        ident = next(self._ident) & 0xFFFF
+        hsum = ip_csum.finish(self._ip_sum + total + ident + IPPROTO_UDP + dst_sum)
+        c["ip_out"] += 1
+        head = ETH_IPV4_UDP.pack(dst_mac, dev.mac, ETH_P_IP, 0x45, 0, total, ident, IP_DF, TTL, IPPROTO_UDP, hsum,
+                                 self.ip, dst, sport, dport, ulen, ucsum)
+        if payload is self._rx_payload and len(head) == self._rx_payload_at:
+            sent = dev.xmit_in_place(head, ETH_HLEN + total, csum)
+            if sent is not None:
+                return sent
+        return dev.xmit([head, payload], csum, kick)
 
     def flush(self) -> None:
         dev = self.netdev

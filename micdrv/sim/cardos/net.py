@@ -51,14 +51,20 @@ the buffer is posted for receive again when its transmit chain comes back
 (reaped after every receive batch while any is out), and at most three
 quarters of the receive buffers are out that way [choice].
 
-**Receive processing** runs on the device's worker thread (NAPI): the
-interrupt only disables further receive interrupts and wakes it; it
-drains (up to 64 used entries, ``used.idx`` read once), hands frames to the
-stack in place (one view of the receive buffers and one of each transmit
-pool per batch, taken through the card bus, so a stopped card OS is refused
-at the next batch), kicks once for the replies, refills in one
-``avail.idx`` store and one kick, re-enables and re-checks (the
-notification-suppression loop of section 1.6, driver side). Frames shorter
+**Receive processing** is NAPI: the receive interrupt disables further
+receive interrupts and polls right there, in the interrupt's context, as
+Linux's softirq runs the poll the hard interrupt scheduled, on the same CPU
+-- no other thread is woken for a frame. A poll drains (up to 64 used
+entries, ``used.idx`` read once), hands frames to the stack in place (one
+view of the receive buffers and one of each transmit pool per batch, taken
+through the card bus, so a stopped card OS is refused at the next batch),
+kicks once for the replies, refills in one ``avail.idx`` store and one kick,
+re-enables and re-checks (the notification-suppression loop of section 1.6,
+driver side). The interrupt context never waits: when the transmit ring has
+no room for a batch's replies, after a full budget, or while another poll
+runs, the poll is left to the device's worker thread (ksoftirqd's part),
+which may wait for transmit room and also polls every 0.5 s whatever
+happens. Only one context polls at a time (NAPI_STATE_SCHED). Frames shorter
 than header + 14, a bad GSO type, or checksum offsets outside the frame are
 dropped and counted (section 2.3).
 
@@ -101,6 +107,7 @@ SMALL_CAPACITY = HDR_LEN + 1518    # section 2.5: hdr_len + 14 + 4 (VLAN) + 1500
 SMALL_TX_SLOT, BIG_TX_SLOT = 2048, 65600   # transmit slot pools; 65600 = mpssd's ALIGN(64 KiB + 14, 64)
 BIG_TX_SLOTS = 32                  # 64 KiB frames in flight at most [choice: 2 MiB of card memory]
 NAPI_BUDGET = 64                   # frames per receive batch (Linux's NAPI weight)
+INLINE_ROUNDS = 4                  # polls in one interrupt before the rest goes to the worker [choice]
 LENT = -1                          # transmit token pool of a receive buffer sent back in place (xmit_in_place)
 TX_WAIT = 2.0                      # a transmit waits this long for ring room before the frame is dropped
 
@@ -111,6 +118,17 @@ BIG_MODE_FEATURES = sum(1 << b for b in (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET
                                          N.VIRTIO_NET_F_GUEST_ECN, N.VIRTIO_NET_F_GUEST_UFO))
 _PLAIN_HDR = HDR.pack(0, 0, 0, 0, 0, 0)  # no offload asked for
 GSO_TYPES = {N.VIRTIO_NET_HDR_GSO_NONE, N.VIRTIO_NET_HDR_GSO_TCPV4, N.VIRTIO_NET_HDR_GSO_TCPV6}
+_CSUM_HDRS: dict[tuple[int, int], bytes] = {}   # (start, offset) -> its NEEDS_CSUM header, packed once
+
+
+def _csum_hdr(csum: tuple[int, int]) -> bytes:
+    """The virtio-net header asking the device to complete a checksum at ``csum`` = (start, offset)."""
+    h = _CSUM_HDRS.get(csum)
+    if h is None:
+        h = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum)
+        if len(_CSUM_HDRS) < 64:      # a UDP or ICMP header's field: a handful of values at most
+            _CSUM_HDRS[csum] = h
+    return h
 
 
 class NetDeviceBroken(Exception):
@@ -173,7 +191,9 @@ class NetDriver(VirtioDriver):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._tx_pending = 0          # chains added since the last kick
-        self._napi_ident: int | None = None   # the receive worker's thread: its transmits kick per batch
+        self._polling = threading.Lock()   # held by whoever polls (NAPI_STATE_SCHED): the interrupt or the worker
+        self._napi_ident: int | None = None   # the polling thread, while it polls: its transmits kick per batch
+        self._napi_inline = False             # that poll runs in the interrupt's context: it must not wait
         self.c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_short", "rx_bad_header",
                                 "rx_batches", "rx_interrupts", "tx_packets", "tx_bytes", "tx_dropped",
                                 "tx_too_big", "tx_waits", "tx_interrupts", "tx_in_place", "kicks"), 0)
@@ -266,15 +286,26 @@ class NetDriver(VirtioDriver):
         with self._rx_lock:
             if self.broken is None:
                 vq.ring.disable_cb()
-        self._wake.set()
+        if self._stop.is_set() or not self._polling.acquire(blocking=False):
+            self._wake.set()        # a poll runs (it re-checks on waking), or we are going away
+            return
+        try:
+            self._napi_ident, self._napi_inline = threading.get_ident(), True
+            self._poll(inline=True)
+        except Exception as e:      # as the worker: card memory gone (a card reset), or a bug
+            if not self._stop.is_set():
+                log.exception("%s: receive poll failed", self.ifname)
+                self._break(f"receive poll: {type(e).__name__}: {e}")
+        finally:
+            self._napi_ident, self._napi_inline = None, False
+            self._polling.release()
 
     def _tx_interrupt(self, vq: Virtqueue) -> None:
         self.c["tx_interrupts"] += 1
         self._tx_room.set()
 
-    # --- receive: the NAPI worker ------------------------------------------------------------------
+    # --- receive: NAPI polls, in the interrupt or in the worker ---------------------------------------
     def _napi(self) -> None:
-        self._napi_ident = threading.get_ident()
         try:
             self._poll_loop()
         except Exception as e:      # card memory gone (a card reset), or a bug: never a silent dead thread
@@ -286,36 +317,72 @@ class NetDriver(VirtioDriver):
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
-            while not self._stop.is_set() and self.broken is None:
+            with self._polling:
+                self._napi_ident = threading.get_ident()
                 try:
-                    with self._rx_lock:
-                        batch = self.rx.ring.get_used_many(NAPI_BUDGET)
-                except VringError as e:
-                    self._break(str(e))
-                    break
-                if batch:
-                    self.c["rx_batches"] += 1
-                    self._receive(batch)
-                    # The batch's buffers but those it sent in place: they come back (in _returned) when the
-                    # device completes their transmit chains, which may have happened already.
-                    lent = self._lent_batch
-                    tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
-                    with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
-                        self._kick_tx()
-                        if self._lent:
-                            self._reap()
-                        returned, self._returned = self._returned, []
-                    with self._rx_lock:
-                        try:
-                            self._refill(tokens + returned)
-                        except (VringError, RingFull) as e:
-                            self._break(f"refill: {e}")
-                            break
-                if len(batch) < NAPI_BUDGET:
-                    with self._rx_lock:
-                        if self.rx.ring.enable_cb():
-                            break           # nothing pending: sleep until the next interrupt
-                        self.rx.ring.disable_cb()
+                    self._poll(inline=False)
+                finally:
+                    self._napi_ident = None
+
+    def _poll(self, inline: bool) -> None:
+        """Receive batches until the ring is empty with interrupts on again (the poller holds ``_polling``).
+
+        ``inline`` (the interrupt's context): at most INLINE_ROUNDS batches,
+        and none the transmit ring could not take the replies of without
+        waiting; what is left is the worker's, interrupts still off.
+        """
+        rounds = 0
+        while not self._stop.is_set() and self.broken is None:
+            if inline:
+                rounds += 1
+                if rounds > INLINE_ROUNDS or not self._tx_room_for_batch():
+                    self._wake.set()
+                    return
+            try:
+                with self._rx_lock:
+                    batch = self.rx.ring.get_used_many(NAPI_BUDGET)
+            except VringError as e:
+                self._break(str(e))
+                break
+            if batch:
+                self.c["rx_batches"] += 1
+                self._receive(batch)
+                # The batch's buffers but those it sent in place: they come back (in _returned) when the
+                # device completes their transmit chains, which may have happened already.
+                lent = self._lent_batch
+                tokens = [t for t, _n in batch if t not in lent] if lent else [t for t, _n in batch]
+                with self._tx_lock:       # what the batch sent (echo replies, ARP answers): one kick
+                    self._kick_tx()
+                    if self._lent:
+                        self._reap()
+                    returned, self._returned = self._returned, []
+                with self._rx_lock:
+                    try:
+                        self._refill(tokens + returned)
+                    except (VringError, RingFull) as e:
+                        self._break(f"refill: {e}")
+                        break
+            if len(batch) < NAPI_BUDGET:
+                with self._rx_lock:
+                    if self.rx.ring.enable_cb():
+                        break           # nothing pending: sleep until the next interrupt
+                    self.rx.ring.disable_cb()
+
+    def _tx_room_for_batch(self) -> bool:
+        """Room on the transmit ring for a reply to each frame the next batch takes, reaping only if need be.
+
+        A received frame makes at most one reply (echo, ARP or ICMP answer)."""
+        try:
+            with self._rx_lock:
+                frames = min(self.rx.ring.used_pending(), NAPI_BUDGET)
+        except VringError:
+            return True             # the batch itself meets it and breaks the device
+        with self._tx_lock:
+            ring, small = self.tx.ring, self._pools[0].free
+            need = frames * (1 if ring.use_indirect else 2)
+            if ring.num_free < need or len(small) < frames:
+                self._reap()
+            return ring.num_free >= need and len(small) >= frames
 
     def _receive(self, batch: list[tuple[int, int]]) -> None:
         """Hand a batch of received frames to the stack, each in place in its receive buffer.
@@ -334,7 +401,11 @@ class NetDriver(VirtioDriver):
             self._batch_tx = tx_views
         self._rx_view = area
         self._lent_batch = set()
+        packets = nbytes = 0
         try:
+            if area is None:
+                self._receive_copied(batch)
+                return
             for token, n in batch:
                 addr, off = rx_bufs[token]
                 flen = n - HDR_LEN
@@ -342,24 +413,18 @@ class NetDriver(VirtioDriver):
                     c["rx_short"] += 1
                     c["rx_dropped"] += 1
                     continue
-                if area is not None:
-                    at = addr - base
-                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
-                else:
-                    flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
-                if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                at = addr - base
+                flags, gso, _hl, gso_size, cstart, coff = HDR.unpack_from(area, at)
+                if gso and ((gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or not gso_size) or \
                         flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
                     c["rx_bad_header"] += 1
                     c["rx_dropped"] += 1
                     continue
-                if area is not None:
-                    frame = area[at + off:at + off + flen]
-                else:
-                    frame = memoryview(mem.read(addr + off, flen))
-                c["rx_packets"] += 1
-                c["rx_bytes"] += flen
-                if area is not None:
-                    self._rx_cur = (token, addr, off, frame)
+                at += off
+                frame = area[at:at + flen]
+                packets += 1
+                nbytes += flen
+                self._rx_cur = (token, addr, off, frame)
                 try:
                     stack.receive(self, flags, frame)
                 except Exception:
@@ -368,12 +433,40 @@ class NetDriver(VirtioDriver):
                     self._rx_cur = None
                     frame.release()
         finally:
+            c["rx_packets"] += packets
+            c["rx_bytes"] += nbytes
             self._batch_tx = self._rx_view = None
             for v in tx_views:
                 if v is not None:
                     v.release()
             if area is not None:
                 area.release()
+
+    def _receive_copied(self, batch: list[tuple[int, int]]) -> None:
+        """:meth:`_receive` when the receive buffers cannot be viewed: each frame read out of card memory."""
+        mem, stack, c, rx_bufs = self.dev.memory, self.drivers.stack, self.c, self._rx_bufs
+        for token, n in batch:
+            addr, off = rx_bufs[token]
+            flen = n - HDR_LEN
+            if flen < ETH_HLEN:
+                c["rx_short"] += 1
+                c["rx_dropped"] += 1
+                continue
+            flags, gso, _hl, gso_size, cstart, coff = HDR.unpack(mem.read(addr, HDR_LEN))
+            if (gso & ~N.VIRTIO_NET_HDR_GSO_ECN) not in GSO_TYPES or (gso and not gso_size) or \
+                    flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM and cstart + coff + 2 > flen:
+                c["rx_bad_header"] += 1
+                c["rx_dropped"] += 1
+                continue
+            frame = memoryview(mem.read(addr + off, flen))
+            c["rx_packets"] += 1
+            c["rx_bytes"] += flen
+            try:
+                stack.receive(self, flags, frame)
+            except Exception:
+                log.exception("%s: the stack failed on a %d-byte frame", self.ifname, flen)
+            finally:
+                frame.release()
 
     # --- transmit ----------------------------------------------------------------------------------
     def xmit(self, parts, csum: tuple[int, int] | None = None, kick: bool = True,
@@ -393,13 +486,14 @@ class NetDriver(VirtioDriver):
             c["tx_too_big"] += 1
             return False
         # The virtio-net header and the first part (the frame's headers) as one piece: one store, not two.
-        first = (HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR) + \
-            (parts[0] if parts else b"")
+        first = (_csum_hdr(csum) if csum else _PLAIN_HDR) + (parts[0] if parts else b"")
         pool_i = 0 if size <= SMALL_TX_SLOT else 1
         batch_tx = None
         if threading.get_ident() == self._napi_ident:
-            kick = False      # a reply from the receive worker: kicked once at the end of its batch (_poll_loop)
+            kick = False      # a reply from a receive poll: kicked once at the end of its batch (_poll)
             batch_tx = self._batch_tx
+            if self._napi_inline:
+                wait = 0.0    # the interrupt's context never waits (_poll made sure of room for a batch)
         with self._tx_lock:
             if self.broken is not None or self.dev is None:
                 slot = None
@@ -475,7 +569,7 @@ class NetDriver(VirtioDriver):
             # The header right before the frame (in the big buffers' padding, over the small ones' received
             # header), as XDP_TX puts it in the headroom: header and frame adjacent, one piece for the device.
             at = addr + off - HDR_LEN - self._rx_area[0]
-            area[at:at + HDR_LEN] = HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum) if csum else _PLAIN_HDR
+            area[at:at + HDR_LEN] = _csum_hdr(csum) if csum else _PLAIN_HDR
             try:
                 ring.add_pair(addr + off - HDR_LEN, HDR_LEN, addr + off, flen, (LENT, token))
             except (VringError, RingFull) as e:
@@ -571,6 +665,8 @@ class NetDriver(VirtioDriver):
         w = self._worker
         if w is not None and w is not threading.current_thread():
             w.join(5.0)
+        if self._napi_ident != threading.get_ident() and self._polling.acquire(timeout=5.0):
+            self._polling.release()        # a poll in an interrupt's context has seen the stop
 
     def _release(self, reset: bool) -> None:
         dev = self.dev
