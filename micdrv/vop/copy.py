@@ -191,25 +191,45 @@ class CopyEngine:
         instead of waiting; :meth:`finish` it before the card may look at the data."""
         if not pieces:
             return None
+        return self.write_out_dma(self.write_out_now(pieces))
+
+    def write_out_dma(self, dma: Sequence[WritePiece]):
+        """Start one DMA batch for pieces :meth:`write_out_now` returned (of one call or several); its completion,
+        or None if there are none."""
+        if not dma:
+            return None
+        batch = []
+        dma_bytes = dma_n = 0
+        end_dst = end_src = -1
+        for addr, n, _room, stage_card, _view in dma:
+            m = (n + 63) & ~63                               # align64
+            if addr == end_dst and stage_card == end_src:
+                d, s_, k = batch[-1]                         # contiguous on both sides: one copy
+                batch[-1] = (d, s_, k + m)
+            else:
+                batch.append((addr, stage_card, m))
+            end_dst, end_src = addr + m, stage_card + m
+            dma_bytes += m
+            dma_n += n
+        self.counters["h2c_dma_bytes"] += dma_n
+        return self._dma_start(batch, dma_bytes)
+
+    def write_out_now(self, pieces: Sequence[WritePiece]) -> list[WritePiece]:
+        """The BAR0 part of :meth:`write_out_start`: the pieces that go through BAR0 are copied now (and
+        every piece counted); returns those that go by DMA (all of them counted), for
+        :meth:`write_out_start` -- one DMA batch may gather those of several calls."""
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
         dma_min = pol.h2c_dma_min
-        batch = []
+        dma = []
         card = self.card
-        total = dma_bytes = dma_n = bar0_n = udst = ulen = 0   # counted here, added to the counters once
-        end_dst = end_src = -1
-        for addr, n, room, stage_card, view in pieces:
+        total = bar0_n = udst = ulen = 0   # counted here, added to the counters once
+        for piece in pieces:
+            addr, n, room, stage_card, view = piece
             total += n
             m = (n + 63) & ~63                               # align64
             if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
-                if addr == end_dst and stage_card == end_src:
-                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
-                    batch[-1] = (d, s_, k + m)
-                else:
-                    batch.append((addr, stage_card, m))
-                end_dst, end_src = addr + m, stage_card + m
-                dma_bytes += m
-                dma_n += n
+                dma.append(piece)
                 continue
             if addr & 63:
                 udst += n
@@ -223,13 +243,11 @@ class CopyEngine:
                 card.write(addr, view)
         c = self.counters
         c["h2c_bytes"] += total
-        if dma_n:
-            c["h2c_dma_bytes"] += dma_n
         if bar0_n:
             c["h2c_bar0_bytes"] += bar0_n
             c["h2c_unaligned_dst_bytes"] += udst
             c["h2c_unaligned_len_bytes"] += ulen
-        return self._dma_start(batch, dma_bytes) if batch else None
+        return dma
 
     def done(self, completion) -> bool:
         """Whether a batch :meth:`read_in_start` or :meth:`write_out_start` returned has finished (looks, never

@@ -256,6 +256,7 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        self._kept: list[_Staged] = []   # chains a drain gave back (abandon), still taken and staged, oldest first
         # a pop_start batch whose readable data is still being copied in: (DMA completion, chains, start time),
         # and the backend's resume (called by the device's poller, see VopDevice) once it is in
         self._incoming: tuple[object, list[Chain], float] | None = None
@@ -277,6 +278,8 @@ class VopQueue(Virtqueue):
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._kept:
+            return self._take_kept(limit)             # what a drain gave back: staged already
         if self._incoming is not None:
             return self._take_incoming()              # a pop_start batch: waited for here
         out, copies = self._take(limit)
@@ -290,6 +293,8 @@ class VopQueue(Virtqueue):
         return out
 
     def pop_start(self, limit: int, resume: Callable[[], None]) -> list[Chain] | None:
+        if self._kept:
+            return self._take_kept(limit)
         if self._incoming is not None:
             completion = self._incoming[0]
             if not self.engine.done(completion):
@@ -312,6 +317,15 @@ class VopQueue(Virtqueue):
         self.counters["pop_waits"] += 1
         self._schedule(self)
         return None
+
+    def _take_kept(self, limit: int) -> list[Chain]:
+        """The first ``limit`` chains :meth:`abandon` kept, in the order taken."""
+        kept = self._kept
+        if len(kept) <= limit:
+            self._kept = []
+            return kept
+        self._kept = kept[limit:]
+        return kept[:limit]
 
     def _take_incoming(self) -> list[Chain]:
         """The chains of the batch :meth:`pop_start` left copying, once their data is in (waits if need be)."""
@@ -484,11 +498,22 @@ class VopQueue(Virtqueue):
 
     def _gather_done(self, done: list[tuple[Chain, int]]) -> None:
         pieces, used = self._pieces(done)
-        self._gather += pieces
+        if pieces:
+            # What goes through BAR0 is copied now (a store stream, nothing to batch); only the DMA pieces wait
+            # for the gathered submission.
+            pieces = self.engine.write_out_now(pieces)
+        if pieces:
+            self._gather += pieces
+            for p in pieces:
+                self._gather_bytes += p[1]
+        else:
+            # Nothing left to copy (all through BAR0, or nothing written: a transmit chain): the staging is free
+            # now, while the used entries wait for their turn to be published.
+            release = self._release
+            for chain, _w in done:
+                release(chain)
         self._gathered.append((used, done))
         self._gather_chains += len(done)
-        for p in pieces:
-            self._gather_bytes += p[1]
 
     def _start_gathered(self) -> None:
         """Start the copy-out of what :meth:`complete_deferred` gathered (lazy queues): one batch."""
@@ -498,7 +523,7 @@ class VopQueue(Virtqueue):
         pieces = self._gather
         self._gather, self._gathered = [], []
         self._gather_bytes = self._gather_chains = 0
-        completion = self.engine.write_out_start(pieces)
+        completion = self.engine.write_out_dma(pieces)     # the BAR0 pieces went at once (_gather_done)
         if completion is not None:
             self.counters["deferred"] += 1
         if len(gathered) == 1:
@@ -616,9 +641,14 @@ class VopQueue(Virtqueue):
         return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
-        self.vring.abandon([c.desc for c in chains])
-        for c in reversed(chains):
-            self._release(c)
+        """Give back the last chains popped: they stay taken and staged, and the next pop hands them out
+        first, as they were (their readable data in, their writable views empty of meaning) -- to the card
+        that is a chain still being worked on (taken from avail, not yet used), as a chain is between two
+        COPY_DESC calls without update_used (spec 5.7). Giving them back to the ring would cost a walk and a
+        staging (and a DMA in) again for each, next time: a receive queue's drain ends each time the tap runs
+        dry, with the rest of a batch taken for frames that had not arrived."""
+        if chains:
+            self._kept = [*chains, *self._kept]   # the last popped, and so before whatever was kept before
 
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.desc.head, None) is None:
@@ -642,6 +672,7 @@ class VopQueue(Virtqueue):
                 log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
                             self.name)
         self._out_t0 = None
+        self._kept = []                            # staged: released with the rest below
         self._gather, self._gathered = [], []      # never started: nothing reads their staging
         self._gather_bytes = self._gather_chains = 0
         while self._deferred:
@@ -659,12 +690,12 @@ class VopQueue(Virtqueue):
         self.vring.disable_notify()
 
     def enable_notify(self) -> bool:
-        return self.vring.enable_notify()
+        return self.vring.enable_notify() and not self._kept
 
     def status(self) -> dict:
         v = self.vring
         return {"index": self.index, "size": self.size, "last_avail": v.last_avail, "used_idx": v.used_idx,
-                "in_flight": v.in_flight, "event_idx": v.event_idx, "indirect": v.indirect,
+                "in_flight": v.in_flight, "kept": len(self._kept), "event_idx": v.event_idx, "indirect": v.indirect,
                 "staging": {"size": self.staging.ring.size, "allocated": self.staging.ring.allocated,
                             "high_water": self.staging.ring.high_water, "own_bytes": self.staging.own_bytes},
                 **self.counters}
