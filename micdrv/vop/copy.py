@@ -223,24 +223,35 @@ class CopyEngine:
         dma_min = pol.h2c_dma_min
         dma = []
         card = self.card
+        mv = None                          # card memory as one view, taken for this call once a piece needs it
+        looked = False
+        lo = hi = 0
         total = bar0_n = udst = ulen = 0   # counted here, added to the counters once
-        for piece in pieces:
-            addr, n, room, stage_card, view = piece
-            total += n
-            m = (n + 63) & ~63                               # align64
-            if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
-                dma.append(piece)
-                continue
-            if addr & 63:
-                udst += n
-            elif m > room:
-                ulen += n
-            bar0_n += n
-            dst = card.view(addr, n)       # bounds-checked: MemoryAccessError outside card memory
-            if dst is not None:
-                dst[:] = view
-            else:
-                card.write(addr, view)
+        try:
+            for piece in pieces:
+                addr, n, room, stage_card, view = piece
+                total += n
+                m = (n + 63) & ~63                               # align64
+                if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
+                    dma.append(piece)
+                    continue
+                if addr & 63:
+                    udst += n
+                elif m > room:
+                    ulen += n
+                bar0_n += n
+                if not looked:
+                    looked = True
+                    mv = card.view(card.base, card.size)
+                    if mv is not None:
+                        lo, hi = card.base, card.base + card.size
+                if mv is not None and lo <= addr and addr + n <= hi:
+                    mv[addr - lo:addr - lo + n] = view   # inside card memory (the same check as card.view's)
+                else:
+                    card.write(addr, view)   # bounds-checked: MemoryAccessError outside card memory
+        finally:
+            if mv is not None:
+                mv.release()                 # nothing keeps the mapping exported past the call
         c = self.counters
         c["h2c_bytes"] += total
         if bar0_n:

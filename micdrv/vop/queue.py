@@ -86,10 +86,11 @@ class _Staged(Chain):
     """A chain as this transport hands it out: the backend's :class:`~backends.virtqueue.Chain`, plus its
     DescChain, where its staging piece is, and where each writable buffer sits (one object per chain)."""
 
-    __slots__ = ("desc", "offset", "own", "wslots", "lay")
+    __slots__ = ("desc", "offset", "own", "wslots", "lay", "grp")
 
     def __init__(self, desc: DescChain, readable: list[memoryview], writable: list[memoryview], offset: int,
-                 own: Allocation | None, wslots: list[tuple[int, int, int]], lay: "_Layout | None" = None):
+                 own: Allocation | None, wslots: list[tuple[int, int, int]], lay: "_Layout | None" = None,
+                 grp: list[int] | None = None):
         self.head = desc.head
         self.readable = readable
         self.writable = writable
@@ -102,6 +103,7 @@ class _Staged(Chain):
         self.own = own                # an allocation of its own (oversize chain), else None
         self.wslots = wslots          # (card address, length, offset of its bytes in the piece), per descriptor
         self.lay = lay                # the staging layout wslots came from (its copy-out plans are kept there)
+        self.grp = grp                # the staging piece it shares with the rest of its chunk: [chains in it, offset]
 
 
 class _Layout:
@@ -117,7 +119,7 @@ class _Layout:
     each descriptor's own room (spec 5.7).
     """
 
-    __slots__ = ("total", "reads", "wviews", "wslots", "plans")
+    __slots__ = ("total", "reads", "wviews", "wslots", "plans", "rslices", "wslices")
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
@@ -144,6 +146,9 @@ class _Layout:
         if ext_n > 0:
             pos = align64(ext_start + ext_n)
         self.total = pos
+        # the views a chain hands out, as slices of its piece (taken with one map() call each)
+        self.rslices = tuple(slice(start, end) for _a, _n, start, end in self.reads)
+        self.wslices = tuple(slice(start, end) for start, end in self.wviews)
         self.plans: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}   # see _copy_out_plan
 
 
@@ -385,6 +390,42 @@ class VopQueue(Virtqueue):
                 descs = self.vring.pop_many(min(limit - len(out), POP_CHUNK))
                 if not descs:
                     break
+                if direct is None:
+                    # The chunk's layouts, then (the common case) one staging piece for the whole chunk, freed
+                    # once its last chain is (a piece per chain costs an allocation and a free each).
+                    lays = []
+                    need = 0
+                    for d in descs:
+                        shape = d.shape
+                        if shape is None:
+                            lay = _Layout(d.readable, d.writable)
+                        else:
+                            lay = shape.memo
+                            if lay is None:
+                                lay = shape.memo = _Layout(d.readable, d.writable)
+                        lays.append(lay)
+                        need += lay.total
+                    off = ring_alloc(need) if need else None
+                    if off is not None:
+                        grp = [0, off]
+                        base = st.base + off
+                        for d, lay in zip(descs, lays):
+                            total = lay.total
+                            piece = view[base:base + total]
+                            if lay.reads:
+                                readable = list(map(piece.__getitem__, lay.rslices))
+                                at = card0 + base
+                                for (a, n, start, _end), v in zip(lay.reads, readable):
+                                    copies.append((a, n, at + start, v))
+                            else:
+                                readable = []
+                            s = _Staged(d, readable, list(map(piece.__getitem__, lay.wslices)), base, None,
+                                        lay.wslots, lay, grp)
+                            grp[0] += 1
+                            staged[d.head] = s
+                            out.append(s)
+                            base += total
+                        continue
                 taken = 0
                 for d in descs:
                     # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
@@ -651,7 +692,13 @@ class VopQueue(Virtqueue):
             self._kept = [*chains, *self._kept]   # the last popped, and so before whatever was kept before
 
     def _release(self, s: _Staged) -> None:
-        if self._staged.pop(s.desc.head, None) is None:
+        if self._staged.pop(s.head, None) is None:
+            return
+        g = s.grp
+        if g is not None:
+            g[0] -= 1
+            if not g[0]:
+                self.staging.ring.free(g[1])   # the last of its chunk
             return
         if s.offset < 0:
             return                       # nothing staged (h2c_direct, no readable buffers)
