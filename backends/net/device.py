@@ -55,7 +55,7 @@ ETH_HLEN = 14
 MAX_FRAME = 0xFFFF + ETH_HLEN + 4
 
 DEFAULT_FEATURES = N.MPSSD_FEATURES | (1 << N.VIRTIO_NET_F_MAC)
-RX_BATCH = 16      # receive chains taken at a time (see NetBackend._receive) [choice: 16 of the largest receive
+RX_BATCH = 8       # receive chains taken at a time (see NetBackend._receive) [choice: 8 of the largest receive
 #                    buffers, 73 KiB each, fit a VOP queue's 2 MiB staging twice over]
 
 

@@ -550,9 +550,7 @@ class VopQueue(Virtqueue):
         else:
             # Nothing left to copy (all through BAR0, or nothing written: a transmit chain): the staging is free
             # now, while the used entries wait for their turn to be published.
-            release = self._release
-            for chain, _w in done:
-                release(chain)
+            self._release_done(done)
         self._gathered.append((used, done))
         self._gather_chains += len(done)
 
@@ -631,8 +629,7 @@ class VopQueue(Virtqueue):
                 engine.finish(completion)   # raises if the DMA failed: the device breaks
             q.popleft()
             self.vring.push_many(used)
-            for chain, _w in done:
-                self._release(chain)
+            self._release_done(done)
             n += 1
         if not n:
             return
@@ -690,6 +687,22 @@ class VopQueue(Virtqueue):
         dry, with the rest of a batch taken for frames that had not arrived."""
         if chains:
             self._kept = [*chains, *self._kept]   # the last popped, and so before whatever was kept before
+
+    def _release_done(self, done: list[tuple[Chain, int]]) -> None:
+        """:meth:`_release` of each chain in ``done`` (those released already are skipped)."""
+        pop = self._staged.pop
+        free = self.staging.ring.free
+        for s, _w in done:
+            if pop(s.head, None) is None:
+                continue
+            g = s.grp
+            if g is None:
+                self._staged[s.head] = s
+                self._release(s)
+            else:
+                g[0] -= 1
+                if not g[0]:
+                    free(g[1])            # the last of its chunk
 
     def _release(self, s: _Staged) -> None:
         if self._staged.pop(s.head, None) is None:
