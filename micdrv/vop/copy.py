@@ -41,7 +41,9 @@ doorbell and one completion per channel used), then wait for it --
 or, with :meth:`CopyEngine.read_in_start` / :meth:`CopyEngine.write_out_start`,
 leave the batch running, look at it with :meth:`CopyEngine.done` and
 :meth:`CopyEngine.check`, and :meth:`CopyEngine.finish` it later (the
-queue's asynchronous pops and deferred completions, :mod:`.queue`). Copies that continue one another on both
+queue's asynchronous pops and deferred completions, :mod:`.queue`); :meth:`CopyEngine.write_out_now` does the
+BAR0 part of a completion at once and returns the DMA part, which :meth:`CopyEngine.write_out_dma` starts
+(a lazy queue gathers the DMA parts of a drain into one batch). Copies that continue one another on both
 sides (the pages of a 64 KiB receive buffer) go as one: the same bytes to
 the same places in fewer descriptors.
 

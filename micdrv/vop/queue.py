@@ -47,6 +47,15 @@ and what is still copying when the drain ends is not waited for: the device's po
 loop serves the tap and the other queue instead of spinning on the engine. A chain that finds the staging
 area held by them waits for them as before, and a reset does (:meth:`VopQueue.release_all`).
 
+Staging is allocated per chunk of chains taken (up to :data:`POP_CHUNK`): one piece of the staging area
+for the chunk, freed once its last chain is released, instead of an allocation and a free per chain; a
+chunk that does not fit is staged chain by chain as below. Chains a drain gives back
+(:meth:`VopQueue.abandon`: the backend stopped, its source dry or its sink full) stay taken and staged,
+and the next pop hands them out first: the card sees a chain still being worked on (taken from avail,
+not yet used), as upstream's chain between two COPY_DESC calls without update_used (spec 5.7). A lazy
+queue's completions through BAR0 are copied when the batch completes, and their staging freed then; only
+their used entries wait for the batch's turn (:meth:`~.copy.CopyEngine.write_out_now`).
+
 A chain bigger than the staging area gets an arena allocation of its own
 (up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
 chain that finds the staging area full while its batch already has chains,
