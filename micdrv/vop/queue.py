@@ -656,17 +656,18 @@ class VopQueue(Virtqueue):
         st = self.staging
         view, card0 = st.view, st.arena_card
         pieces = []
+        add = pieces.append
         used = []
         direct = 0
-        for chain, written in done:
-            s: _Staged = chain
-            tail = chain.tail
-            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
-                raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
-                                 f"its writable buffers hold {s.desc.writable_len}")
-            used.append((chain.head, written + tail))
+        for s, written in done:
+            tail = s.tail
             if not written and not tail:
-                continue                                 # nothing written (a transmit chain): nothing to copy
+                used.append((s.head, 0))                 # nothing written (a transmit chain): nothing to copy
+                continue
+            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
+                raise ValueError(f"{self.name}: head {s.head} completed with {written} + {tail} bytes written, "
+                                 f"its writable buffers hold {s.desc.writable_len}")
+            used.append((s.head, written + tail))
             if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
@@ -675,14 +676,15 @@ class VopQueue(Virtqueue):
             if lay is None:
                 plan = _copy_out_plan(s.wslots, written, tail)
             else:
-                plan = lay.plans.get((written, tail))
+                key = (written, tail) if tail else written   # an int and a pair never compare equal
+                plan = lay.plans.get(key)
                 if plan is None:
                     if len(lay.plans) >= MAX_PLANS:
                         lay.plans.clear()
-                    plan = lay.plans[written, tail] = _copy_out_plan(s.wslots, written, tail)
+                    plan = lay.plans[key] = _copy_out_plan(s.wslots, written, tail)
             for a, k, room, rel in plan:
                 pos = base + rel
-                pieces.append((a, k, room, card0 + pos, view[pos:pos + k]))
+                add((a, k, room, card0 + pos, view[pos:pos + k]))
         if direct:
             self.engine.wrote_direct(direct)
         return pieces, used
