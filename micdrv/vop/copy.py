@@ -262,6 +262,82 @@ class CopyEngine:
             c["h2c_unaligned_len_bytes"] += ulen
         return dma
 
+    def split_plan(self, plan: Sequence[tuple[int, int, int, int]]) -> tuple[tuple, tuple, tuple[int, int, int, int]]:
+        """A completion's copy-out plan -- (card address, length, room left in the descriptor, offset of its
+        bytes in the chain's staging piece) per piece -- split by the path each piece takes, by the rule of
+        :meth:`write_out_now` for a staging piece that starts on the 64-byte grid: (the BAR0 parts, the DMA
+        parts, each as in the plan, the counts (bytes, BAR0 bytes,
+        unaligned-destination bytes, unaligned-length bytes)). The same for every completion of one layout
+        and the same byte counts, so a queue keeps it (:meth:`write_out_split` copies by it)."""
+        pol = self.policy
+        use_dma = self.dma is not None and pol.h2c_dma
+        dma_min = pol.h2c_dma_min
+        bar0, dma = [], []
+        total = bar0_n = udst = ulen = 0
+        for a, n, room, rel in plan:
+            total += n
+            m = (n + 63) & ~63                               # align64
+            if use_dma and not (a | rel) & 63 and m <= room and n >= dma_min:
+                dma.append((a, n, room, rel))
+                continue
+            if a & 63:
+                udst += n
+            elif m > room:
+                ulen += n
+            bar0_n += n
+            bar0.append((a, n, room, rel))
+        return tuple(bar0), tuple(dma), (total, bar0_n, udst, ulen)
+
+    def write_out_split(self, items: Sequence[tuple[int, tuple]], view: memoryview, card0: int) -> list[WritePiece]:
+        """:meth:`write_out_now` for completions whose plans :meth:`split_plan` split: ``items`` are (offset of
+        the chain's staging piece in ``view``, its split plan), the staging at card address ``card0 + offset``.
+        The BAR0 parts are copied now (bounds-checked as ``card.view`` does; outside card memory
+        ``card.write`` raises); returns the DMA parts as pieces for :meth:`write_out_dma`."""
+        card = self.card
+        mv = None                          # card memory as one view, taken for this call once a part needs it
+        looked = False
+        lo = hi = 0
+        total = bar0_n = udst = ulen = 0
+        out: list[WritePiece] = []
+        odd: list[WritePiece] = []         # parts of a piece off the 64-byte grid (never, as staging is allocated)
+        try:
+            for base, (bar0, dma, counts) in items:
+                if (card0 + base) & 63:
+                    for a, n, room, rel in (*bar0, *dma):
+                        odd.append((a, n, room, card0 + base + rel, view[base + rel:base + rel + n]))
+                    continue
+                for a, n, _room, rel in bar0:
+                    if not looked:
+                        looked = True
+                        mv = card.view(card.base, card.size)
+                        if mv is not None:
+                            lo, hi = card.base, card.base + card.size
+                    pos = base + rel
+                    if mv is not None and lo <= a and a + n <= hi:
+                        mv[a - lo:a - lo + n] = view[pos:pos + n]   # inside card memory
+                    else:
+                        card.write(a, view[pos:pos + n])   # bounds-checked: MemoryAccessError outside card memory
+                for a, n, room, rel in dma:
+                    pos = base + rel
+                    out.append((a, n, room, card0 + pos, view[pos:pos + n]))
+                t, b, u1, u2 = counts
+                total += t
+                bar0_n += b
+                udst += u1
+                ulen += u2
+        finally:
+            if mv is not None:
+                mv.release()
+        c = self.counters
+        c["h2c_bytes"] += total
+        if bar0_n:
+            c["h2c_bar0_bytes"] += bar0_n
+            c["h2c_unaligned_dst_bytes"] += udst
+            c["h2c_unaligned_len_bytes"] += ulen
+        if odd:
+            out += self.write_out_now(odd)
+        return out
+
     def done(self, completion) -> bool:
         """Whether a batch :meth:`read_in_start` or :meth:`write_out_start` returned has finished (looks, never
         waits)."""

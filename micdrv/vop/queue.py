@@ -128,7 +128,7 @@ class _Layout:
     each descriptor's own room (spec 5.7).
     """
 
-    __slots__ = ("total", "reads", "wviews", "wslots", "plans", "rslices", "wslices")
+    __slots__ = ("total", "reads", "wviews", "wslots", "plans", "rslices", "wslices", "splits", "split_by")
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
@@ -159,6 +159,8 @@ class _Layout:
         self.rslices = tuple(slice(start, end) for _a, _n, start, end in self.reads)
         self.wslices = tuple(slice(start, end) for start, end in self.wviews)
         self.plans: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}   # see _copy_out_plan
+        self.splits: dict = {}     # the same plans split by path (VopQueue._copy_out_now), for split_by's policy
+        self.split_by = None
 
 
 MAX_PLANS = 64   # copy-out plans kept per layout (distinct written/tail pairs) [choice]
@@ -547,11 +549,9 @@ class VopQueue(Virtqueue):
         self._publish(DEFERRED_BATCHES)
 
     def _gather_done(self, done: list[tuple[Chain, int]]) -> None:
-        pieces, used = self._pieces(done)
-        if pieces:
-            # What goes through BAR0 is copied now (a store stream, nothing to batch); only the DMA pieces wait
-            # for the gathered submission.
-            pieces = self.engine.write_out_now(pieces)
+        # What goes through BAR0 is copied now (a store stream, nothing to batch); only the DMA pieces wait
+        # for the gathered submission.
+        pieces, used = self._copy_out_now(done)
         if pieces:
             self._gather += pieces
             for p in pieces:
@@ -649,6 +649,45 @@ class VopQueue(Virtqueue):
             self._notify()
         else:
             self.counters["interrupts_suppressed"] += 1
+
+    def _copy_out_now(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
+        """:meth:`_pieces` and :meth:`CopyEngine.write_out_now <.copy.CopyEngine.write_out_now>` in one pass:
+        completed chains checked against their writable buffers, their BAR0 pieces copied, their DMA pieces
+        and used entries returned. Each layout keeps its plans split by path (``CopyEngine.split_plan``), so
+        a BAR0 piece costs its copy and a bounds check."""
+        engine = self.engine
+        st = self.staging
+        items = []
+        used = []
+        direct = 0
+        for s, written in done:
+            tail = s.tail
+            if not written and not tail:
+                used.append((s.head, 0))                 # nothing written (a transmit chain): nothing to copy
+                continue
+            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
+                raise ValueError(f"{self.name}: head {s.head} completed with {written} + {tail} bytes written, "
+                                 f"its writable buffers hold {s.desc.writable_len}")
+            used.append((s.head, written + tail))
+            if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
+                direct += written + tail
+                continue
+            lay = s.lay
+            if lay is None:
+                split = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
+            else:
+                if lay.split_by is not engine:
+                    lay.splits, lay.split_by = {}, engine
+                key = (written, tail) if tail else written   # an int and a pair never compare equal
+                split = lay.splits.get(key)
+                if split is None:
+                    if len(lay.splits) >= MAX_PLANS:
+                        lay.splits.clear()
+                    split = lay.splits[key] = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
+            items.append((s.offset, split))
+        if direct:
+            engine.wrote_direct(direct)
+        return (engine.write_out_split(items, st.view, st.arena_card) if items else []), used
 
     def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
         """The host -> card pieces of completed chains (checked against their writable buffers), and their
