@@ -461,9 +461,14 @@ class VopQueue(Virtqueue):
                     own = None
                     off = ring_alloc(total)
                     if off is None and not out and (self._deferred or self._gathered):
+                        # staging held by completions still copying: wait for them, the oldest first (it holds
+                        # the oldest staging), until the chain fits
                         self._start_gathered()
-                        self._publish(0)                     # staging held by completions still copying: wait
-                        off = ring_alloc(total)
+                        while self._deferred:
+                            self._publish(len(self._deferred) - 1)
+                            off = ring_alloc(total)
+                            if off is not None:
+                                break
                     if off is None:
                         if total > MAX_CHAIN_BYTES:
                             raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
