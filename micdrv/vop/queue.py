@@ -461,11 +461,12 @@ class VopQueue(Virtqueue):
                     own = None
                     off = ring_alloc(total)
                     if off is None and not out and (self._deferred or self._gathered):
-                        # staging held by completions still copying: wait for them, the oldest first (it holds
-                        # the oldest staging), until the chain fits
+                        # staging held by completions still copying: wait for them -- a lazy queue's oldest
+                        # first (it holds the oldest staging) until the chain fits: its batches are small and
+                        # the tap is waiting; otherwise all of them, so that the batch taken next is whole
                         self._start_gathered()
                         while self._deferred:
-                            self._publish(len(self._deferred) - 1)
+                            self._publish(len(self._deferred) - 1 if self.lazy else 0)
                             off = ring_alloc(total)
                             if off is not None:
                                 break
