@@ -79,3 +79,18 @@ def test_bar0_copies_leave_and_free_their_staging_at_completion_used_entries_at_
     q.flush()
     assert [n for _t, n in r.drv.get_used_many(NUM)] == [BUF] * 4
     assert r.dma.submitted == []
+
+
+def test_a_split_plan_copies_inside_card_memory_and_refuses_outside():
+    import pytest
+    from micdrv.memory import BufferMemory, MemoryAccessError
+    card = BufferMemory(bytearray(4096), base=0x1000, name="card")
+    engine = CopyEngine(card, None)                  # no DMA: every piece through BAR0
+    staging = memoryview(bytearray(b"\x11" * 64 + b"\x22" * 64))
+    inside = engine.split_plan([(0x1010, 8, 8, 64)])
+    assert engine.write_out_split([(0, inside)], staging, 0) == []
+    assert card.read(0x1010, 8) == b"\x22" * 8 and card.read(0x1008, 8) == b"\0" * 8
+    assert engine.counters["h2c_bar0_bytes"] == 8 and engine.counters["h2c_unaligned_dst_bytes"] == 8
+    outside = engine.split_plan([(0x1ffc, 8, 8, 0)])  # runs past the end of card memory
+    with pytest.raises(MemoryAccessError):
+        engine.write_out_split([(0, outside)], staging, 0)

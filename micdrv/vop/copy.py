@@ -272,6 +272,7 @@ class CopyEngine:
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
         dma_min = pol.h2c_dma_min
+        card = self.card
         bar0, dma = [], []
         total = bar0_n = udst = ulen = 0
         for a, n, room, rel in plan:
@@ -285,7 +286,10 @@ class CopyEngine:
             elif m > room:
                 ulen += n
             bar0_n += n
-            bar0.append((a, n, room, rel))
+            # where it lands in card memory's view, checked here once for every completion of the plan (the
+            # same check card.view makes); -1: outside, card.write raises
+            inside = card.base <= a and a + n <= card.base + card.size and card.view(a, n) is not None
+            bar0.append((a, n, room, rel, a - card.base if inside else -1))
         return tuple(bar0), tuple(dma), (total, bar0_n, udst, ulen)
 
     def write_out_split(self, items: Sequence[tuple[int, tuple]], view: memoryview, card0: int) -> list[WritePiece]:
@@ -295,26 +299,21 @@ class CopyEngine:
         ``card.write`` raises); returns the DMA parts as pieces for :meth:`write_out_dma`."""
         card = self.card
         mv = None                          # card memory as one view, taken for this call once a part needs it
-        looked = False
-        lo = hi = 0
         total = bar0_n = udst = ulen = 0
         out: list[WritePiece] = []
         odd: list[WritePiece] = []         # parts of a piece off the 64-byte grid (never, as staging is allocated)
         try:
             for base, (bar0, dma, counts) in items:
                 if (card0 + base) & 63:
-                    for a, n, room, rel in (*bar0, *dma):
+                    for a, n, room, rel, *_ in (*bar0, *dma):
                         odd.append((a, n, room, card0 + base + rel, view[base + rel:base + rel + n]))
                     continue
-                for a, n, _room, rel in bar0:
-                    if not looked:
-                        looked = True
-                        mv = card.view(card.base, card.size)
-                        if mv is not None:
-                            lo, hi = card.base, card.base + card.size
+                for a, n, _room, rel, at in bar0:
                     pos = base + rel
-                    if mv is not None and lo <= a and a + n <= hi:
-                        mv[a - lo:a - lo + n] = view[pos:pos + n]   # inside card memory
+                    if at >= 0:
+                        if mv is None:
+                            mv = card.view(card.base, card.size)
+                        mv[at:at + n] = view[pos:pos + n]      # inside card memory (split_plan checked)
                     else:
                         card.write(a, view[pos:pos + n])   # bounds-checked: MemoryAccessError outside card memory
                 for a, n, room, rel in dma:
