@@ -116,7 +116,6 @@ class TimerFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._value.release()
 
 
 class DeviceFds:
