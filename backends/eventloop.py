@@ -78,13 +78,20 @@ class TimerFd:
         self.fd = fd
         self._spec = _Itimerspec()
         self._ref = ctypes.byref(self._spec)
+        # it_value's two fields as one 'q' view: set with two item stores (ctypes field access costs more than
+        # the syscall)
+        self._value = memoryview(self._spec).cast("B").cast("q")[2:4]
         self.armed = False
 
     def arm(self, seconds: float) -> None:
         """Expire ``seconds`` from now (at least 1 ns: 0 would disarm); replaces an earlier arm."""
-        ns = max(1, int(seconds * 1e9))
-        v = self._spec.it_value
-        v.tv_sec, v.tv_nsec = divmod(ns, 1_000_000_000)
+        ns = int(seconds * 1e9)
+        v = self._value
+        if ns < 1_000_000_000:
+            v[0] = 0
+            v[1] = ns if ns > 0 else 1
+        else:
+            v[0], v[1] = divmod(ns, 1_000_000_000)
         if _libc.timerfd_settime(self.fd, 0, self._ref, None) < 0:
             e = ctypes.get_errno()
             raise OSError(e, f"timerfd_settime: {os.strerror(e)}")

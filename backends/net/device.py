@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 
 from micdrv.config import NetConfig
 from micdrv.virtio import net as N
@@ -44,7 +43,7 @@ from micdrv.virtio.device import VIRTIO_ID_NET
 
 from ..backend import Backend
 from ..eventloop import EVENT_READ, EVENT_WRITE
-from ..virtqueue import DEFAULT_BATCH, Chain, Drained
+from ..virtqueue import Chain, Drained
 from . import link
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
 
@@ -56,7 +55,8 @@ ETH_HLEN = 14
 MAX_FRAME = 0xFFFF + ETH_HLEN + 4
 
 DEFAULT_FEATURES = N.MPSSD_FEATURES | (1 << N.VIRTIO_NET_F_MAC)
-RX_BATCH_MIN = 4   # receive chains taken at a time at least (see NetBackend._receive)
+RX_BATCH = 8       # receive chains taken at a time (see NetBackend._receive) [choice: 8 of the largest receive
+#                    buffers, 73 KiB each, fit a VOP queue's 2 MiB staging twice over]
 
 
 def tap_offloads(acked: int) -> int:
@@ -105,9 +105,6 @@ class NetBackend(Backend):
         self._rx_parked = False
         self._tx_stalled = False
         self._watched: int | None = None   # the tap events the loop watches for (None: not watched)
-        self._rx_batch = RX_BATCH_MIN
-        self._tap_poll = select.poll()
-        self._tap_poll.register(tap.fd, select.POLLIN)
         self._c = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped_oversize", "rx_no_buffers", "rx_errors",
                                  "tx_packets", "tx_bytes", "tx_errors", "tx_stalls"), 0)
 
@@ -211,19 +208,13 @@ class NetBackend(Backend):
     # --- tap -> card (queue 0) ----------------------------------------------------------------
 
     def _receive(self) -> None:
-        before = self._c["rx_packets"]
-        if self.queues[N.RX_QUEUE].drain(self._rx, self._rx_batch, self._tap_readable) is Drained.EMPTY:
+        # Until the tap runs dry (a readv finds nothing: the drain stops and the rest of its batch is given
+        # back -- a staging transport keeps such chains staged for the next drain, micdrv/vop/queue.py), in
+        # batches of RX_BATCH: the tap's queue cannot be measured beforehand, and asking it (a poll(2)) before
+        # each batch costs what the readv that finds it empty does.
+        if self.queues[N.RX_QUEUE].drain(self._rx, RX_BATCH) is Drained.EMPTY:
             self._rx_parked = True   # no buffers: frames wait in the tap until the card posts some
             self._c["rx_no_buffers"] += 1
-        # The next drain takes chains in batches of what this one found: the tap's queue cannot be
-        # measured beforehand, and every chain taken beyond the frames waiting is staged for nothing
-        # and given back.
-        self._rx_batch = min(DEFAULT_BATCH, max(RX_BATCH_MIN, self._c["rx_packets"] - before))
-
-    def _tap_readable(self) -> bool:
-        """Whether a frame waits in the tap (one poll(2)): asked before the drain takes another batch, so a
-        batch that emptied the tap is not followed by one that is staged for nothing and given back."""
-        return bool(self._tap_poll.poll(0))
 
     def _rx(self, chain: Chain) -> int | None:
         cap = chain.writable_len

@@ -394,13 +394,15 @@ class Vringh:
     def push_many(self, done: Iterable[tuple[int, int]]) -> None:
         """Return several chains: used elements first, then one ``used.idx`` store publishes them."""
         self._check_not_broken()
-        done = list(done)
+        if type(done) is not list:
+            done = list(done)
         inflight = self._inflight
+        get = inflight.get
         for head, length in done:
-            entry = inflight.get(head)
-            if entry is None:
-                raise ValueError(f"{self.name}: completing head {head}, which is not in flight")
-            if not 0 <= length <= entry[0]:
+            entry = get(head)
+            if entry is None or not 0 <= length <= entry[0]:
+                if entry is None:
+                    raise ValueError(f"{self.name}: completing head {head}, which is not in flight")
                 raise ValueError(f"{self.name}: completing head {head} with {length} bytes written, but its "
                                  f"writable buffers hold {entry[0]}")
         if len(done) > 1 and len({head for head, _n in done}) != len(done):
@@ -414,13 +416,16 @@ class Vringh:
         mask = self._mask
         mv = getattr(used, "mv", None)     # a mapped used ring: the entries packed straight into it
         pack_into = USED_ELEM.pack_into
-        for head, length in done:
-            del inflight[head]
-            if mv is not None:
+        if mv is not None:
+            for head, length in done:
+                del inflight[head]
                 pack_into(mv, USED_RING + USED_ELEM_SIZE * (idx & mask), head, length)
-            else:
+                idx = (idx + 1) & 0xFFFF
+        else:
+            for head, length in done:
+                del inflight[head]
                 used.pack(USED_ELEM, USED_RING + USED_ELEM_SIZE * (idx & mask), head, length)
-            idx = (idx + 1) & 0xFFFF
+                idx = (idx + 1) & 0xFFFF
         # Write barrier (section 1.5 step 2): program order on x86, then the one idx store.
         used.set_u16(USED_IDX, idx)
         self.used_idx = idx

@@ -41,7 +41,9 @@ doorbell and one completion per channel used), then wait for it --
 or, with :meth:`CopyEngine.read_in_start` / :meth:`CopyEngine.write_out_start`,
 leave the batch running, look at it with :meth:`CopyEngine.done` and
 :meth:`CopyEngine.check`, and :meth:`CopyEngine.finish` it later (the
-queue's asynchronous pops and deferred completions, :mod:`.queue`). Copies that continue one another on both
+queue's asynchronous pops and deferred completions, :mod:`.queue`); :meth:`CopyEngine.write_out_now` does the
+BAR0 part of a completion at once and returns the DMA part, which :meth:`CopyEngine.write_out_dma` starts
+(a lazy queue gathers the DMA parts of a drain into one batch). Copies that continue one another on both
 sides (the pages of a 64 KiB receive buffer) go as one: the same bytes to
 the same places in fewer descriptors.
 
@@ -191,45 +193,149 @@ class CopyEngine:
         instead of waiting; :meth:`finish` it before the card may look at the data."""
         if not pieces:
             return None
+        return self.write_out_dma(self.write_out_now(pieces))
+
+    def write_out_dma(self, dma: Sequence[WritePiece]):
+        """Start one DMA batch for pieces :meth:`write_out_now` returned (of one call or several); its completion,
+        or None if there are none."""
+        if not dma:
+            return None
+        batch = []
+        dma_bytes = dma_n = 0
+        end_dst = end_src = -1
+        for addr, n, _room, stage_card, _view in dma:
+            m = (n + 63) & ~63                               # align64
+            if addr == end_dst and stage_card == end_src:
+                d, s_, k = batch[-1]                         # contiguous on both sides: one copy
+                batch[-1] = (d, s_, k + m)
+            else:
+                batch.append((addr, stage_card, m))
+            end_dst, end_src = addr + m, stage_card + m
+            dma_bytes += m
+            dma_n += n
+        self.counters["h2c_dma_bytes"] += dma_n
+        return self._dma_start(batch, dma_bytes)
+
+    def write_out_now(self, pieces: Sequence[WritePiece]) -> list[WritePiece]:
+        """The BAR0 part of :meth:`write_out_start`: the pieces that go through BAR0 are copied now (and
+        every piece counted); returns those that go by DMA (all of them counted), for
+        :meth:`write_out_start` -- one DMA batch may gather those of several calls."""
         pol = self.policy
         use_dma = self.dma is not None and pol.h2c_dma
         dma_min = pol.h2c_dma_min
-        batch = []
+        dma = []
         card = self.card
-        total = dma_bytes = dma_n = bar0_n = udst = ulen = 0   # counted here, added to the counters once
-        end_dst = end_src = -1
-        for addr, n, room, stage_card, view in pieces:
-            total += n
-            m = (n + 63) & ~63                               # align64
-            if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
-                if addr == end_dst and stage_card == end_src:
-                    d, s_, k = batch[-1]                 # contiguous on both sides: one copy
-                    batch[-1] = (d, s_, k + m)
+        mv = None                          # card memory as one view, taken for this call once a piece needs it
+        looked = False
+        lo = hi = 0
+        total = bar0_n = udst = ulen = 0   # counted here, added to the counters once
+        try:
+            for piece in pieces:
+                addr, n, room, stage_card, view = piece
+                total += n
+                m = (n + 63) & ~63                               # align64
+                if use_dma and not (addr | stage_card) & 63 and m <= room and n >= dma_min:
+                    dma.append(piece)
+                    continue
+                if addr & 63:
+                    udst += n
+                elif m > room:
+                    ulen += n
+                bar0_n += n
+                if not looked:
+                    looked = True
+                    mv = card.view(card.base, card.size)
+                    if mv is not None:
+                        lo, hi = card.base, card.base + card.size
+                if mv is not None and lo <= addr and addr + n <= hi:
+                    mv[addr - lo:addr - lo + n] = view   # inside card memory (the same check as card.view's)
                 else:
-                    batch.append((addr, stage_card, m))
-                end_dst, end_src = addr + m, stage_card + m
-                dma_bytes += m
-                dma_n += n
-                continue
-            if addr & 63:
-                udst += n
-            elif m > room:
-                ulen += n
-            bar0_n += n
-            dst = card.view(addr, n)       # bounds-checked: MemoryAccessError outside card memory
-            if dst is not None:
-                dst[:] = view
-            else:
-                card.write(addr, view)
+                    card.write(addr, view)   # bounds-checked: MemoryAccessError outside card memory
+        finally:
+            if mv is not None:
+                mv.release()                 # nothing keeps the mapping exported past the call
         c = self.counters
         c["h2c_bytes"] += total
-        if dma_n:
-            c["h2c_dma_bytes"] += dma_n
         if bar0_n:
             c["h2c_bar0_bytes"] += bar0_n
             c["h2c_unaligned_dst_bytes"] += udst
             c["h2c_unaligned_len_bytes"] += ulen
-        return self._dma_start(batch, dma_bytes) if batch else None
+        return dma
+
+    def split_plan(self, plan: Sequence[tuple[int, int, int, int]]) -> tuple[tuple, tuple, tuple[int, int, int, int]]:
+        """A completion's copy-out plan -- (card address, length, room left in the descriptor, offset of its
+        bytes in the chain's staging piece) per piece -- split by the path each piece takes, by the rule of
+        :meth:`write_out_now` for a staging piece that starts on the 64-byte grid: (the BAR0 parts, the DMA
+        parts, each as in the plan, the counts (bytes, BAR0 bytes,
+        unaligned-destination bytes, unaligned-length bytes)). The same for every completion of one layout
+        and the same byte counts, so a queue keeps it (:meth:`write_out_split` copies by it)."""
+        pol = self.policy
+        use_dma = self.dma is not None and pol.h2c_dma
+        dma_min = pol.h2c_dma_min
+        card = self.card
+        bar0, dma = [], []
+        total = bar0_n = udst = ulen = 0
+        for a, n, room, rel in plan:
+            total += n
+            m = (n + 63) & ~63                               # align64
+            if use_dma and not (a | rel) & 63 and m <= room and n >= dma_min:
+                dma.append((a, n, room, rel))
+                continue
+            if a & 63:
+                udst += n
+            elif m > room:
+                ulen += n
+            bar0_n += n
+            # where it lands in card memory's view, checked here once for every completion of the plan (the
+            # same check card.view makes); -1: outside, card.write raises
+            inside = card.base <= a and a + n <= card.base + card.size and card.view(a, n) is not None
+            bar0.append((a, n, room, rel, a - card.base if inside else -1))
+        return tuple(bar0), tuple(dma), (total, bar0_n, udst, ulen)
+
+    def write_out_split(self, items: Sequence[tuple[int, tuple]], view: memoryview, card0: int) -> list[WritePiece]:
+        """:meth:`write_out_now` for completions whose plans :meth:`split_plan` split: ``items`` are (offset of
+        the chain's staging piece in ``view``, its split plan), the staging at card address ``card0 + offset``.
+        The BAR0 parts are copied now (bounds-checked as ``card.view`` does; outside card memory
+        ``card.write`` raises); returns the DMA parts as pieces for :meth:`write_out_dma`."""
+        card = self.card
+        mv = None                          # card memory as one view, taken for this call once a part needs it
+        total = bar0_n = udst = ulen = 0
+        out: list[WritePiece] = []
+        odd: list[WritePiece] = []         # parts of a piece off the 64-byte grid (never, as staging is allocated)
+        try:
+            for base, (bar0, dma, counts) in items:
+                if (card0 + base) & 63:
+                    for a, n, room, rel, *_ in (*bar0, *dma):
+                        odd.append((a, n, room, card0 + base + rel, view[base + rel:base + rel + n]))
+                    continue
+                for a, n, _room, rel, at in bar0:
+                    pos = base + rel
+                    if at >= 0:
+                        if mv is None:
+                            mv = card.view(card.base, card.size)
+                        mv[at:at + n] = view[pos:pos + n]      # inside card memory (split_plan checked)
+                    else:
+                        card.write(a, view[pos:pos + n])   # bounds-checked: MemoryAccessError outside card memory
+                for a, n, room, rel in dma:
+                    pos = base + rel
+                    out.append((a, n, room, card0 + pos, view[pos:pos + n]))
+                t, b, u1, u2 = counts
+                total += t
+                bar0_n += b
+                udst += u1
+                ulen += u2
+        finally:
+            if mv is not None:
+                mv.release()
+        c = self.counters
+        c["h2c_bytes"] += total
+        if bar0_n:
+            c["h2c_bar0_bytes"] += bar0_n
+            c["h2c_unaligned_dst_bytes"] += udst
+            c["h2c_unaligned_len_bytes"] += ulen
+        if odd:
+            out += self.write_out_now(odd)
+        return out
 
     def done(self, completion) -> bool:
         """Whether a batch :meth:`read_in_start` or :meth:`write_out_start` returned has finished (looks, never

@@ -47,6 +47,15 @@ and what is still copying when the drain ends is not waited for: the device's po
 loop serves the tap and the other queue instead of spinning on the engine. A chain that finds the staging
 area held by them waits for them as before, and a reset does (:meth:`VopQueue.release_all`).
 
+Staging is allocated per chunk of chains taken (up to :data:`POP_CHUNK`): one piece of the staging area
+for the chunk, freed once its last chain is released, instead of an allocation and a free per chain; a
+chunk that does not fit is staged chain by chain as below. Chains a drain gives back
+(:meth:`VopQueue.abandon`: the backend stopped, its source dry or its sink full) stay taken and staged,
+and the next pop hands them out first: the card sees a chain still being worked on (taken from avail,
+not yet used), as upstream's chain between two COPY_DESC calls without update_used (spec 5.7). A lazy
+queue's completions through BAR0 are copied when the batch completes, and their staging freed then; only
+their used entries wait for the batch's turn (:meth:`~.copy.CopyEngine.write_out_now`).
+
 A chain bigger than the staging area gets an arena allocation of its own
 (up to :data:`MAX_CHAIN_BYTES`); a bigger one breaks the device. So does a
 chain that finds the staging area full while its batch already has chains,
@@ -86,10 +95,11 @@ class _Staged(Chain):
     """A chain as this transport hands it out: the backend's :class:`~backends.virtqueue.Chain`, plus its
     DescChain, where its staging piece is, and where each writable buffer sits (one object per chain)."""
 
-    __slots__ = ("desc", "offset", "own", "wslots", "lay")
+    __slots__ = ("desc", "offset", "own", "wslots", "lay", "grp")
 
     def __init__(self, desc: DescChain, readable: list[memoryview], writable: list[memoryview], offset: int,
-                 own: Allocation | None, wslots: list[tuple[int, int, int]], lay: "_Layout | None" = None):
+                 own: Allocation | None, wslots: list[tuple[int, int, int]], lay: "_Layout | None" = None,
+                 grp: list[int] | None = None):
         self.head = desc.head
         self.readable = readable
         self.writable = writable
@@ -102,6 +112,7 @@ class _Staged(Chain):
         self.own = own                # an allocation of its own (oversize chain), else None
         self.wslots = wslots          # (card address, length, offset of its bytes in the piece), per descriptor
         self.lay = lay                # the staging layout wslots came from (its copy-out plans are kept there)
+        self.grp = grp                # the staging piece it shares with the rest of its chunk: [chains in it, offset]
 
 
 class _Layout:
@@ -117,7 +128,7 @@ class _Layout:
     each descriptor's own room (spec 5.7).
     """
 
-    __slots__ = ("total", "reads", "wviews", "wslots", "plans")
+    __slots__ = ("total", "reads", "wviews", "wslots", "plans", "rslices", "wslices", "splits", "split_by")
 
     def __init__(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]):
         pos = 0
@@ -144,7 +155,12 @@ class _Layout:
         if ext_n > 0:
             pos = align64(ext_start + ext_n)
         self.total = pos
+        # the views a chain hands out, as slices of its piece (taken with one map() call each)
+        self.rslices = tuple(slice(start, end) for _a, _n, start, end in self.reads)
+        self.wslices = tuple(slice(start, end) for start, end in self.wviews)
         self.plans: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}   # see _copy_out_plan
+        self.splits: dict = {}     # the same plans split by path (VopQueue._copy_out_now), for split_by's policy
+        self.split_by = None
 
 
 MAX_PLANS = 64   # copy-out plans kept per layout (distinct written/tail pairs) [choice]
@@ -256,6 +272,7 @@ class VopQueue(Virtqueue):
         self._info = info_avail_idx   # _mic_vring_info.avail_idx as a one-element 'H' view (spec 5.6)
         self._notify = notify
         self._staged: dict[int, _Staged] = {}
+        self._kept: list[_Staged] = []   # chains a drain gave back (abandon), still taken and staged, oldest first
         # a pop_start batch whose readable data is still being copied in: (DMA completion, chains, start time),
         # and the backend's resume (called by the device's poller, see VopDevice) once it is in
         self._incoming: tuple[object, list[Chain], float] | None = None
@@ -277,6 +294,8 @@ class VopQueue(Virtqueue):
 
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
+        if self._kept:
+            return self._take_kept(limit)             # what a drain gave back: staged already
         if self._incoming is not None:
             return self._take_incoming()              # a pop_start batch: waited for here
         out, copies = self._take(limit)
@@ -290,6 +309,8 @@ class VopQueue(Virtqueue):
         return out
 
     def pop_start(self, limit: int, resume: Callable[[], None]) -> list[Chain] | None:
+        if self._kept:
+            return self._take_kept(limit)
         if self._incoming is not None:
             completion = self._incoming[0]
             if not self.engine.done(completion):
@@ -312,6 +333,15 @@ class VopQueue(Virtqueue):
         self.counters["pop_waits"] += 1
         self._schedule(self)
         return None
+
+    def _take_kept(self, limit: int) -> list[Chain]:
+        """The first ``limit`` chains :meth:`abandon` kept, in the order taken."""
+        kept = self._kept
+        if len(kept) <= limit:
+            self._kept = []
+            return kept
+        self._kept = kept[limit:]
+        return kept[:limit]
 
     def _take_incoming(self) -> list[Chain]:
         """The chains of the batch :meth:`pop_start` left copying, once their data is in (waits if need be)."""
@@ -371,6 +401,42 @@ class VopQueue(Virtqueue):
                 descs = self.vring.pop_many(min(limit - len(out), POP_CHUNK))
                 if not descs:
                     break
+                if direct is None:
+                    # The chunk's layouts, then (the common case) one staging piece for the whole chunk, freed
+                    # once its last chain is (a piece per chain costs an allocation and a free each).
+                    lays = []
+                    need = 0
+                    for d in descs:
+                        shape = d.shape
+                        if shape is None:
+                            lay = _Layout(d.readable, d.writable)
+                        else:
+                            lay = shape.memo
+                            if lay is None:
+                                lay = shape.memo = _Layout(d.readable, d.writable)
+                        lays.append(lay)
+                        need += lay.total
+                    off = ring_alloc(need) if need else None
+                    if off is not None:
+                        grp = [0, off]
+                        base = st.base + off
+                        for d, lay in zip(descs, lays):
+                            total = lay.total
+                            piece = view[base:base + total]
+                            if lay.reads:
+                                readable = list(map(piece.__getitem__, lay.rslices))
+                                at = card0 + base
+                                for (a, n, start, _end), v in zip(lay.reads, readable):
+                                    copies.append((a, n, at + start, v))
+                            else:
+                                readable = []
+                            s = _Staged(d, readable, list(map(piece.__getitem__, lay.wslices)), base, None,
+                                        lay.wslots, lay, grp)
+                            grp[0] += 1
+                            staged[d.head] = s
+                            out.append(s)
+                            base += total
+                        continue
                 taken = 0
                 for d in descs:
                     # readable slots widened to the 64-byte grid, then writable slots of ALIGN(len, 64) (none
@@ -395,9 +461,15 @@ class VopQueue(Virtqueue):
                     own = None
                     off = ring_alloc(total)
                     if off is None and not out and (self._deferred or self._gathered):
+                        # staging held by completions still copying: wait for them -- a lazy queue's oldest
+                        # first (it holds the oldest staging) until the chain fits: its batches are small and
+                        # the tap is waiting; otherwise all of them, so that the batch taken next is whole
                         self._start_gathered()
-                        self._publish(0)                     # staging held by completions still copying: wait
-                        off = ring_alloc(total)
+                        while self._deferred:
+                            self._publish(len(self._deferred) - 1 if self.lazy else 0)
+                            off = ring_alloc(total)
+                            if off is not None:
+                                break
                     if off is None:
                         if total > MAX_CHAIN_BYTES:
                             raise VringError(f"{self.name}: chain from head {d.head} carries {total} bytes, more "
@@ -483,12 +555,19 @@ class VopQueue(Virtqueue):
         self._publish(DEFERRED_BATCHES)
 
     def _gather_done(self, done: list[tuple[Chain, int]]) -> None:
-        pieces, used = self._pieces(done)
-        self._gather += pieces
+        # What goes through BAR0 is copied now (a store stream, nothing to batch); only the DMA pieces wait
+        # for the gathered submission.
+        pieces, used = self._copy_out_now(done)
+        if pieces:
+            self._gather += pieces
+            for p in pieces:
+                self._gather_bytes += p[1]
+        else:
+            # Nothing left to copy (all through BAR0, or nothing written: a transmit chain): the staging is free
+            # now, while the used entries wait for their turn to be published.
+            self._release_done(done)
         self._gathered.append((used, done))
         self._gather_chains += len(done)
-        for p in pieces:
-            self._gather_bytes += p[1]
 
     def _start_gathered(self) -> None:
         """Start the copy-out of what :meth:`complete_deferred` gathered (lazy queues): one batch."""
@@ -498,7 +577,7 @@ class VopQueue(Virtqueue):
         pieces = self._gather
         self._gather, self._gathered = [], []
         self._gather_bytes = self._gather_chains = 0
-        completion = self.engine.write_out_start(pieces)
+        completion = self.engine.write_out_dma(pieces)     # the BAR0 pieces went at once (_gather_done)
         if completion is not None:
             self.counters["deferred"] += 1
         if len(gathered) == 1:
@@ -565,8 +644,7 @@ class VopQueue(Virtqueue):
                 engine.finish(completion)   # raises if the DMA failed: the device breaks
             q.popleft()
             self.vring.push_many(used)
-            for chain, _w in done:
-                self._release(chain)
+            self._release_done(done)
             n += 1
         if not n:
             return
@@ -578,23 +656,63 @@ class VopQueue(Virtqueue):
         else:
             self.counters["interrupts_suppressed"] += 1
 
+    def _copy_out_now(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
+        """:meth:`_pieces` and :meth:`CopyEngine.write_out_now <.copy.CopyEngine.write_out_now>` in one pass:
+        completed chains checked against their writable buffers, their BAR0 pieces copied, their DMA pieces
+        and used entries returned. Each layout keeps its plans split by path (``CopyEngine.split_plan``), so
+        a BAR0 piece costs its copy and a bounds check."""
+        engine = self.engine
+        st = self.staging
+        items = []
+        used = []
+        direct = 0
+        for s, written in done:
+            tail = s.tail
+            if not written and not tail:
+                used.append((s.head, 0))                 # nothing written (a transmit chain): nothing to copy
+                continue
+            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
+                raise ValueError(f"{self.name}: head {s.head} completed with {written} + {tail} bytes written, "
+                                 f"its writable buffers hold {s.desc.writable_len}")
+            used.append((s.head, written + tail))
+            if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
+                direct += written + tail
+                continue
+            lay = s.lay
+            if lay is None:
+                split = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
+            else:
+                if lay.split_by is not engine:
+                    lay.splits, lay.split_by = {}, engine
+                key = (written, tail) if tail else written   # an int and a pair never compare equal
+                split = lay.splits.get(key)
+                if split is None:
+                    if len(lay.splits) >= MAX_PLANS:
+                        lay.splits.clear()
+                    split = lay.splits[key] = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
+            items.append((s.offset, split))
+        if direct:
+            engine.wrote_direct(direct)
+        return (engine.write_out_split(items, st.view, st.arena_card) if items else []), used
+
     def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
         """The host -> card pieces of completed chains (checked against their writable buffers), and their
         used entries."""
         st = self.staging
         view, card0 = st.view, st.arena_card
         pieces = []
+        add = pieces.append
         used = []
         direct = 0
-        for chain, written in done:
-            s: _Staged = chain
-            tail = chain.tail
-            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
-                raise ValueError(f"{self.name}: head {chain.head} completed with {written} + {tail} bytes written, "
-                                 f"its writable buffers hold {s.desc.writable_len}")
-            used.append((chain.head, written + tail))
+        for s, written in done:
+            tail = s.tail
             if not written and not tail:
-                continue                                 # nothing written (a transmit chain): nothing to copy
+                used.append((s.head, 0))                 # nothing written (a transmit chain): nothing to copy
+                continue
+            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
+                raise ValueError(f"{self.name}: head {s.head} completed with {written} + {tail} bytes written, "
+                                 f"its writable buffers hold {s.desc.writable_len}")
+            used.append((s.head, written + tail))
             if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
@@ -603,25 +721,53 @@ class VopQueue(Virtqueue):
             if lay is None:
                 plan = _copy_out_plan(s.wslots, written, tail)
             else:
-                plan = lay.plans.get((written, tail))
+                key = (written, tail) if tail else written   # an int and a pair never compare equal
+                plan = lay.plans.get(key)
                 if plan is None:
                     if len(lay.plans) >= MAX_PLANS:
                         lay.plans.clear()
-                    plan = lay.plans[written, tail] = _copy_out_plan(s.wslots, written, tail)
+                    plan = lay.plans[key] = _copy_out_plan(s.wslots, written, tail)
             for a, k, room, rel in plan:
                 pos = base + rel
-                pieces.append((a, k, room, card0 + pos, view[pos:pos + k]))
+                add((a, k, room, card0 + pos, view[pos:pos + k]))
         if direct:
             self.engine.wrote_direct(direct)
         return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
-        self.vring.abandon([c.desc for c in chains])
-        for c in reversed(chains):
-            self._release(c)
+        """Give back the last chains popped: they stay taken and staged, and the next pop hands them out
+        first, as they were (their readable data in, their writable views empty of meaning) -- to the card
+        that is a chain still being worked on (taken from avail, not yet used), as a chain is between two
+        COPY_DESC calls without update_used (spec 5.7). Giving them back to the ring would cost a walk and a
+        staging (and a DMA in) again for each, next time: a receive queue's drain ends each time the tap runs
+        dry, with the rest of a batch taken for frames that had not arrived."""
+        if chains:
+            self._kept = [*chains, *self._kept]   # the last popped, and so before whatever was kept before
+
+    def _release_done(self, done: list[tuple[Chain, int]]) -> None:
+        """:meth:`_release` of each chain in ``done`` (those released already are skipped)."""
+        pop = self._staged.pop
+        free = self.staging.ring.free
+        for s, _w in done:
+            if pop(s.head, None) is None:
+                continue
+            g = s.grp
+            if g is None:
+                self._staged[s.head] = s
+                self._release(s)
+            else:
+                g[0] -= 1
+                if not g[0]:
+                    free(g[1])            # the last of its chunk
 
     def _release(self, s: _Staged) -> None:
-        if self._staged.pop(s.desc.head, None) is None:
+        if self._staged.pop(s.head, None) is None:
+            return
+        g = s.grp
+        if g is not None:
+            g[0] -= 1
+            if not g[0]:
+                self.staging.ring.free(g[1])   # the last of its chunk
             return
         if s.offset < 0:
             return                       # nothing staged (h2c_direct, no readable buffers)
@@ -642,6 +788,7 @@ class VopQueue(Virtqueue):
                 log.warning("%s: a batch's DMA from the card did not finish; its staging is reused anyway",
                             self.name)
         self._out_t0 = None
+        self._kept = []                            # staged: released with the rest below
         self._gather, self._gathered = [], []      # never started: nothing reads their staging
         self._gather_bytes = self._gather_chains = 0
         while self._deferred:
@@ -659,12 +806,12 @@ class VopQueue(Virtqueue):
         self.vring.disable_notify()
 
     def enable_notify(self) -> bool:
-        return self.vring.enable_notify()
+        return self.vring.enable_notify() and not self._kept
 
     def status(self) -> dict:
         v = self.vring
         return {"index": self.index, "size": self.size, "last_avail": v.last_avail, "used_idx": v.used_idx,
-                "in_flight": v.in_flight, "event_idx": v.event_idx, "indirect": v.indirect,
+                "in_flight": v.in_flight, "kept": len(self._kept), "event_idx": v.event_idx, "indirect": v.indirect,
                 "staging": {"size": self.staging.ring.size, "allocated": self.staging.ring.allocated,
                             "high_water": self.staging.ring.high_water, "own_bytes": self.staging.own_bytes},
                 **self.counters}
