@@ -284,6 +284,12 @@ class PciDevice(abc.ABC):
             raise AccessError(f"write of region {region} at {offset:#x}", f"value {value:#x} does not fit {size} bytes")
         self._region_write(region, offset, _PACK[size](value), posted and region != CONFIG)
 
+    def write_multi(self, writes: Sequence[tuple[int, int, bytes]], *, posted: bool = True) -> None:
+        """Several small writes ``(region, offset, data)``, in order; a transport may send them as one message
+        (vfio-user REGION_WRITE_MULTI). Here: one :meth:`write_bytes` each."""
+        for region, offset, data in writes:
+            self.write_bytes(region, offset, data, posted=posted)
+
     def read_bytes(self, region: int, offset: BarOffset | int, length: int) -> bytes:
         """A bulk read (the transport splits it as it must)."""
         self._check_access(region, offset, length, write=False)

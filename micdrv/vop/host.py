@@ -25,8 +25,12 @@ What ``vop_vringh.c`` and mpssd did together, for one card:
 
 Threads. Everything that touches a device's rings or its backend runs on
 the host's :class:`~backends.eventloop.EventLoop` (one per card, stop eventfd
-first). The card's doorbell interrupts arrive on the card's interrupt
-thread, whose callback only writes an eventfd the loop watches. The waits
+first). In MSI-X mode the loop claims each doorbell's vector
+(:meth:`~micdrv.x100.interrupts.Interrupts.claim`) and dispatches it
+itself -- the card's ack and workarounds (spec 2.3), then the devices --
+with no hop through the card's interrupt thread; with MSI or INTx (one
+shared vector) the interrupt thread dispatches, and its callback only
+writes an eventfd the loop watches. The waits
 of remove and config change happen on the caller's thread -- never the
 loop's, which must keep answering the card's ``vdev_reset`` handshake while
 the card removes its driver.
@@ -102,6 +106,7 @@ class _Doorbell:
         self.db = db
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.cookie: int | None = None
+        self.vector_fd: int | None = None   # the interrupt's own eventfd, when the loop dispatches it
         self.devices: list[VopDevice] = []
         self.interrupts = 0
 
@@ -431,12 +436,20 @@ class VopHost:
         if d is None:
             d = self._dbs[dev.db] = _Doorbell(dev.db)
         if d.cookie is None:
-            efd = d.efd
+            efd, in_loop = d.efd, self.loop.in_loop
 
-            def interrupt(efd=efd) -> None:   # on the card's interrupt thread: just wake the loop
-                os.eventfd_write(efd, 1)
+            def interrupt(d=d, efd=efd) -> None:
+                if in_loop():                 # the loop dispatched the vector itself (claimed, below)
+                    self._serve_doorbell(d)
+                else:                         # the card's interrupt thread: just wake the loop
+                    os.eventfd_write(efd, 1)
             d.cookie = self.card.request_doorbell(dev.db, interrupt, f"vop {self.name} db{dev.db}")
             self.loop.watch(efd, EVENT_READ, lambda _ev, d=d: self._rang(d))
+            claim = getattr(self.card, "claim_irq", None)
+            fd = claim(d.cookie) if claim is not None and self.loop.in_loop() else None
+            if fd is not None:
+                d.vector_fd = fd
+                self.loop.watch(fd, EVENT_READ, lambda _ev, fd=fd: self._vector(fd))
         d.devices.append(dev)
 
     def _detach_doorbell(self, dev: VopDevice) -> None:
@@ -449,14 +462,28 @@ class VopHost:
             os.eventfd_read(d.efd)
         except BlockingIOError:
             return
+        self._serve_doorbell(d)
+
+    def _serve_doorbell(self, d: _Doorbell) -> None:
         d.interrupts += 1
         for dev in list(d.devices):
             dev.service()
+
+    def _vector(self, fd: int) -> None:
+        """The doorbell's MSI-X vector fired: the card's dispatch (ack, workarounds, spec 2.3) on this loop;
+        its callback serves the devices right here."""
+        try:
+            self.card.dispatch_irq(fd)
+        except Exception as e:   # the card went away under us: its reset tells the devices
+            log.warning("%s: dispatching card interrupt fd %d: %s", self.name, fd, e)
 
     def _free_doorbells(self) -> None:
         for d in self._dbs.values():
             if d.cookie is not None and not d.devices:
                 self.loop.unwatch(d.efd)
+                if d.vector_fd is not None:
+                    self.loop.unwatch(d.vector_fd)
+                    d.vector_fd = None
                 try:
                     self.card.free_irq(d.cookie)
                 except Exception as e:

@@ -248,6 +248,15 @@ class X100:
     def free_irq(self, cookie: int) -> None:
         self.interrupts.free(cookie)
 
+    def claim_irq(self, cookie: int) -> int | None:
+        """The eventfd of the cookie's MSI-X vector, for the caller's loop to wait on and hand to
+        :meth:`dispatch_irq`; None when the vector is shared (MSI/INTx). See :meth:`Interrupts.claim`."""
+        return self.interrupts.claim(cookie)
+
+    def dispatch_irq(self, fd: int) -> int:
+        """Handle a claimed vector's readable eventfd: ack, workarounds (spec 2.3), the callback."""
+        return self.interrupts.dispatch(fd)
+
     def ack_interrupt(self) -> int:
         return self.interrupts.ack()
 
