@@ -70,6 +70,15 @@ class Registers:
             return words[offset >> 2]
         return self.dev.read(BAR4, offset, 4)
 
+    def read_async(self, offset: BarOffset | int, callback) -> bool:
+        """:meth:`read`, the value to ``callback(value, error)``; True while the answer is still to come
+        (:meth:`~micdrv.pci.PciDevice.read_async`), False when ``callback`` ran already (mapped registers)."""
+        words = self._words
+        if words is not None:
+            callback(words[offset >> 2], None)
+            return False
+        return self.dev.read_async(BAR4, offset, 4, callback)
+
     def write(self, offset: BarOffset | int, value: int) -> None:
         """A posted 32-bit write (returns before the card has seen it)."""
         words = self._words
