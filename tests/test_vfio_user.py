@@ -562,6 +562,57 @@ def test_concurrent_calls_from_threads_each_get_their_own_reply(dev):
     assert not errors and not any(t.is_alive() for t in threads)
 
 
+def _answers():
+    got = []
+    return got, lambda value, error: got.append((value, error))
+
+
+def test_async_read_answers_through_process_events_or_another_callers_reply(dev):
+    dev.write(BAR0, T.SCRATCH, 8, 0x1122334455667788, posted=False)
+    got, cb = _answers()
+    assert dev.read_async(BAR0, T.SCRATCH, 4, cb) is True and dev.async_pending == 1
+    deadline = time.monotonic() + WAIT
+    while not got and time.monotonic() < deadline:
+        select.select([dev.fileno()], [], [], WAIT)
+        dev.process_events()
+    assert got == [(0x55667788, None)] and dev.async_pending == 0
+    # a synchronous call reads the socket meanwhile: it routes the async reply to its callback
+    got2, cb2 = _answers()
+    first = dev.read(BAR0, T.COUNTER, 8)
+    dev.read_async(BAR0, T.COUNTER, 8, cb2)
+    assert dev.read(BAR0, T.COUNTER, 8) == first + 2
+    assert got2 == [(first + 1, None)] and dev.async_pending == 0
+
+
+def test_async_reads_fail_with_the_connections_death_or_time_out():
+    proc = DeviceProcess()
+    d = proc.connect()
+    try:
+        d.write(BAR0, T.STALL_MS, 4, 20000)
+        got, cb = _answers()
+        d.connection.call_async(P.REGION_READ, P.region_rw.pack(T.STALL, BAR0, 4),
+                                lambda reply, error: cb(reply, error), timeout=0.2)
+        time.sleep(0.3)
+        assert d.connection.expire_async() == 1
+        assert got[0][0] is None and isinstance(got[0][1], ReplyTimeout)
+        got.clear()
+        d.read_async(BAR0, T.SCRATCH, 4, cb)  # queued behind the stall
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT
+        while not got and time.monotonic() < deadline:
+            select.select([d.fileno()], [], [], 0.1)
+            try:
+                d.process_events()
+            except DisconnectedError:
+                pass
+        assert got and got[0][0] is None and isinstance(got[0][1], DisconnectedError) and d.async_pending == 0
+        with pytest.raises(DisconnectedError):
+            d.read_async(BAR0, T.SCRATCH, 4, cb)
+    finally:
+        d.close()
+        proc.kill()
+
+
 def test_in_process_server_replaces_a_stale_socket_and_stops_cleanly():
     tmp = tempfile.mkdtemp(prefix="vus")
     path = os.path.join(tmp, "dev.sock")

@@ -286,7 +286,7 @@ def test_a_burst_of_1_mib_reads_shares_batches_past_the_staging_area_within_its_
             r.close()
 
 
-def test_interrupts_to_the_card_are_rung_by_the_doorbell_thread_and_arrive(rig, vs):
+def test_interrupts_to_the_card_are_rung_from_the_loop_and_arrive(rig, vs):
     dev, fd = rig.console()
     try:
         for n in (1, 100, 3000):
@@ -298,7 +298,7 @@ def test_interrupts_to_the_card_are_rung_by_the_doorbell_thread_and_arrive(rig, 
     asked = sum(d.counters["interrupts"] for d in rig.mic.vop.devices)
     assert asked >= 1
     # Every interrupt the loop asked for was rung, or folded into a ring still to come; none is lost.
-    wait_for(lambda: bells.rung + bells.coalesced == asked and not bells._marked, "the doorbell thread", WAIT)
+    wait_for(lambda: bells.rung + bells.coalesced == asked and not bells.pending, "the doorbells rung", WAIT)
     assert bells.rung >= 1
     wait_for(lambda: vs.card_device(dev.entry.offset)["interrupts"] >= 1, "the card to take an interrupt", WAIT)
 

@@ -8,6 +8,8 @@ routing rules of spec 1.3/2.3 against an in-memory register file.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import types
 
 import pytest
@@ -20,7 +22,7 @@ from micdrv.pci.errors import IrqError
 from micdrv.x100 import dma_desc, regs
 from micdrv.x100.card import DownloadInfo, post_code_text
 from micdrv.x100.errors import DmaChannelError, InterruptError, SmptError
-from micdrv.x100.interrupts import Interrupts, IntrType, IrqMode, cookie_parts, make_cookie, source_offset
+from micdrv.x100.interrupts import InterruptThread, Interrupts, IntrType, IrqMode, cookie_parts, make_cookie, source_offset
 from micdrv.x100.smpt import Smpt, page_refs
 
 GiB = 1 << 30
@@ -42,6 +44,10 @@ class FakeRegisters:
     def write(self, off, value):
         self.values[off] = value
         self.writes.append((off, value))
+
+    def write_many(self, writes):
+        for off, value in writes:
+            self.write(off, value)
 
     def set_bits(self, off, bits):
         v = self.read(off) | bits
@@ -369,6 +375,47 @@ def test_disable_writes_enables_to_sicc0_and_clears_auto_clear():
     irq, _dev, r = _interrupts({MSIX: 9})
     irq.disable()
     assert r.values[regs.SICC0] == 0xFF0F and r.values[regs.SIAC0] == 0
+    irq.close()
+
+
+def test_a_claimed_msix_vector_leaves_the_interrupt_thread_until_freed():
+    irq, dev, _r = _interrupts({MSIX: 9})
+    calls = []
+    cookie = irq.request(IntrType.DB, 1, lambda: calls.append(threading.current_thread()))
+    other = irq.request(IntrType.DB, 2, lambda: calls.append("other"))
+    t = InterruptThread(irq, name="test-irq")
+    try:
+        fd = irq.claim(cookie)
+        assert fd == dev.enabled[MSIX][cookie_parts(cookie)[0]] and irq.claimed(fd)
+        assert irq.claim(cookie) == fd  # idempotent
+        dev.fire(MSIX, cookie_parts(cookie)[0])
+        dev.fire(MSIX, cookie_parts(other)[0])
+        deadline = time.monotonic() + 5
+        while "other" not in calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert calls == ["other"]  # the thread left the claimed vector's eventfd alone
+        assert irq.dispatch(fd) == 1 and calls[-1] is threading.current_thread()  # the claimer dispatches it
+        irq.free(cookie)
+        assert not irq.claimed(fd)
+        cookie = irq.request(IntrType.DB, 1, lambda: calls.append("again"))  # the same vector, given back
+        dev.fire(MSIX, cookie_parts(cookie)[0])
+        deadline = time.monotonic() + 5
+        while "again" not in calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls[-1] == "again"  # the thread watches it again
+    finally:
+        t.stop()
+        irq.close()
+
+
+def test_a_shared_vector_cannot_be_claimed():
+    irq, _dev, _r = _interrupts({MSI: 1}, modes=(IrqMode.MSI,))
+    assert irq.claim(irq.request(IntrType.DB, 0, lambda: None)) is None
+    irq.close()
+    irq, _dev, _r = _interrupts({MSIX: 9})
+    with pytest.raises(InterruptError):
+        irq.claim(make_cookie(0, 0))  # not requested
     irq.close()
 
 

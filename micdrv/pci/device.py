@@ -272,6 +272,32 @@ class PciDevice(abc.ABC):
             raise AccessError(f"read of region {region} at {offset:#x}", f"got {len(data)} of {size} bytes")
         return int.from_bytes(data, "little")
 
+    def read_async(self, region: int, offset: BarOffset | int, size: int, callback) -> bool:
+        """:meth:`read` whose result goes to ``callback(value, None)`` -- or ``callback(None, error)``.
+
+        Returns False when ``callback`` has run already (here: a plain read,
+        as for mapped registers), True when the answer is still to come: a
+        transport whose reads are messages (vfio-user) then calls it from
+        :meth:`process_events`, which the caller runs whenever
+        :meth:`fileno` is readable, until :attr:`async_pending` is 0.
+        """
+        try:
+            value = self.read(region, offset, size)
+        except PciError as e:
+            callback(None, e)
+        else:
+            callback(value, None)
+        return False
+
+    @property
+    def async_pending(self) -> int:
+        """How many :meth:`read_async` answers are still to come."""
+        return 0
+
+    def process_events(self) -> int:
+        """Handle what the device sent on its own (:meth:`read_async` answers); 0 for a device that sends none."""
+        return 0
+
     def write(self, region: int, offset: BarOffset | int, size: int, value: int, *, posted: bool = True) -> None:
         """A sized, naturally aligned write.
 
@@ -283,6 +309,12 @@ class PciDevice(abc.ABC):
         if not 0 <= value < 1 << (8 * size):
             raise AccessError(f"write of region {region} at {offset:#x}", f"value {value:#x} does not fit {size} bytes")
         self._region_write(region, offset, _PACK[size](value), posted and region != CONFIG)
+
+    def write_multi(self, writes: Sequence[tuple[int, int, bytes]], *, posted: bool = True) -> None:
+        """Several small writes ``(region, offset, data)``, in order; a transport may send them as one message
+        (vfio-user REGION_WRITE_MULTI). Here: one :meth:`write_bytes` each."""
+        for region, offset, data in writes:
+            self.write_bytes(region, offset, data, posted=posted)
 
     def read_bytes(self, region: int, offset: BarOffset | int, length: int) -> bytes:
         """A bulk read (the transport splits it as it must)."""

@@ -25,15 +25,21 @@ What ``vop_vringh.c`` and mpssd did together, for one card:
 
 Threads. Everything that touches a device's rings or its backend runs on
 the host's :class:`~backends.eventloop.EventLoop` (one per card, stop eventfd
-first). The card's doorbell interrupts arrive on the card's interrupt
-thread, whose callback only writes an eventfd the loop watches. The waits
+first). In MSI-X mode the loop claims each doorbell's vector
+(:meth:`~micdrv.x100.interrupts.Interrupts.claim`) and dispatches it
+itself -- the card's ack and workarounds (spec 2.3), then the devices --
+with no hop through the card's interrupt thread; with MSI or INTx (one
+shared vector) the interrupt thread dispatches, and its callback only
+writes an eventfd the loop watches. The waits
 of remove and config change happen on the caller's thread -- never the
 loop's, which must keep answering the card's ``vdev_reset`` handshake while
 the card removes its driver.
 
-Queue interrupts to the card (``h2c_vdev_db``) are rung by a thread of
-their own (:class:`_Doorbells`): the read-modify-write of spec 2.3 is a
-round trip to the card, which the loop does not wait for [choice].
+Queue interrupts to the card (``h2c_vdev_db``) are rung from the loop
+without waiting (:class:`_Doorbells`): the read of spec 2.3's
+read-modify-write is a round trip to the card, whose reply the loop takes
+in when the card's socket becomes readable and answers with the write
+[choice].
 
 Doorbells [choice]: the kernel took an MSI-X vector per device, and the
 X100 has 9 (4 go to the DMA channels, 1 to SCIF), so a fifth device failed
@@ -46,7 +52,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import struct
 import threading
 import time
@@ -102,69 +107,115 @@ class _Doorbell:
         self.db = db
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.cookie: int | None = None
+        self.vector_fd: int | None = None   # the interrupt's own eventfd, when the loop dispatches it
         self.devices: list[VopDevice] = []
         self.interrupts = 0
 
 
 class _Doorbells:
-    """Host -> card doorbells rung from a thread of their own, so the loop never waits for one.
+    """Host -> card doorbells, rung from the loop without waiting for the card.
 
     ``send_intr`` of a doorbell below 8 is a read-modify-write of APICICR
-    (spec 2.3): a register read, a round trip to the card. Rung from the
-    loop, every completion batch waited for it. :meth:`ring` only marks the
-    doorbell and wakes this thread; marks made while it is being rung ring
-    it once more afterwards (the card's handler looks at every used ring it
-    serves each time it runs, so one interrupt stands for any number of
-    completions before it). The marks are made after the used entries are
-    published, so the card never takes an interrupt before what it is for.
+    (spec 2.3): a register read, over vfio-user a round trip to the card,
+    which the loop must not wait for. So the read goes out as a message
+    whose reply comes back on the card's socket, which the loop watches
+    while a ring is under way (:meth:`~micdrv.x100.card.X100.send_intr_async`);
+    the write follows from the reply, on whichever thread reads it (the
+    loop, or another caller of the card waiting for a reply of its own).
+
+    A doorbell asked for again while its ring is under way is not rung
+    twice: the ring's write goes after the ask (the doorbell's bit is
+    cleared under the lock just before the write), and the card's handler
+    looks at every used ring it serves each time it runs, so that one
+    interrupt covers every completion published before the ask. The asks
+    are made after the used entries are published, so the card never takes
+    an interrupt before what it is for. A ring the card does not answer
+    within the reply timeout is timed out and forgotten (logged), so the
+    next ask rings again.
+
+    Off the loop thread, or when register reads do not wait (mapped BAR4),
+    a doorbell is rung at once, waiting for the read.
     """
 
-    def __init__(self, card, name: str):
+    STALE = 1.0   # a ring older than this is looked after (its read timed out?) when asked again
+
+    def __init__(self, card, loop: EventLoop, name: str):
         self.card = card
+        self.loop = loop
         self.name = name
         self._lock = threading.Lock()
-        self._marked = 0                          # doorbell bits waiting to be rung
-        self._wake: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self.pending = 0                          # doorbell bits whose ring is under way
+        self._since = [0.0] * regs.NUM_CARD_DOORBELLS
+        fd = getattr(card, "async_fd", None)
+        self._fd: int | None = fd() if fd is not None else None
+        self._watching = False
         self.rung = self.coalesced = 0
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"vop {self.name} doorbells", daemon=True)
-            self._thread.start()
+        pass
 
     def ring(self, db: int) -> None:
+        if self._fd is None or not self.loop.in_loop():
+            self._ring_now(db)
+            return
         bit = 1 << db
         with self._lock:
-            was = self._marked
-            if was & bit:
+            busy = self.pending & bit
+            if busy and time.monotonic() - self._since[db] < self.STALE:
                 self.coalesced += 1
                 return
-            self._marked = was | bit
-        if not was:
-            self._wake.put(True)
-
-    def _run(self) -> None:
-        while self._wake.get():
+        if busy:
+            self._poll()                            # overdue: its timeout, if it is due, clears the bit
+        with self._lock:
+            if self.pending & bit:
+                self.coalesced += 1
+                return
+            self.pending |= bit
+            self._since[db] = time.monotonic()
+        self.rung += 1
+        try:
+            waiting = self.card.send_intr_async(db, lambda error, db=db: self._sending(db, error))
+        except Exception as e:   # the card went away under us: its reset tells the devices
             with self._lock:
-                marked, self._marked = self._marked, 0
-            db = 0
-            while marked:
-                if marked & 1:
-                    self.rung += 1
-                    try:
-                        self.card.send_intr(db)
-                    except Exception as e:   # the card went away under us: its reset tells the devices
-                        log.warning("%s: ringing card doorbell %d: %s", self.name, db, e)
-                marked >>= 1
-                db += 1
+                self.pending &= ~bit
+            log.warning("%s: ringing card doorbell %d: %s", self.name, db, e)
+            return
+        if waiting and not self._watching:
+            self._watching = True
+            self.loop.watch(self._fd, EVENT_READ, self._readable)
+
+    def _ring_now(self, db: int) -> None:
+        self.rung += 1
+        try:
+            self.card.send_intr(db)
+        except Exception as e:   # the card went away under us: its reset tells the devices
+            log.warning("%s: ringing card doorbell %d: %s", self.name, db, e)
+
+    def _sending(self, db: int, error: BaseException | None) -> None:
+        """The ring's read is answered: the write goes next (any thread). Asks from now on ring again."""
+        with self._lock:
+            self.pending &= ~(1 << db)
+        if error is not None:
+            log.warning("%s: ringing card doorbell %d: %s", self.name, db, error)
+
+    def _poll(self) -> int:
+        try:
+            return self.card.poll_async()
+        except Exception as e:   # the connection is dead: every ring under way was answered with the error
+            log.debug("%s: taking in the card's replies: %s", self.name, e)
+            return -1
+
+    def _readable(self, _ev: int) -> None:
+        """The card's socket is readable while rings are under way: take the replies in (on the loop)."""
+        if not self._poll():
+            time.sleep(0)   # another thread is reading the socket and routes our reply: let it run
+        if self._watching and not self.card.async_pending():
+            self._watching = False
+            self.loop.unwatch(self._fd)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._wake.put(False)
-            if self._thread is not threading.current_thread():
-                self._thread.join(5.0)
-            self._thread = None
+        """After the loop stopped: nothing is watched any more."""
+        self._watching = False
 
 
 class VopHost:
@@ -182,7 +233,7 @@ class VopHost:
         self.arena_mem = arena.memory()
         self.arena_card = card.smpt.to_card(arena.iova_base, arena.size)  # arena offset 0, for staging
         self.loop = EventLoop(f"vop {name}")
-        self.doorbells = _Doorbells(card, name)
+        self.doorbells = _Doorbells(card, self.loop, name)
         self.devices: list[VopDevice] = []
         self.started = False
         self._lock = threading.Lock()        # the device list and the started flag
@@ -431,12 +482,20 @@ class VopHost:
         if d is None:
             d = self._dbs[dev.db] = _Doorbell(dev.db)
         if d.cookie is None:
-            efd = d.efd
+            efd, in_loop = d.efd, self.loop.in_loop
 
-            def interrupt(efd=efd) -> None:   # on the card's interrupt thread: just wake the loop
-                os.eventfd_write(efd, 1)
+            def interrupt(d=d, efd=efd) -> None:
+                if in_loop():                 # the loop dispatched the vector itself (claimed, below)
+                    self._serve_doorbell(d)
+                else:                         # the card's interrupt thread: just wake the loop
+                    os.eventfd_write(efd, 1)
             d.cookie = self.card.request_doorbell(dev.db, interrupt, f"vop {self.name} db{dev.db}")
             self.loop.watch(efd, EVENT_READ, lambda _ev, d=d: self._rang(d))
+            claim = getattr(self.card, "claim_irq", None)
+            fd = claim(d.cookie) if claim is not None and self.loop.in_loop() else None
+            if fd is not None:
+                d.vector_fd = fd
+                self.loop.watch(fd, EVENT_READ, lambda _ev, fd=fd: self._vector(fd))
         d.devices.append(dev)
 
     def _detach_doorbell(self, dev: VopDevice) -> None:
@@ -449,14 +508,28 @@ class VopHost:
             os.eventfd_read(d.efd)
         except BlockingIOError:
             return
+        self._serve_doorbell(d)
+
+    def _serve_doorbell(self, d: _Doorbell) -> None:
         d.interrupts += 1
         for dev in list(d.devices):
             dev.service()
+
+    def _vector(self, fd: int) -> None:
+        """The doorbell's MSI-X vector fired: the card's dispatch (ack, workarounds, spec 2.3) on this loop;
+        its callback serves the devices right here."""
+        try:
+            self.card.dispatch_irq(fd)
+        except Exception as e:   # the card went away under us: its reset tells the devices
+            log.warning("%s: dispatching card interrupt fd %d: %s", self.name, fd, e)
 
     def _free_doorbells(self) -> None:
         for d in self._dbs.values():
             if d.cookie is not None and not d.devices:
                 self.loop.unwatch(d.efd)
+                if d.vector_fd is not None:
+                    self.loop.unwatch(d.vector_fd)
+                    d.vector_fd = None
                 try:
                     self.card.free_irq(d.cookie)
                 except Exception as e:

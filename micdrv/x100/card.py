@@ -13,9 +13,11 @@ An :class:`X100` is the one implementation of the hardware-ops protocols in
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..addr import CardPhys
 from ..pci import DmaArena, PciDevice
@@ -26,6 +28,8 @@ from .errors import CardNotReady, NotX100Error, X100Error
 from .interrupts import Callback, InterruptThread, Interrupts, IntrType, IrqMode
 from .mmio import Aperture, Registers
 from .smpt import Smpt
+
+log = logging.getLogger(__name__)
 
 SILICON_RESET_DELAY = 1.0  # _mic_reset sleeps 1000 ms after RGCR (spec 2.5)
 READY_TIMEOUT = 45.0  # cosm_hw_reset: up to 45 polls ...
@@ -232,6 +236,50 @@ class X100:
         else:
             self.regs.write(regs.rdmasr(db - regs.NUM_SBOX_IRQ), 0)
 
+    def send_intr_async(self, db: int, sending: Callable[[BaseException | None], None]) -> bool:
+        """:meth:`send_intr` without waiting for the read of the read-modify-write (spec 2.3).
+
+        ``sending(None)`` runs just before the doorbell's write is posted --
+        whatever was published before it is covered by this interrupt -- or
+        ``sending(error)`` when the read failed and nothing is written. For
+        db < 8 over vfio-user the read is a message whose reply comes later:
+        True is returned, and the caller must run :meth:`poll_async` when
+        :meth:`async_fd` is readable until :meth:`async_pending` is 0; the
+        callback then runs on the thread that reads the reply. False: done
+        already (db >= 8 is a posted write; mapped registers read at once).
+        """
+        if not 0 <= db < regs.NUM_CARD_DOORBELLS:
+            raise ValueError(f"card doorbell {db} out of range 0..{regs.NUM_CARD_DOORBELLS - 1}")
+        if db >= regs.NUM_SBOX_IRQ:
+            sending(None)
+            self.regs.write(regs.rdmasr(db - regs.NUM_SBOX_IRQ), 0)
+            return False
+        offset = regs.apicicr(db)
+        write = self.regs.write
+
+        def read(value: int | None, error: BaseException | None) -> None:
+            if error is not None:
+                sending(error)
+                return
+            sending(None)
+            try:
+                write(offset, value | regs.APICICR_SEND)
+            except PciError as e:  # the card went away between the read and the write
+                log.warning("%s: ringing card doorbell %d: %s", self.name, db, e)
+        return self.regs.read_async(offset, read)
+
+    def async_fd(self) -> int | None:
+        """The fd to wait on while :meth:`send_intr_async` answers are due; None when they never are."""
+        return None if self.regs.mmapped else self.dev.fileno()
+
+    def async_pending(self) -> int:
+        return self.dev.async_pending
+
+    def poll_async(self) -> int:
+        """Take in what the card sent: answers to :meth:`send_intr_async` (their callbacks run here), overdue
+        ones timed out."""
+        return self.dev.process_events()
+
     def send_firmware_intr(self, apic_id: int) -> None:
         """Kick the bootstrap (spec 3.2 step 10): APIC ID to APICICR7's high dword, then 229 | bit 13 low."""
         self.regs.write(regs.apicicr(regs.BOOT_APICICR) + 4, apic_id)
@@ -247,6 +295,15 @@ class X100:
 
     def free_irq(self, cookie: int) -> None:
         self.interrupts.free(cookie)
+
+    def claim_irq(self, cookie: int) -> int | None:
+        """The eventfd of the cookie's MSI-X vector, for the caller's loop to wait on and hand to
+        :meth:`dispatch_irq`; None when the vector is shared (MSI/INTx). See :meth:`Interrupts.claim`."""
+        return self.interrupts.claim(cookie)
+
+    def dispatch_irq(self, fd: int) -> int:
+        """Handle a claimed vector's readable eventfd: ack, workarounds (spec 2.3), the callback."""
+        return self.interrupts.dispatch(fd)
 
     def ack_interrupt(self) -> int:
         return self.interrupts.ack()

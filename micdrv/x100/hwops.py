@@ -83,6 +83,12 @@ class InterruptOps(Protocol):
 
     def free_irq(self, cookie: int) -> None: ...
 
+    def claim_irq(self, cookie: int) -> int | None:
+        """MSI-X: the cookie's vector eventfd, now the caller's to wait on (None: shared vector, MSI/INTx)."""
+
+    def dispatch_irq(self, fd: int) -> int:
+        """Handle a claimed vector's readable eventfd on the caller's thread (ack, workarounds, callback)."""
+
     def ack_interrupt(self) -> int:
         """MSI/INTx ack: read SICR0 and write it back. The dispatcher already does this."""
 

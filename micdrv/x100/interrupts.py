@@ -26,10 +26,16 @@ callbacks, so callbacks never ack anything themselves. The re-arm writes the
 values the host last wrote instead of reading the registers again
 (:meth:`Interrupts.rearm`).
 
-The daemon's event loop owns the waiting: it selects on :attr:`Interrupts.fds`
-and calls :meth:`Interrupts.dispatch` with the fd that became readable.
-:class:`InterruptThread` is that loop on its own thread, for tests and for
-callers without a loop (a stop eventfd registered first, as every micdrv loop).
+Whoever waits selects on :attr:`Interrupts.fds` and calls
+:meth:`Interrupts.dispatch` with the fd that became readable.
+:class:`InterruptThread` is that loop on its own thread (a stop eventfd
+registered first, as every micdrv loop). In MSI-X mode a consumer with an
+event loop of its own may :meth:`~Interrupts.claim` its vector: the
+interrupt thread stops watching that eventfd and the consumer's loop
+dispatches it, so the callback runs on the consumer's thread without a hop
+through the interrupt thread [choice]. Nothing else changes: the same
+eventfd, the same ack and workarounds per interrupt (spec 2.3), the same
+callback.
 """
 
 from __future__ import annotations
@@ -115,6 +121,8 @@ class Interrupts:
         self.counts: list[int] = []  # interrupts seen per vector (debugfs msi_irq_info)
         self._sice: int | None = None  # what enable() last wrote to SICE0 / SIAC0 (see rearm)
         self._siac = 0
+        self._claimed: set[int] = set()  # vector eventfds a consumer's loop dispatches (see claim)
+        self._watchers: list[Callable[[int, bool], None]] = []  # told of claims: the interrupt threads
         self._setup([IrqMode(m) for m in modes])
 
     # --- setup ----------------------------------------------------------------------
@@ -204,7 +212,7 @@ class Interrupts:
             return make_cookie(cb_id, offset)
 
     def free(self, cookie: int) -> None:
-        """``mic_free_irq``: stop routing and forget the callback."""
+        """``mic_free_irq``: stop routing and forget the callback; a claimed vector goes back (:meth:`claim`)."""
         entry, offset = cookie_parts(cookie)
         with self._lock:
             if self.mode is IrqMode.MSIX:
@@ -212,14 +220,63 @@ class Interrupts:
                     raise InterruptError(f"free of interrupt cookie {cookie:#x}", "not requested")
                 self.msi_map[entry] &= ~(1 << offset)
                 self._vector_cb.pop(entry, None)
+                fd = self._fds[entry]
+                watchers = list(self._watchers) if fd in self._claimed else []
+                self._claimed.discard(fd)
                 self._program_mxar(entry, offset, False)
-                return
-            cbs = self._offset_cbs.get(offset, {})
-            if cbs.pop(entry, None) is None:
-                raise InterruptError(f"free of interrupt cookie {cookie:#x}", "not requested")
-            if not cbs and self.mode is IrqMode.MSI:
-                self.msi_map[0] &= ~(1 << offset)
-                self._program_mxar(0, offset, False)
+            else:
+                watchers = []
+                cbs = self._offset_cbs.get(offset, {})
+                if cbs.pop(entry, None) is None:
+                    raise InterruptError(f"free of interrupt cookie {cookie:#x}", "not requested")
+                if not cbs and self.mode is IrqMode.MSI:
+                    self.msi_map[0] &= ~(1 << offset)
+                    self._program_mxar(0, offset, False)
+        for w in watchers:
+            w(fd, False)
+
+    # --- claimed vectors (MSI-X) ----------------------------------------------------------------
+    def claim(self, cookie: int) -> int | None:
+        """Take the vector of ``cookie`` away from the interrupt threads; returns its eventfd, or None.
+
+        From then on the caller waits on that eventfd itself and calls
+        :meth:`dispatch` with it when it is readable -- the callback then
+        runs on the caller's thread, with no hop through the interrupt
+        thread. Only in MSI-X mode, where the vector is the cookie's alone
+        (spec 1.3: one requester per vector); with MSI or INTx the one
+        vector is shared by every requester and stays with the interrupt
+        thread (None). A dispatch the interrupt thread had already begun
+        when the claim came may still run the callback there once, so the
+        callback must work on either thread. :meth:`free` gives the vector
+        back.
+        """
+        entry, offset = cookie_parts(cookie)
+        with self._lock:
+            if self.mode is not IrqMode.MSIX:
+                return None
+            if entry >= self.num_vectors or not self.msi_map[entry] & 1 << offset:
+                raise InterruptError(f"claim of interrupt cookie {cookie:#x}", "not requested")
+            fd = self._fds[entry]
+            if fd in self._claimed:
+                return fd
+            self._claimed.add(fd)
+            watchers = list(self._watchers)
+        for w in watchers:
+            w(fd, True)
+        return fd
+
+    def claimed(self, fd: int) -> bool:
+        return fd in self._claimed
+
+    def add_watcher(self, watcher: Callable[[int, bool], None]) -> None:
+        """``watcher(fd, claimed)`` is called when a vector is claimed or given back (interrupt threads)."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def remove_watcher(self, watcher: Callable[[int, bool], None]) -> None:
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
 
     def restore(self) -> None:
         """``mic_intr_restore``: re-set every recorded MXAR bit (before every boot; MXAR may be lost on reset)."""
@@ -255,14 +312,17 @@ class Interrupts:
         ``enable_interrupts`` writes -- minus two register reads per
         interrupt, which cost a round trip each over vfio-user. A card reset
         clears both registers; :meth:`enable` (in ``restore_state``) reads
-        them afresh.
+        them afresh. The two writes go in that order, as one message over
+        vfio-user (:meth:`~.mmio.Registers.write_many`).
         """
         if self._sice is None:
             self.enable()
             return
-        self.regs.write(regs.SICE0, self._sice | regs.INTR_ENABLE_MASK)
-        if self.mode is IrqMode.MSIX:
-            self.regs.write(regs.SIAC0, self._siac | regs.INTR_ENABLE_MASK)
+        if self.mode is IrqMode.MSIX:  # both writes in one message where the transport can (Registers.write_many)
+            self.regs.write_many(((regs.SICE0, self._sice | regs.INTR_ENABLE_MASK),
+                                  (regs.SIAC0, self._siac | regs.INTR_ENABLE_MASK)))
+        else:
+            self.regs.write(regs.SICE0, self._sice | regs.INTR_ENABLE_MASK)
 
     def ack(self) -> int:
         """``ack_interrupt`` (MSI/INTx): read SICR0, write the value back, return it."""
@@ -336,23 +396,49 @@ class InterruptThread:
         self._stop = new_eventfd()
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._stop, selectors.EVENT_READ)
-        for fd in interrupts.fds:
-            self._sel.register(fd, selectors.EVENT_READ)
+        self._sel_lock = threading.Lock()
+        self._sel_closed = False
+        interrupts.add_watcher(self._claim_changed)
+        with self._sel_lock:
+            for fd in interrupts.fds:
+                if not interrupts.claimed(fd):
+                    self._sel.register(fd, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def _claim_changed(self, fd: int, claimed: bool) -> None:
+        """A vector claimed (stop watching it) or given back (watch it again); from the claimer's thread.
+
+        epoll_ctl(2) may change the set while this thread waits in it; a
+        wake-up already under way for a claimed fd is skipped in :meth:`_run`.
+        """
+        with self._sel_lock:
+            if self._sel_closed:
+                return
+            registered = fd in self._sel.get_map()
+            if claimed and registered:
+                self._sel.unregister(fd)
+            elif not claimed and not registered and fd in self.interrupts.fds:
+                self._sel.register(fd, selectors.EVENT_READ)
+
     def _run(self) -> None:
+        claimed = self.interrupts.claimed
         try:
             while True:
                 for key, _ in self._sel.select():
                     if key.fd == self._stop:
                         return
+                    if claimed(key.fd):
+                        continue  # its claimer's loop dispatches it
                     try:
                         self.interrupts.dispatch(key.fd)
                     except Exception:
                         log.exception("interrupt dispatch of fd %d failed", key.fd)
         finally:
-            self._sel.close()
+            self.interrupts.remove_watcher(self._claim_changed)
+            with self._sel_lock:
+                self._sel_closed = True
+                self._sel.close()
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._stop >= 0:

@@ -26,12 +26,16 @@ or region reads and writes when BAR0 cannot be mapped.
 
 from __future__ import annotations
 
+import struct
+
 from ..addr import BarOffset, CardPhys
 from ..memory import BufferMemory, Memory, MemoryBase
 from ..pci import BAR0, BAR4, PciDevice
 from ..pci.errors import RegionError
 from . import regs
 from .errors import X100Error
+
+_U32 = struct.Struct("<I").pack
 
 
 class Registers:
@@ -66,6 +70,15 @@ class Registers:
             return words[offset >> 2]
         return self.dev.read(BAR4, offset, 4)
 
+    def read_async(self, offset: BarOffset | int, callback) -> bool:
+        """:meth:`read`, the value to ``callback(value, error)``; True while the answer is still to come
+        (:meth:`~micdrv.pci.PciDevice.read_async`), False when ``callback`` ran already (mapped registers)."""
+        words = self._words
+        if words is not None:
+            callback(words[offset >> 2], None)
+            return False
+        return self.dev.read_async(BAR4, offset, 4, callback)
+
     def write(self, offset: BarOffset | int, value: int) -> None:
         """A posted 32-bit write (returns before the card has seen it)."""
         words = self._words
@@ -73,6 +86,17 @@ class Registers:
             words[offset >> 2] = value
         else:
             self.dev.write(BAR4, offset, 4, value, posted=True)
+
+    def write_many(self, writes: tuple[tuple[int, int], ...]) -> None:
+        """Posted 32-bit writes ``(offset, value)``, in order: stores through the mapping, else
+        :meth:`~micdrv.pci.PciDevice.write_multi` -- over vfio-user one REGION_WRITE_MULTI message
+        (vfio-user notes 2.5) instead of one message each; the card sees the same writes in the same order."""
+        words = self._words
+        if words is not None:
+            for offset, value in writes:
+                words[offset >> 2] = value
+        else:
+            self.dev.write_multi([(BAR4, offset, _U32(value)) for offset, value in writes], posted=True)
 
     def set_bits(self, offset: BarOffset | int, bits: int) -> int:
         """Read-modify-write: OR ``bits`` in; returns the value written."""

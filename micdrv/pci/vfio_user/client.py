@@ -149,8 +149,13 @@ class VfioUserDevice(PciDevice):
         return self._conn.fileno()
 
     def process_events(self) -> int:
-        """Serve DMA_READ/DMA_WRITE that have arrived; call when :meth:`fileno` is readable."""
+        """Serve DMA_READ/DMA_WRITE and the replies to :meth:`read_async` that have arrived (and time out
+        those overdue); call when :meth:`fileno` is readable."""
         return self._conn.process_events()
+
+    @property
+    def async_pending(self) -> int:
+        return self._conn.async_pending
 
     def start_service_thread(self) -> threading.Thread:
         return self._conn.start_service_thread()
@@ -226,6 +231,31 @@ class VfioUserDevice(PciDevice):
             pieces.append(bytes(memoryview(p)[region_rw.size:]))
             pos += n
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_async(self, region: int, offset: int, size: int, callback) -> bool:
+        """A sized read whose reply goes to ``callback(value, error)`` (see :meth:`PciDevice.read_async`).
+
+        One REGION_READ sent with :meth:`~.protocol.Connection.call_async`;
+        True: the reply is still to come -- whoever waits must call
+        :meth:`process_events` when :meth:`fileno` is readable.
+        """
+        self._check_access(region, offset, size, write=False, size=size)
+        if size > self._small_read:
+            return super().read_async(region, offset, size, callback)
+        name = self.name
+
+        def done(reply, error, region=region, offset=offset, size=size) -> None:
+            if error is not None:
+                callback(None, error)
+                return
+            p = reply.payload
+            if len(p) == _RW_SIZE + size and _unpack_rw(p) == (offset, region, size):
+                callback(int.from_bytes(p[_RW_SIZE:], "little"), None)
+                return
+            callback(None, ProtocolError(f"vfio-user REGION_READ region {region} on {name}",
+                                         f"reply of {len(p)} bytes does not echo offset {offset:#x} count {size}"))
+        self._conn.call_async(REGION_READ, _pack_rw(offset, region, size), done)
+        return True
 
     def _region_write(self, index: int, offset: int, data: bytes, posted: bool) -> None:
         if posted and len(data) <= self._small_write:  # a doorbell: one message, nothing to split

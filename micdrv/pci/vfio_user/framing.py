@@ -248,7 +248,9 @@ class Framing:
                     continue
                 ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
                 if wake_fd is None:
-                    if not self._poll.poll(ms):
+                    if ms == 0:
+                        pass  # a look without waiting (an event loop saw the socket readable): just read
+                    elif not self._poll.poll(ms):
                         return "timeout"
                 else:
                     p = self._wake_polls.get(wake_fd)

@@ -26,6 +26,12 @@ How one connection is shared between threads:
   call the peer (the server's DMA_READ from inside a REGION_WRITE
   handler) and another thread may read replies meanwhile; commands that
   arrive then wait in the queue.
+* :meth:`Connection.call_async` sends a command without waiting: its reply
+  goes to a callback, run by whichever thread reads it (a caller waiting
+  for its own reply, :meth:`~Connection.process_events` of an event loop
+  that polls :meth:`~Connection.fileno`, the service thread), outside the
+  lock. A connection that dies answers every pending one with the error;
+  :meth:`~Connection.expire_async` times them out.
 * A framing error cannot be resynchronised on a stream: it closes the
   connection with :class:`ProtocolError`. Once the connection is closed or the
   peer is gone, every pending and later call raises
@@ -92,6 +98,7 @@ class Connection:
         self._reader: int | None = None  # thread id of the reader
         self._waiting: set[int] = set()  # msg_ids of calls awaiting a reply
         self._replies: dict[int, Message] = {}  # routed replies not yet claimed
+        self._async: dict[int, tuple] = {}  # msg_id -> (callback, deadline, step) of call_async
         self._abandoned: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._commands: collections.deque[Message] = collections.deque()
         self._dispatching = False
@@ -136,7 +143,7 @@ class Connection:
             self._cond.notify_all()
 
     def _fail(self, exc: VfioUserError) -> None:
-        """Mark the connection dead (first reason wins) and wake everybody."""
+        """Mark the connection dead (first reason wins), wake everybody, answer the pending async calls."""
         with self._lock:
             if self._dead is None:
                 self._dead = exc
@@ -145,6 +152,12 @@ class Connection:
                 while self._commands:
                     self._commands.popleft().close_fds()
             self._wake_locked()
+            pending = list(self._async.items())
+            self._async.clear()
+            for msg_id, _entry in pending:
+                self._waiting.discard(msg_id)
+        for _msg_id, (callback, _deadline, step) in pending:
+            self._run_callback(callback, None, self._dead_error(step))
 
     def _send(self, msg_id: int, command: int, flags: int, error: int, payload, fds: Sequence[int], step: str) -> None:
         with self._send_lock:
@@ -221,13 +234,16 @@ class Connection:
             return msg
         err = None
         direct = False
-        mine = None
+        mine = later = None
         with self._lock:
             self._reader = None
             if msg.flags & FLAGS_TYPE_MASK == FLAGS_TYPE_REPLY:
                 if msg.msg_id == want:
                     self._waiting.discard(want)
                     mine = msg
+                elif self._async and msg.msg_id in self._async:
+                    self._waiting.discard(msg.msg_id)
+                    later = self._async.pop(msg.msg_id)
                 else:
                     err = self._route_reply_locked(msg, step)
             elif (not self._dispatching and not self._commands and self._dead is None
@@ -240,6 +256,8 @@ class Connection:
         if err is not None:
             self._fail(err)
             raise err
+        if later is not None:
+            self._answer_async(later, msg)
         if direct:
             try:
                 self._run_handler(msg)
@@ -323,6 +341,83 @@ class Connection:
             reply.close_fds()
             raise ProtocolError(step, f"reply carried {n} fds, expected at most {max_reply_fds}")
         return reply
+
+    def call_async(self, command: int, payload: bytes | bytearray | memoryview, callback, *,
+                   timeout: float | None = None) -> None:
+        """Send a command and return at once; ``callback(reply, error)`` gets its reply later.
+
+        ``callback`` runs on whichever thread reads the reply (see the module
+        docstring) -- so somebody must: a caller of :meth:`call`, an event
+        loop calling :meth:`process_events` when :meth:`fileno` is readable,
+        or the service thread. It gets ``(reply, None)``, or ``(None,
+        error)``: :class:`RemoteError` for an ERROR reply,
+        :class:`DisconnectedError` when the connection dies first,
+        :class:`ReplyTimeout` from :meth:`expire_async` after ``timeout``
+        (default :attr:`reply_timeout`), :class:`ProtocolError` for a reply
+        with fds. It must not block. Raises
+        :class:`DisconnectedError` at once if the connection is dead; a send
+        that fails kills the connection and goes to ``callback``.
+        """
+        step = self._steps.get(command)
+        if step is None:
+            step = self._steps[command] = f"vfio-user {command_name(command)} on {self.name}"
+        deadline = time.monotonic() + (self.reply_timeout if timeout is None else timeout)
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead_error(step)
+            msg_id = self._new_id_locked()
+            self._waiting.add(msg_id)
+            self._async[msg_id] = (callback, deadline, step)
+        try:
+            self._send(msg_id, command, FLAGS_TYPE_COMMAND, 0, payload, (), step)
+        except BaseException:
+            with self._lock:
+                self._waiting.discard(msg_id)
+                entry = self._async.pop(msg_id, None)
+            if entry is None:
+                return  # _fail answered it with the error already
+            raise
+
+    def _answer_async(self, entry: tuple, reply: Message) -> None:
+        callback, _deadline, step = entry
+        if reply.flags & FLAGS_ERROR:
+            reply.close_fds()
+            self._run_callback(callback, None, RemoteError(step, "the peer refused the command",
+                                                           errno=reply.error or None))
+        elif reply.fds:
+            n = len(reply.fds)
+            reply.close_fds()
+            self._run_callback(callback, None, ProtocolError(step, f"reply carried {n} fds, expected none"))
+        else:
+            self._run_callback(callback, reply, None)
+
+    def _run_callback(self, callback, reply: Message | None, error: Exception | None) -> None:
+        try:
+            callback(reply, error)
+        except Exception:
+            log.exception("%s: reply callback %r failed", self.name, callback)
+
+    @property
+    def async_pending(self) -> int:
+        """How many :meth:`call_async` replies have not come yet."""
+        return len(self._async)
+
+    def expire_async(self) -> int:
+        """Answer the :meth:`call_async` calls past their deadline with :class:`ReplyTimeout`; how many."""
+        if not self._async:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            expired = [(i, e) for i, e in self._async.items() if e[1] <= now]
+            for msg_id, _e in expired:
+                del self._async[msg_id]
+                self._waiting.discard(msg_id)
+                self._abandoned[msg_id] = None  # a late reply is dropped, not fatal
+            while len(self._abandoned) > _MAX_ABANDONED:
+                self._abandoned.popitem(last=False)
+        for msg_id, (callback, _deadline, step) in expired:
+            self._run_callback(callback, None, ReplyTimeout(step, f"no reply (msg_id {msg_id}) in time"))
+        return len(expired)
 
     def _await(self, msg_id: int, deadline: float, timeout: float, step: str) -> Message:
         me = threading.get_ident()
@@ -475,6 +570,8 @@ class Connection:
                 break
             n += 1
         self._dispatch_pending()
+        if self._async:
+            self.expire_async()
         return n
 
     def start_service_thread(self) -> threading.Thread:
