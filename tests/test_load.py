@@ -207,7 +207,7 @@ def test_four_cards_with_network_block_and_console_traffic_no_errors_and_memory_
                for d in cards]
     traffic = [Traffic(d) for d in cards]
     wait_for(lambda: all(w.flushes >= 2 or w.error for w in writers) and
-             all(t.counts["udp"] >= 30 and t.counts["console"] >= 5 and t.counts["ping"] >= 2 or t.errors
+             all(t.counts["udp"] >= 300 and t.counts["console"] >= 20 and t.counts["ping"] >= 2 or t.errors
                  for t in traffic), "the warm-up")
     start = {d.name: usage(d) for d in cards}
     time.sleep(STEADY)
