@@ -141,6 +141,15 @@ def request(name: str, path: Path, cmd: str, /, io_timeout: float | None = None,
 
 # --- card commands -------------------------------------------------------------------------------
 
+def _say(e: object) -> None:
+    """An error as one line on stderr: characters that are not printable (a control character or a line
+    separator in a path the user typed, say) are written as escapes, so no terminal or line reader sees them."""
+    text = str(e)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    print(f"micctl: {text}", file=sys.stderr)
+
+
 def _each(args, fn) -> int:
     """Run ``fn(name, path)`` for every selected card; report each failure, return the worst code."""
     worst = EXIT_OK
@@ -148,7 +157,7 @@ def _each(args, fn) -> int:
         try:
             fn(name, path)
         except CliError as e:
-            print(f"micctl: {e}", file=sys.stderr)
+            _say(e)
             worst = max(worst, e.code)
     return worst
 
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(translate_short_flags(argv))
     except CliError as e:
-        print(f"micctl: {e}", file=sys.stderr)
+        _say(e)
         return e.code
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -442,10 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as e:
-        print(f"micctl: {e}", file=sys.stderr)
+        _say(e)
         return e.code
     except (PciError, ValueError) as e:
-        print(f"micctl: {e}", file=sys.stderr)
+        _say(e)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

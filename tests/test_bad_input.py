@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from micdrv import config as C
@@ -305,6 +305,8 @@ _commands = st.sampled_from([["status"], ["info"], ["wait"], ["log"], ["set", "m
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cmd=_commands, words=st.lists(_words, max_size=4))
+@example(cmd=["blk", "add", "mic3"], words=["\x1e"])     # a path ending in a record separator (a line break to
+@example(cmd=["set", "mic3"], words=["a\nb", "x"])       # str.splitlines) came back raw in the error line
 def test_whatever_is_typed_micctl_answers_with_a_documented_status_and_no_traceback(mic3, tmp_path, cmd, words):
     """Commands that may change the card (boot, shutdown, reset, console) are left out; the rest get any
     words. A wait never waits: the last --timeout is 0."""
