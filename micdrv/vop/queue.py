@@ -664,20 +664,8 @@ class VopQueue(Virtqueue):
         engine = self.engine
         st = self.staging
         items = []
-        used = []
-        direct = 0
-        for s, written in done:
-            tail = s.tail
-            if not written and not tail:
-                used.append((s.head, 0))                 # nothing written (a transmit chain): nothing to copy
-                continue
-            if written < 0 or tail < 0 or written + tail > s.desc.writable_len:
-                raise ValueError(f"{self.name}: head {s.head} completed with {written} + {tail} bytes written, "
-                                 f"its writable buffers hold {s.desc.writable_len}")
-            used.append((s.head, written + tail))
-            if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
-                direct += written + tail
-                continue
+        used: list[tuple[int, int]] = []
+        for s, written, tail in self._to_copy(done, used):
             lay = s.lay
             if lay is None:
                 split = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
@@ -691,18 +679,13 @@ class VopQueue(Virtqueue):
                         lay.splits.clear()
                     split = lay.splits[key] = engine.split_plan(_copy_out_plan(s.wslots, written, tail))
             items.append((s.offset, split))
-        if direct:
-            engine.wrote_direct(direct)
         return (engine.write_out_split(items, st.view, st.arena_card) if items else []), used
 
-    def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
-        """The host -> card pieces of completed chains (checked against their writable buffers), and their
-        used entries."""
-        st = self.staging
-        view, card0 = st.view, st.arena_card
-        pieces = []
-        add = pieces.append
-        used = []
+    def _to_copy(self, done: list[tuple[Chain, int]], used: list[tuple[int, int]]) -> list[tuple[_Staged, int, int]]:
+        """Completed chains checked against their writable buffers, their used entries appended to ``used``;
+        returns (chain, written, tail) of those whose bytes are still to be copied to the card (not a chain
+        that wrote nothing, nor an h2c_direct one, which wrote card memory itself)."""
+        out = []
         direct = 0
         for s, written in done:
             tail = s.tail
@@ -716,6 +699,20 @@ class VopQueue(Virtqueue):
             if s.wslots[0][2] < 0:                       # h2c_direct: the backend wrote card memory itself
                 direct += written + tail
                 continue
+            out.append((s, written, tail))
+        if direct:
+            self.engine.wrote_direct(direct)
+        return out
+
+    def _pieces(self, done: list[tuple[Chain, int]]) -> tuple[list, list[tuple[int, int]]]:
+        """The host -> card pieces of completed chains (checked against their writable buffers), and their
+        used entries."""
+        st = self.staging
+        view, card0 = st.view, st.arena_card
+        pieces = []
+        add = pieces.append
+        used: list[tuple[int, int]] = []
+        for s, written, tail in self._to_copy(done, used):
             base = s.offset
             lay = s.lay
             if lay is None:
@@ -730,8 +727,6 @@ class VopQueue(Virtqueue):
             for a, k, room, rel in plan:
                 pos = base + rel
                 add((a, k, room, card0 + pos, view[pos:pos + k]))
-        if direct:
-            self.engine.wrote_direct(direct)
         return pieces, used
 
     def abandon(self, chains: Sequence[Chain]) -> None:
