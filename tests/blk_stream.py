@@ -50,7 +50,7 @@ class Writer:
         self.stop = threading.Event()
         self.error: str | None = None
         self.full = False
-        self.thread = threading.Thread(target=self._run, name=f"writer {round_}")
+        self.thread = threading.Thread(target=self._run, name=f"writer {round_}", daemon=True)
 
     def start(self) -> "Writer":
         self.thread.start()

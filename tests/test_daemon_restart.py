@@ -197,7 +197,8 @@ def traffic(d, stop: threading.Event, counts: dict) -> list[threading.Thread]:
             except (OSError, AssertionError):
                 counts["console_lost"] += 1
                 time.sleep(0.2)
-    ts = [threading.Thread(target=udp, name="udp"), threading.Thread(target=console, name="console")]
+    ts = [threading.Thread(target=udp, name="udp", daemon=True),
+          threading.Thread(target=console, name="console", daemon=True)]
     for t in ts:
         t.start()
     return ts
@@ -208,21 +209,24 @@ def test_sigkill_in_the_middle_of_traffic_then_a_restart_resets_the_card_and_ser
     d = card
     round_ = 1 + boot
     survived = False
+    stop = threading.Event()
+    w = None
     try:
         if d.status()["state"] != "online":
             d.ok("boot", "--wait", "mic0")
         serving(d)
         assert d.started_path().read_text().strip() == str(d.proc.pid)
         rng = random.Random(7100 + round_)
-        w = Writer(d.sim_control, round_, rng, area=AREA).start()
-        stop = threading.Event()
         counts = dict.fromkeys(("udp", "udp_lost", "console", "console_lost"), 0)
         ts = traffic(d, stop, counts)
-        wait_for(lambda: (w.flushes >= 2 and counts["udp"] >= 3 and counts["console"] >= 1) or w.error,
-                 "block, network and console traffic")
-        assert w.error is None, w.error
+        # Network and console first: the writer's area is finite, and a console slow to answer its
+        # first command must not let the writer fill it before the kill (it once did, on CI).
+        wait_for(lambda: counts["udp"] >= 3 and counts["console"] >= 1, "network and console traffic")
+        w = Writer(d.sim_control, round_, rng, area=AREA).start()
+        wait_for(lambda: w.flushes >= 2 or w.error or w.full, "block traffic")
+        assert w.error is None and not w.full, (w.error, w.full)
         w.sent.clear()
-        assert w.sent.wait(WAIT)
+        assert w.sent.wait(WAIT), (w.error, w.full, len(w.done))
         time.sleep(rng.uniform(0, 0.003))
         old = kill(d)                                        # in the middle of it all
         assert d.started_path().read_text().strip() == str(old)
@@ -253,6 +257,9 @@ def test_sigkill_in_the_middle_of_traffic_then_a_restart_resets_the_card_and_ser
         console_command(d, f"echo restarted{round_}", f"restarted{round_}")
         survived = True
     finally:
+        stop.set()                      # a failed round's traffic must not run into the next test
+        if w is not None:
+            w.stop.set()
         hardening.fault(survived)
     print(f"kill {round_}: {len(w.done)} writes ({w.flushed} flushed), {good} bytes verified; traffic {counts}; "
           f"the card's write in flight ended with {w.error!r}")
