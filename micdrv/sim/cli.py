@@ -25,6 +25,7 @@ import importlib
 import logging
 import os
 import re
+import faulthandler
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ from .cardos import image as image_mod
 from .control import ControlServer
 
 log = logging.getLogger("micdrv.sim")
+STOP_DIAGNOSE = 2.0          # seconds after SIGTERM/SIGINT before a stop counts as hung and its stacks are logged
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def stop(signum, _frame):
             log.info("%s: stopping", signal.Signals(signum).name)
+            # A stop that hangs says where: every thread's stack goes to the log if we are still here
+            # in STOP_DIAGNOSE seconds (a clean stop takes milliseconds).
+            faulthandler.dump_traceback_later(STOP_DIAGNOSE, file=sys.stderr)
             server.stop(timeout=0)
 
         signal.signal(signal.SIGTERM, stop)
