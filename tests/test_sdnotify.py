@@ -1,6 +1,5 @@
 """sd_notify against a real datagram socket bound by the test, as systemd binds its own."""
 
-import array
 import os
 import shutil
 import socket
