@@ -251,9 +251,13 @@ class CardSide:
         self.apic_id = card.bootstrap.apic_id
 
     def stop(self) -> None:
-        """The card was reset: this card OS may touch the hardware no more (card lock held)."""
-        self._halted = True
+        """The card was reset: this card OS may touch the hardware no more (card lock held).
+
+        The event first: a card OS thread whose access raised CardOSStopped must find ``stopped`` set
+        when it asks why (the SCIF worker logs a traceback otherwise; it once did, between the two).
+        """
         self.stopped.set()
+        self._halted = True
 
     def _check(self) -> None:
         if self._halted:
