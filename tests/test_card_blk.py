@@ -466,3 +466,24 @@ def test_requests_ended_together_are_all_done_when_the_first_waiter_wakes():
     assert seen == [[True] * 32]
     Request.finish_all(reqs)                       # idempotent: nothing released twice
     assert all(r.wait(0) is None for r in reqs)
+
+
+def test_streams_refill_their_window_as_one_batch(card, tmp_path):
+    # as blk-mq submits a plugged list: the requests a stream's reap made room for go on the ring together,
+    # one avail.idx store and one kick decision, so the device takes them in one pop -- submitted one by
+    # one, a device that drains at once saw (and was kicked for) one request at a time
+    data = os.urandom(16 * MiB)
+    path = make_image(tmp_path / "a.img", 0, data)
+    _dev, disk = attach(card, path)
+    posts = []
+    real = disk._post_prepared, disk._post
+    disk._post_prepared = lambda dev, p: (posts.append(len(p)), real[0](dev, p))[1]
+    disk._post = lambda dev, p: (posts.append(len(p)), real[1](dev, p))[1]
+    h = hashlib.sha256()
+    disk.read_stream(0, len(data) // 512, h.update, window=8)
+    assert h.digest() == hashlib.sha256(data).digest()
+    assert posts[0] == 8 and sum(posts) == 16 and len(posts) < 16, posts
+    posts.clear()
+    disk.write_stream(0, len(data) // 512, lambda v, s: fill_pattern(v, "0x5a", s), window=8)
+    assert file_bytes(path, 0, len(data)) == b"\x5a" * len(data)
+    assert posts[0] == 8 and sum(posts) == 16 and len(posts) < 16, posts

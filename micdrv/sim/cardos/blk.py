@@ -291,6 +291,13 @@ class BlkDriver(VirtioDriver):
         dev = self.dev
         if dev is None or self.removing:
             raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
+        post = self._prepare(dev, type_, sector, nbytes, data, fill, into, keep, wait_heap)
+        self._post(dev, [post])
+        return post[0]
+
+    def _prepare(self, dev: VirtioDevice, type_: int, sector: int, nbytes: int, data, fill, into, keep: bool,
+                 wait_heap: bool) -> tuple[Request, list, list]:
+        """A request's card memory (header, data) written and its chain's buffers, ready for :meth:`_post`."""
         size = DATA_OFFSET + nbytes
         addr = self._alloc(dev, size, wait_heap)
         req = Request(type_, sector, nbytes, addr, size, into, dev, keep)
@@ -310,16 +317,46 @@ class BlkDriver(VirtioDriver):
             out += segs
         else:
             in_ = segs + in_
-        self._post(dev, [(req, out, in_)])
-        return req
+        return req, out, in_
 
-    def submit_reads(self, sectors, nbytes: int, keep: bool = False) -> list[Request]:
+    def submit_writes(self, sectors, nbytes: int, fill, wait_heap: bool = True) -> list[Request]:
+        """OUT requests of ``nbytes`` each at ``sectors``, ``fill(view, sector)`` writing each one's data in
+        its card memory, queued as one batch (one kick decision, as :meth:`submit_reads`). Returns the
+        requests queued, in order: all of them, or those before one that could not be made -- no card
+        memory for it, or its ``fill`` raised -- whose error is raised only when it is the first (for the
+        first, no card memory waits as :meth:`submit` with ``wait_heap`` does). What was generated before
+        a failing ``fill`` is written, as ``dd`` writes the blocks it read before a read error."""
+        if nbytes > self.max_request or nbytes < 0:
+            raise ValueError(f"{self.disk}: {nbytes} bytes in one request, at most {self.max_request}")
+        dev = self.dev
+        if dev is None or self.removing:
+            raise BlkError(errno.ENODEV, f"{self.disk}: the disk is gone")
+        posts = []
+        for at in sectors:
+            try:
+                posts.append(self._prepare(dev, B.VIRTIO_BLK_T_OUT, at, nbytes, None,
+                                           lambda v, at=at: fill(v, at), None, False, wait_heap and not posts))
+            except Exception:
+                if not posts:
+                    raise
+                break
+            except BaseException:
+                for req, _o, _i in posts:
+                    self._give(dev, req.addr, req.size)
+                raise
+        return [p[0] for p in posts[:self._post(dev, posts)]]
+
+    def submit_reads(self, sectors, nbytes: int, keep: bool = False, wait_heap: bool = True,
+                     partial: bool = False) -> list[Request]:
         """IN requests of ``nbytes`` each at ``sectors``, queued as one batch: what blk-mq does for a plugged
         list (``virtio_queue_rqs``) -- every chain added under one lock round trip, then one kick decision for
         them all. Their data as :meth:`submit` gives it (a ``bytearray`` each; with ``keep`` in place, for
         :meth:`data_view` and :meth:`release_many`). Returns the requests queued, in order: all of them, or
         those before one that could not be (ring room timed out, the disk broken or removed; the error is
-        raised when it is the first). No card memory for one fails the batch, none of it in flight."""
+        raised when it is the first). No card memory for one fails the batch, none of it in flight
+        (``wait_heap=False``: at once with :class:`HeapFull`, as :meth:`submit` does). With ``partial``, no
+        card memory for a request after the first ends the batch there instead: those before it are
+        queued and returned (blk-mq dispatching what it has tags for)."""
         if nbytes > self.max_request or nbytes < 0:
             raise ValueError(f"{self.disk}: {nbytes} bytes in one request, at most {self.max_request}")
         dev = self.dev
@@ -333,7 +370,12 @@ class BlkDriver(VirtioDriver):
         posts = []
         try:
             for sector in sectors:
-                addr = self._alloc(dev, size)
+                try:
+                    addr = self._alloc(dev, size, wait_heap and not (partial and posts))
+                except HeapFull:
+                    if not (partial and posts):
+                        raise
+                    break
                 req = Request(B.VIRTIO_BLK_T_IN, sector, nbytes, addr, size, None, dev, keep)
                 chain = chains.get(addr)
                 if chain is None:
@@ -637,31 +679,41 @@ class BlkDriver(VirtioDriver):
             raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
         step = self.max_request
         total = count * SECTOR
+        window = max(1, window)
         pending: collections.deque[Request] = collections.deque()
         pos = 0
         try:
             while pos < total or pending:
-                while pos < total and len(pending) < max(1, window):
+                # Refill the window as one batch (one avail.idx store, one kick decision), as blk-mq
+                # submits a plugged list: the device sees the whole batch at once, not one request per
+                # wake-up. The memory of requests done but not yet consumed comes back only once they
+                # are: with some pending, a full heap means consume first, not wait.
+                room = window - len(pending)
+                if pos < total and room > 0:
                     n = min(step, total - pos)
+                    k = min(room, (total - pos) // n)
                     try:
-                        # the memory of requests done but not yet consumed comes back only once they are:
-                        # with some pending, a full heap means consume first, not wait
-                        req = self.submit(B.VIRTIO_BLK_T_IN, sector + pos // SECTOR, nbytes=n, keep=True,
-                                          wait_heap=not pending)
+                        reqs = self.submit_reads([sector + (pos + i * n) // SECTOR for i in range(k)], n,
+                                                 keep=True, wait_heap=not pending, partial=True)
                     except HeapFull:
                         if not pending:
                             raise
-                        break
-                    pending.append(req)
-                    pos += n
+                        reqs = []
+                    pending.extend(reqs)
+                    pos += len(reqs) * n
                 req = pending[0]
                 req.wait()
-                pending.popleft()
-                try:
-                    if consume is not None:
-                        self._consume(req, consume)
-                finally:
-                    self.release(req)
+                while True:        # reap what is done at the head of the window before refilling it
+                    pending.popleft()
+                    try:
+                        if consume is not None:
+                            self._consume(req, consume)
+                    finally:
+                        self.release(req)
+                    if not pending or not pending[0].finished:
+                        break
+                    req = pending[0]
+                    req.wait()     # finished: returns at once, raising a request's error as it would
         except BaseException:
             self._wait_all(list(pending), quiet=True)   # nothing left in flight on card memory we give back
             for r in pending:
@@ -704,15 +756,26 @@ class BlkDriver(VirtioDriver):
         total = count * SECTOR
         pending: collections.deque[Request] = collections.deque()
         pos = 0
+        window = max(1, window)
         try:
             while pos < total or pending:
-                while pos < total and len(pending) < max(1, window):
-                    n, at = min(step, total - pos), sector + pos // SECTOR
-                    pending.append(self.submit(B.VIRTIO_BLK_T_OUT, at, nbytes=n,
-                                               fill=lambda v, at=at: fill(v, at)))
-                    pos += n
+                room = window - len(pending)
+                if pos < total and room > 0:      # the window refilled as one batch (read_stream says why)
+                    n = min(step, total - pos)
+                    k = min(room, (total - pos) // n)
+                    try:
+                        reqs = self.submit_writes([sector + (pos + i * n) // SECTOR for i in range(k)], n, fill,
+                                                  wait_heap=not pending)
+                    except HeapFull:
+                        if not pending:
+                            raise
+                        reqs = []
+                    pending.extend(reqs)
+                    pos += len(reqs) * n
                 pending[0].wait()
                 pending.popleft()
+                while pending and pending[0].finished:   # reap what is done before refilling
+                    pending.popleft().wait()
         except BaseException:
             self._wait_all(list(pending), quiet=True)
             raise
