@@ -677,30 +677,15 @@ class BlkDriver(VirtioDriver):
             self._check_range(sector, count)
         if count < 0:
             raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
-        step = self.max_request
         total = count * SECTOR
         window = max(1, window)
         pending: collections.deque[Request] = collections.deque()
         pos = 0
         try:
             while pos < total or pending:
-                # Refill the window as one batch (one avail.idx store, one kick decision), as blk-mq
-                # submits a plugged list: the device sees the whole batch at once, not one request per
-                # wake-up. The memory of requests done but not yet consumed comes back only once they
-                # are: with some pending, a full heap means consume first, not wait.
-                room = window - len(pending)
-                if pos < total and room > 0:
-                    n = min(step, total - pos)
-                    k = min(room, (total - pos) // n)
-                    try:
-                        reqs = self.submit_reads([sector + (pos + i * n) // SECTOR for i in range(k)], n,
-                                                 keep=True, wait_heap=not pending, partial=True)
-                    except HeapFull:
-                        if not pending:
-                            raise
-                        reqs = []
-                    pending.extend(reqs)
-                    pos += len(reqs) * n
+                pos = self._refill(pending, window, sector, pos, total,
+                                   lambda at, n, wait: self.submit_reads(at, n, keep=True, wait_heap=wait,
+                                                                         partial=True))
                 req = pending[0]
                 req.wait()
                 while True:        # reap what is done at the head of the window before refilling it
@@ -723,6 +708,26 @@ class BlkDriver(VirtioDriver):
                         continue
                 self.release(r)
             raise
+
+    def _refill(self, pending: collections.deque, window: int, sector: int, pos: int, total: int, submit) -> int:
+        """A stream's window refilled as one batch (one avail.idx store, one kick decision), as blk-mq
+        submits a plugged list: the device sees the whole batch at once, not one request per wake-up.
+        ``submit(sectors, nbytes, wait_heap)`` queues them; the stream's new byte position is returned.
+        The memory of requests done but not yet consumed comes back only once they are: with some
+        pending, a full heap means reap first, not wait."""
+        room = window - len(pending)
+        if pos >= total or room <= 0:
+            return pos
+        n = min(self.max_request, total - pos)
+        k = min(room, (total - pos) // n)
+        try:
+            reqs = submit([sector + (pos + i * n) // SECTOR for i in range(k)], n, not pending)
+        except HeapFull:
+            if not pending:
+                raise
+            return pos
+        pending.extend(reqs)
+        return pos + len(reqs) * n
 
     def _consume(self, req: Request, consume) -> None:
         v = self.data_view(req)
@@ -752,26 +757,14 @@ class BlkDriver(VirtioDriver):
             self._check_range(sector, count)
         if count < 0:
             raise BlkError(errno.EINVAL, f"{self.disk}: {count} sectors")
-        step = self.max_request
         total = count * SECTOR
         pending: collections.deque[Request] = collections.deque()
         pos = 0
         window = max(1, window)
         try:
             while pos < total or pending:
-                room = window - len(pending)
-                if pos < total and room > 0:      # the window refilled as one batch (read_stream says why)
-                    n = min(step, total - pos)
-                    k = min(room, (total - pos) // n)
-                    try:
-                        reqs = self.submit_writes([sector + (pos + i * n) // SECTOR for i in range(k)], n, fill,
-                                                  wait_heap=not pending)
-                    except HeapFull:
-                        if not pending:
-                            raise
-                        reqs = []
-                    pending.extend(reqs)
-                    pos += len(reqs) * n
+                pos = self._refill(pending, window, sector, pos, total,
+                                   lambda at, n, wait: self.submit_writes(at, n, fill, wait_heap=wait))
                 pending[0].wait()
                 pending.popleft()
                 while pending and pending[0].finished:   # reap what is done before refilling
