@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from micdrv.sim.dma_engine import INLINE_DESCRIPTORS
+from micdrv.sim.dma_engine import INLINE_BYTES, INLINE_DESCRIPTORS
 from micdrv.x100 import regs
 from tests.sim_harness import (DMA_ERR_ADDRESS, DMA_ERR_ALIGN, DMA_ERR_DHPR, DMA_ERR_HOST_TO_HOST, DMA_ERR_LENGTH,
                                DMA_ERR_RING, DMA_ERR_TYPE, IOVA_BASE, MEMORY, Host, fired, memcpy_desc,
@@ -150,25 +150,26 @@ def test_a_small_batch_is_done_by_the_time_the_dhpr_write_is_flushed(host):
 
 
 def test_a_batch_over_the_inline_limits_is_left_to_the_channel_thread(host):
-    src = host.arena.alloc(2 << 20).offset
-    host.arena.view[src:src + (1 << 20)] = os.urandom(1 << 20)
+    src = host.arena.alloc(INLINE_BYTES, align=4096).offset
+    host.arena.view[src:src + INLINE_BYTES] = os.urandom(INLINE_BYTES)
     status = host.arena.alloc(64).offset
     host.setup_channel(3, size=2 * INLINE_DESCRIPTORS + 16)  # room for a batch over the descriptor limit
     before = host.control.counters()["dma"]["channels"][3]["inline_batches"]
     half = 512 << 10
-    one_mib = [memcpy_desc(CARD_BUF + k * half, host_addr(host, src + k * half), half) for k in range(2)]
-    host.submit(3, one_mib + [status_desc(host_addr(host, status), 1)])  # 1 MiB: inline
+    limit = [memcpy_desc(CARD_BUF + k * half, host_addr(host, src + k * half), half)
+             for k in range(INLINE_BYTES // half)]
+    host.submit(3, limit + [status_desc(host_addr(host, status), 1)])  # INLINE_BYTES: inline
     host.wait_idle(3)
     assert host.control.counters()["dma"]["channels"][3]["inline_batches"] == before + 1
-    host.submit(3, one_mib + [memcpy_desc(CARD_BUF, host_addr(host, src), 64), status_desc(host_addr(host, status), 2)])
-    host.wait_idle(3)  # 1 MiB + 64 bytes: the thread's
+    host.submit(3, limit + [memcpy_desc(CARD_BUF, host_addr(host, src), 64), status_desc(host_addr(host, status), 2)])
+    host.wait_idle(3)  # INLINE_BYTES + 64 bytes: the thread's
     many = [memcpy_desc(CARD_BUF, host_addr(host, src), 64)] * INLINE_DESCRIPTORS
     host.submit(3, many + [status_desc(host_addr(host, status), 3)])
     host.wait_idle(3)  # one descriptor over the count: the thread's too
     counters = host.control.counters()["dma"]["channels"][3]
     assert counters["inline_batches"] == before + 1 and counters["errors"] == 0
     assert struct.unpack_from("<Q", host.arena.view, status)[0] == 3
-    assert bytes(host.gddr[CARD_BUF:CARD_BUF + (1 << 20)]) == bytes(host.arena.view[src:src + (1 << 20)])
+    assert bytes(host.gddr[CARD_BUF:CARD_BUF + INLINE_BYTES]) == bytes(host.arena.view[src:src + INLINE_BYTES])
 
 
 def test_dstat_counts_completions_modulo_the_ring_size(host):

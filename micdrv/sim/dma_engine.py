@@ -42,8 +42,17 @@ wake-up and GIL hand-offs (tens of microseconds on a VM), more than a 64-byte
 copy -- the latency the driver's small VOP copies see -- and a stream of 1 MiB
 copies ran at 0.3-0.45 of memcpy through the threads, 0.5-0.8 inline. The
 price is that a register access queued behind DHPR writes waits for their
-inline batches: at most about 60 us per doorbell for the bytes (1 MiB at
-memcpy speed) plus a few microseconds of Python per descriptor. The count
+inline batches: at most about 250-400 us per doorbell for the bytes (4 MiB
+at memcpy speed) plus a few microseconds of Python per descriptor. The byte
+limit covers a VOP net queue's whole batch of 64 KiB frames (64 chains, 4
+MB, or a receive queue's gathered 1-1.6 MB): with a 1 MiB limit those went
+to the thread, and its wake-up, GIL hand-offs with the server thread (where
+the card OS's NAPI poll runs too) and per-descriptor commits cost the
+simulator 35-38 us of CPU per 64000-byte echo against 27-30 inline
+(alternated runs; sequential blk unchanged within the noise). It stays
+under the engine driver's spread size (8 MiB parts, ``micdrv.x100.dma``),
+so a copy spread over channels still copies on their threads in parallel.
+The count
 limit sits well above the host driver's common batch, 32 requests plus its
 STATUS descriptor(s): at 32 those 33-34 descriptor batches of every net echo
 and blk randread burst all went to the thread, and letting them run inline
@@ -86,7 +95,7 @@ FETCH_BATCH = 256  # descriptors read from the ring at a time
 # A batch of at most INLINE_DESCRIPTORS descriptors moving at most INLINE_BYTES
 # runs in the DHPR write itself (see the module docstring for the measurements).
 INLINE_DESCRIPTORS = 128
-INLINE_BYTES = 1 << 20
+INLINE_BYTES = 4 << 20
 _TYPE_SHIFT, _MEMCPY = regs.DESC_TYPE_SHIFT, regs.DESC_MEMCPY  # spec 4.3: qw1 bits 63:60
 _LEN_SHIFT, _LEN_MASK = regs.DESC_LEN_SHIFT, regs.DESC_LEN_MASK  # qw0 bits 59:46, length / 64
 

@@ -48,8 +48,8 @@ the very payload of the frame being received (the UDP echo) is sent from
 the receive buffer itself, its headers written over the received ones --
 what XDP_TX does -- instead of being copied (:meth:`NetDriver.xmit_in_place`):
 the buffer is posted for receive again when its transmit chain comes back
-(reaped after every receive batch while any is out), and at most three
-quarters of the receive buffers are out that way [choice].
+(reaped after every receive batch while any is out), and at most
+LEND_SHARE of the receive buffers are out that way [choice].
 
 **Receive processing** is NAPI: the receive interrupt disables further
 receive interrupts and polls right there, in the interrupt's context, as
@@ -109,6 +109,10 @@ BIG_TX_SLOTS = 32                  # 64 KiB frames in flight at most [choice: 2 
 NAPI_BUDGET = 64                   # frames per receive batch (Linux's NAPI weight)
 INLINE_ROUNDS = 4                  # polls in one interrupt before the rest goes to the worker [choice]
 LENT = -1                          # transmit token pool of a receive buffer sent back in place (xmit_in_place)
+# Receive buffers out on the transmit ring at most (xmit_in_place) [choice]: 15/16 keeps 8 of 128 posted. At 3/4
+# a fifth of the 64000-byte echoes at 128 in flight found the share used up and were copied into a big slot (a
+# 64 KiB copy holding the GIL); at 15/16 one in twenty, 1.4 us less simulator CPU per echo (alternated runs).
+LEND_SHARE = 15 / 16
 TX_WAIT = 2.0                      # a transmit waits this long for ring room before the frame is dropped
 
 WANTED = sum(1 << b for b in (N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_TSO4,
@@ -258,7 +262,7 @@ class NetDriver(VirtioDriver):
         self._rx_alloc.append((base, count * block))
         self._rx_area = (base, count * block)
         self._rx_bufs = [(base + i * block, off) for i in range(count)]
-        self._lend_max = count * 3 // 4    # a quarter of the buffers always stays posted or in the worker's hands
+        self._lend_max = int(count * LEND_SHARE)   # the rest always stays posted or in the worker's hands
         self._pools = [_SlotPool(dev, SMALL_TX_SLOT, self.tx.num), _SlotPool(dev, BIG_TX_SLOT, BIG_TX_SLOTS)]
 
     def _rx_chain(self, addr: int) -> list[tuple[int, int]]:
@@ -544,8 +548,8 @@ class NetDriver(VirtioDriver):
         cannot go that way (the caller copies it with :meth:`xmit`). Frames
         that fit a small transmit slot are always copied (cheaper than lending
         a buffer); the buffer is posted for receive again once the device
-        returns its transmit chain, and at most three quarters of the buffers
-        are out at a time, so the receive ring keeps buffers however long the
+        returns its transmit chain, and at most LEND_SHARE of the buffers are
+        out at a time, so the receive ring keeps buffers however long the
         device holds transmit chains.
         """
         cur, area = self._rx_cur, self._rx_view
