@@ -67,6 +67,12 @@ class Backend(abc.ABC):
     def queue_sizes(self) -> Sequence[int]:
         """The device's queues: one entry per queue, its maximum size. Called when the device is described."""
 
+    def staging_bytes(self, index: int) -> int | None:
+        """Room for queue ``index``'s buffers that a transport copying them keeps at once (VOP stages each
+        chain's payload, spec 5.7), when this device's batches need more than the transport's default;
+        None: the default. Called when the device is described."""
+        return None
+
     @abc.abstractmethod
     def config_space(self) -> bytes:
         """The device's config space, current values. Called when the device is described and after every

@@ -23,11 +23,13 @@ import pytest
 
 from backends.blk import BlkBackend
 from backends.console import ConsoleBackend
+from backends.net.device import STAGING_BYTES as NET_STAGING
+from backends.net.device import NetBackend
 from micdrv.virtio.device import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                                   VIRTIO_CONFIG_S_FAILED)
 from micdrv.vop import layout as L
 from micdrv.vop.copy import CopyPolicy
-from micdrv.vop.host import VopOptions
+from micdrv.vop.host import STAGING_BYTES, VopOptions
 from micdrv.x100 import regs
 from tests.sim_harness import wait_for
 from tests.vop_card_drivers import pattern
@@ -183,6 +185,20 @@ def test_h2c_direct_hands_backends_views_of_card_memory_and_moves_no_payload_by_
             r.vop.remove(d)                # with the card's ack, before the host goes away
     finally:
         r.close()
+
+
+def test_a_backend_that_asks_for_more_staging_gets_it_and_the_rest_keep_the_default(rig, vs, image, tmp_path):
+    # net asks for room for whole batches of 64 KiB frames; a backend that does not ask gets VopOptions'
+    assert NetBackend.staging_bytes(None, 0) == NET_STAGING == 8 << 20
+    big = BlkBackend.open(str(image), serial="big-staging")
+    big.staging_bytes = lambda index: 3 << 20
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(1 << 20))
+    devs = [rig.add(big), rig.add(BlkBackend.open(str(other)))]
+    assert [d.queues[0].staging.ring.size for d in devs] == [3 << 20, STAGING_BYTES]
+    assert vs.driver("blk", "write", sector=0, length=256 << 10, seed=3)["status"] == 0   # the card uses it
+    for d in devs:
+        rig.vop.remove(d)
 
 
 def test_a_request_beyond_the_disk_fails_and_the_device_carries_on(rig, vs, image):

@@ -80,7 +80,7 @@ FEATURE_LEN = 4                 # bytes per feature bitmap: the card reads 32 bi
 REMOVE_TRIES, REMOVE_WAIT = 15, 1.0          # spec 5.5: remove waits up to 15 x 1 s for guest_ack
 CONFIG_TRIES, CONFIG_WAIT = 100, 0.1         # spec 5.5: config change waits up to 100 x 100 ms
 ACK_POLL = 0.01                 # how often a waiting caller looks at guest_ack
-STAGING_BYTES = 2 << 20         # staging area per queue (see .staging); a whole drain batch of big frames
+STAGING_BYTES = 2 << 20         # staging area per queue (see .staging) unless its backend asks for more
 TRANSPORT_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
 
 
@@ -343,7 +343,8 @@ class VopHost:
                 card_addr = self.card.smpt.to_card(iova, size)
                 vrings.append(VringBlock(a, iova, card_addr, num, info))
                 entry.set_vq(i, card_addr, num)
-                staging.append(StagingArea(self.arena, opts.staging_bytes, self.arena_card, opts.staging_overflow))
+                staging.append(StagingArea(self.arena, backend.staging_bytes(i) or opts.staging_bytes, self.arena_card,
+                                           opts.staging_overflow))
         except BaseException:
             for v in vrings:
                 self.arena.free(v.alloc)
