@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import sys
 import threading
 
 import pytest
@@ -199,6 +200,44 @@ class HoardingNet(ScriptedNet):
     def queue_notify(self, index: int) -> None:
         if not self.hoard:
             super().queue_notify(index)
+
+
+def test_a_receive_batch_in_the_interrupt_takes_no_more_frames_than_its_replies_have_room_for(card, tmp_path):
+    # The interrupt's context never waits for transmit room, so a batch there takes only as many frames as
+    # their replies can go out at once; the rest is the worker's, which may wait. The room was once checked
+    # for the frames pending at the check, and the batch then took up to NAPI_BUDGET: frames that arrived
+    # in between had their replies dropped. Here the check is made to see one frame while ten are there.
+    be = HoardingNet()
+    eth0 = add(card, be).driver
+    host_mac, card_ip, host_ip = b"\x02\xaa\xbb\xcc\xdd\xee", P.ip4("172.31.1.1"), P.ip4("172.31.1.254")
+    frame = P.eth(be.mac, host_mac, P.ETH_P_IP,
+                  P.ipv4(host_ip, card_ip, P.IPPROTO_UDP, P.udp(host_ip, card_ip, 4000, 7, b"x" * 100, partial=True)))
+    stream = hdr(flags=N.VIRTIO_NET_HDR_F_NEEDS_CSUM, cstart=34, coff=6) + frame
+    free = eth0.tx.ring.num_free - 3         # small echo replies, hoarded, until three fit on the ring
+    for i in range(free):
+        card.bus.loop.call(be.deliver, stream, None)
+        wait_for(lambda: eth0.c["tx_packets"] == i + 1, "the card to echo the frame")
+    assert eth0.tx.ring.num_free == 3 and eth0.c["tx_dropped"] == 0
+    with eth0._polling:          # the poll an interrupt runs (as _rx_interrupt does), no other poll meanwhile
+        for _ in range(10):
+            card.bus.loop.call(be.deliver, stream, None)
+        wait_for(lambda: eth0.rx.ring.used_pending() == 10, "ten frames on the receive ring")
+        real = eth0.rx.ring.used_pending
+        # the race: the room check sees one frame pending, the batch then finds all ten
+        eth0.rx.ring.used_pending = lambda: min(1, real()) if sys._getframe(1).f_code.co_name == \
+            "_tx_room_for_batch" else real()
+        eth0._napi_ident, eth0._napi_inline = threading.get_ident(), True
+        try:
+            eth0._poll(inline=True)
+        finally:
+            eth0._napi_ident, eth0._napi_inline = None, False
+            eth0.rx.ring.used_pending = real
+        assert eth0.c["tx_dropped"] == 0 and eth0.c["tx_packets"] == free + 3   # three replies fit; seven wait
+    be.hoard = False                         # the host takes the replies: the worker sends the other seven
+    card.bus.loop.call(be.queue_notify, N.TX_QUEUE)
+    wait_for(lambda: eth0.c["tx_packets"] == free + 10, "every reply sent")
+    assert eth0.c["tx_dropped"] == 0 and eth0.broken is None
+    assert_card_survives(card, tmp_path)
 
 
 def test_a_host_that_keeps_the_echo_replies_cannot_starve_the_receive_ring(card, tmp_path):
