@@ -48,6 +48,14 @@ Figures (value; limit measured in the same run):
   staging costs ten times a warm run). Limit: ``pwritev`` / ``preadv`` of
   the same bytes of the image file in 1 MiB requests, one at a time, from
   one reused buffer.
+* **blk_seq_write_bound_2copies / blk_seq_read_bound_2copies** (and
+  ``_1copy``) -- what this machine allows those figures, beside the same
+  limit: the two copies a sequential request costs the host's CPUs here
+  (the image's ``preadv``/``pwritev`` and the simulated DMA engine's
+  ``memmove``) as an ideal pipeline of two processes over 16 rotating 1 MiB
+  slots, nothing else of the stack (:mod:`benchmarks.pipeline`); ``_1copy``
+  hands the slots over without the second copy, the file side alone, as
+  on silicon, where the card's engine does the other copy.
 * **blk_rand4k_qd32_read_card** -- the card's ``blk randread vda COUNT 32``:
   4 KiB reads at random aligned offsets, 32 in flight, timed on the card
   (IOPS). Limit: ``preadv`` of 4 KiB at the same offsets of the image file,
@@ -87,6 +95,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import best, now, parse_size, wait_for
+from benchmarks.pipeline import pipeline
 
 KiB, MiB = 1 << 10, 1 << 20
 HOST_IP, CARD_IP = "172.31.1.254", "172.31.1.1"          # MPSS defaults for mic0 (README "Configuration")
@@ -471,6 +480,14 @@ class Measure:
         finally:
             os.close(fd)
 
+    def blk_bound(self, write: bool, dma: bool) -> float:
+        """The two copies of a sequential blk request as an ideal pipeline of two processes, over the same bytes
+        of the image (:mod:`benchmarks.pipeline`); ``dma=False``: the file's copy alone, its buffers handed
+        over."""
+        if write:
+            self.blk_fresh = False
+        return pipeline(str(self.rig.image), self.blk_bytes, write, dma)
+
     def rand_card(self, seed: int) -> float:
         def run():
             out = self.rig.shell(f"blk randread vda {self.rand_count} 32 {seed}")
@@ -542,9 +559,18 @@ def main() -> int:
                           flush=True)
         m.blk_warm()
         for write in (True, False):
-            v, lim = best(args.rounds, lambda: m.blk_card(write), lambda: m.blk_host(write))
-            report(f"blk_seq_{'write' if write else 'read'}_card", v, lim, "MB/s", 1e6,
-                   "pwritev" if write else "preadv")
+            v, lim, two, one = best(args.rounds, lambda: m.blk_card(write), lambda: m.blk_host(write),
+                                    lambda: m.blk_bound(write, True), lambda: m.blk_bound(write, False))
+            way = "write" if write else "read"
+            report(f"blk_seq_{way}_card", v, lim, "MB/s", 1e6, "pwritev" if write else "preadv")
+            # what the same machine allows the stack's copies (benchmarks.pipeline): beside the same limit
+            for figure, bound, what in ((f"blk_seq_{way}_bound_2copies", two, "file copy + DMA memmove"),
+                                        (f"blk_seq_{way}_bound_1copy", one, "file copy, slots handed over")):
+                print(f"{figure:28s} {bound / 1e6:10.1f} MB/s   limit {lim / 1e6:10.1f} MB/s  ratio "
+                      f"{bound / lim:5.2f}   (ideal pipeline: {what}; the card's figure is "
+                      f"{v / bound:.2f} of it)", flush=True)
+                results.append({"figure": figure, "value": round(bound / 1e6, 2), "unit": "MB/s",
+                                "limit": round(lim / 1e6, 2), "ratio": round(bound / lim, 3)})
         seed = [0]                # a new seed each round; the card's and the host's reads at the same offsets
 
         def rand_card() -> float:
