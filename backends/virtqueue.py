@@ -99,6 +99,10 @@ class Virtqueue(abc.ABC):
     index: int      # queue index within the device (virtio-net: 0 receive, 1 transmit)
     size: int       # ring entries
     name: str
+    # Called by drain before each chain, if set: a transport with work that must not wait for the drain to
+    # end -- completions whose copies are done, an interrupt to the driver under way -- does it there, so a
+    # long drain (a burst of 1 MiB block requests) does not hold the driver's interrupt back until its end.
+    progress: Callable[[], None] | None = None
 
     # --- what a transport implements ----------------------------------------------------------
 
@@ -198,8 +202,11 @@ class Virtqueue(abc.ABC):
                 continue
             done: list[tuple[Chain, int]] = []
             i = 0
+            progress = self.progress
             try:
                 for i, chain in enumerate(chains):
+                    if progress is not None:
+                        progress()
                     written = process(chain)
                     if written is None:
                         break

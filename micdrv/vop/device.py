@@ -276,6 +276,9 @@ class VopDevice:
                           f"{self.name} vring {i}")
             queues.append(VopQueue(i, ring, self.engine, self.staging[i], self._info_views[i], self.notify_card,
                                    f"{self.name} vring {i}", self._schedule, lazy))
+            if not lazy:
+                # a lazy queue's completions are the poller's, and its drains are short (the tap runs dry)
+                queues[-1].watch_progress(self.host.doorbells.pump)
         self.acked = acked
         self.queues = queues
         self.active = True

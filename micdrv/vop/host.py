@@ -184,6 +184,13 @@ class _Doorbells:
             self._watching = True
             self.loop.watch(self._fd, EVENT_READ, self._readable)
 
+    def pump(self) -> None:
+        """Take in the answers of rings under way, if any (on the loop, between two chains of a drain): a
+        ring's write waits for its read's answer, which the loop otherwise takes in only once the drain
+        returns -- so the card would see a long drain's interrupts at its end, all at once."""
+        if self.pending and self._watching:
+            self._poll()
+
     def _ring_now(self, db: int) -> None:
         self.rung += 1
         try:

@@ -292,6 +292,21 @@ class VopQueue(Virtqueue):
                                        "staging_full", "oversize", "overflow", "deferred", "deferred_waits",
                                        "pop_waits"), 0)
 
+    def watch_progress(self, pump: Callable[[], None]) -> None:
+        """Between two chains of a drain (:attr:`~backends.virtqueue.Virtqueue.progress`): publish the
+        completions whose DMA is done, then ``pump()`` (the doorbells' answers, see
+        :meth:`~.host._Doorbells.pump`) -- so the card takes each batch's interrupt while the drain goes on."""
+        self._pump = pump
+        self.progress = self._progress
+
+    def _progress(self) -> None:
+        q = self._deferred
+        if q:
+            completion = q[0][0]
+            if completion is None or self.engine.done(completion):
+                self._publish(len(q))     # what is done, in order, without waiting
+        self._pump()
+
     # --- taking chains -----------------------------------------------------------------------------
     def pop_many(self, limit: int) -> list[Chain]:
         if self._kept:
