@@ -55,7 +55,8 @@ class Bells:
             cb()
 
 
-def pair(system: System, host_poll: float = 0.01, card_poll: float = 0.01):
+def pair(system: System, host_poll: float = 0.01, card_poll: float = 0.01,
+         card_stopped: threading.Event | None = None):
     c = system.cards[0]
     c.host_bp.init(c.node_id)
     host_bells, card_bells = Bells("host", range(4)), Bells("card", range(16))
@@ -64,7 +65,7 @@ def pair(system: System, host_poll: float = 0.01, card_poll: float = 0.01):
                       poll_interval=host_poll, name="host")
     node = ScifNode(c.node_id, alive_timeout=system.alive_timeout, accept_step=0.2, double_publish=True, name="card")
     card = ScifHwLink(node, 0, c.card_scif_memory, Bootparam(c.smpt, SMPT_BASE + c.dp_iova), card_bells, Side.CARD,
-                      poll_interval=card_poll, name="card")
+                      poll_interval=card_poll, name="card", stopped=card_stopped)
     return host, card, node, host_bells, card_bells
 
 
@@ -135,6 +136,37 @@ def test_shutdowns_at_both_ends_at_once_do_not_wait_for_each_other(system, caplo
     assert all(took < WAIT for _, took in results.values()), results  # nobody sat out the timeout
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert system.host.peer(1) is None and node.peer(0) is None
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["after-a-card-reset", "card-still-running"])
+def test_a_worker_whose_card_was_reset_stops_quietly_but_a_real_failure_is_logged(system, caplog, reset):
+    """A card reset stops the card OS between two of its worker's accesses: the access that raises is the
+    end of that worker's life, not a failure (no traceback). The same exception with the card running is."""
+    stopped = threading.Event()
+    host, card, node, hb, _ = pair(system, card_stopped=stopped)
+    host.start()
+    card.start()
+    assert system.host.wait_peer(1, WAIT) and node.wait_peer(0, WAIT)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if reset:
+            stopped.set()
+        raise RuntimeError("card read of [0x0, +0x0): the card was reset")
+
+    card.peer.interrupt = interrupt
+    with caplog.at_level(logging.DEBUG, logger="micdrv.scif.hwlink"):
+        hb.ring(card.db)
+        wait_for_call(lambda: calls)
+        wait_for_call(lambda: "worker stopping" in caplog.text or "work failed" in caplog.text)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if reset:
+        assert not errors, caplog.text
+    else:
+        assert errors and errors[0].exc_info and "work failed" in errors[0].getMessage(), caplog.text
+    card.close(force=True)
+    host.close(force=True)
 
 
 def test_after_the_card_left_the_host_remove_does_not_wait(system):

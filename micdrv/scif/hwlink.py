@@ -98,13 +98,14 @@ class ScifHwLink:
 
     def __init__(self, node: ScifNode, peer_node: int, memory: ScifMemory, bootparam: Bootparam,
                  doorbells: LinkDoorbells, side: Side, *, poll_interval: float = QP_POLL_INTERVAL,
-                 name: str = ""):
+                 name: str = "", stopped: threading.Event | None = None):
         self.node = node
         self.peer_node = peer_node
         self.memory = memory
         self.bootparam = bootparam
         self.doorbells = doorbells
         self.side = side
+        self.stopped = stopped              # set when this node's hardware went away (a card reset)
         self.poll_interval = poll_interval
         self.name = name or f"{node.name}->{peer_node}"
         self.qp: NodeQueuePair | None = None
@@ -183,8 +184,7 @@ class ScifHwLink:
                     if not self.connected and self.peer.init_seen:
                         self._poll()  # SCIF_INIT flushes the poll work (spec 8.4 step 4)
             except Exception as e:
-                stopped = getattr(self.side, "stopped", None)   # a card side's: set by a card reset
-                if self._stopping or (stopped is not None and stopped.is_set()):
+                if self._stopping or (self.stopped is not None and self.stopped.is_set()):
                     log.debug("%s: worker stopping: %s", self.name, e)
                 else:
                     log.exception("%s: node queue pair work failed", self.name)

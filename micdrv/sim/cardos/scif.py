@@ -71,7 +71,8 @@ class CardScif:
                                        "SMPT window"),
                             kernel.heap.alloc, kernel.heap.free, name=f"mic{bootparam.node_id - 1}->host")
         self.link = ScifHwLink(self.node, HOST_NODE, memory, bootparam, CardLinkDoorbells(kernel), Side.CARD,
-                               poll_interval=kernel.params.scif_poll, name=f"{self.node.name}->scif0")
+                               poll_interval=kernel.params.scif_poll, name=f"{self.node.name}->scif0",
+                               stopped=side.stopped)
 
     def probe(self) -> None:
         self.link.start()
