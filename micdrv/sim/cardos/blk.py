@@ -234,7 +234,11 @@ class BlkDriver(VirtioDriver):
         self._read_config()
         self.readonly = bool(acked >> B.VIRTIO_BLK_F_RO & 1)
         self.can_flush = bool(acked >> B.VIRTIO_BLK_F_FLUSH & 1)
-        (self.vq,) = dev.find_vqs([self._interrupt])
+        try:
+            (self.vq,) = dev.find_vqs([self._interrupt])
+        except BaseException:
+            self.dev = None        # no queue: the disk was never up (a request says ENODEV, not a traceback)
+            raise
         # header + data + status within the ring (section 3.4: keep seg_max <= num - 2)
         self.seg_max = max(1, min(self.seg_max, self.vq.num - 2))
         self.max_request = max(SECTOR, min(MAX_REQUEST, self.seg_max * self.seg_size) // SECTOR * SECTOR)
