@@ -34,10 +34,15 @@ class Writer:
     ``flushed`` how many of them a completed FLUSH followed. ``sent`` is set each time a write
     command has just gone out; ``inflight`` is the write the card was running when it stopped;
     ``full`` says the stream ended because its area was all written.
+
+    With ``hold=N`` the stream pauses after its N-th completed FLUSH (``held`` set) until :meth:`go`: a
+    test that means to strike in the middle of a write waits for that point instead of racing the stream
+    to the end of its area (a test thread starved for a few hundred ms on a busy machine once saw the
+    area full before it looked).
     """
 
     def __init__(self, sim_control: str, round_: int, rng: random.Random, *, area: int = AREA, disk: str = "vda",
-                 sizes: tuple[int, ...] = SIZES):
+                 sizes: tuple[int, ...] = SIZES, hold: int | None = None):
         self.sim_control, self.round, self.rng = sim_control, round_, rng
         self.area, self.disk, self.sizes = area, disk, sizes
         self.base = round_ * area
@@ -50,11 +55,18 @@ class Writer:
         self.stop = threading.Event()
         self.error: str | None = None
         self.full = False
+        self.hold = hold
+        self.held = threading.Event()
+        self._release = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"writer {round_}", daemon=True)
 
     def start(self) -> "Writer":
         self.thread.start()
         return self
+
+    def go(self) -> None:
+        """Let a held stream carry on."""
+        self._release.set()
 
     def written_bytes(self, upto: int | None = None) -> int:
         return sum(c for _s, c, _w in self.done[:upto]) * SECTOR
@@ -95,6 +107,10 @@ class Writer:
                     self.error = r.get("error") or r.get("output")
                     return
                 self.flushed, self.flushes = upto, self.flushes + 1
+                if self.flushes == self.hold:
+                    self.held.set()
+                    while not (self._release.wait(0.05) or self.stop.is_set()):
+                        pass
 
 
 def check_image(img: Path, w: Writer, tally: bool = True) -> int:

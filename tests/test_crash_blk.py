@@ -117,9 +117,10 @@ def test_a_panic_in_the_middle_of_block_writes_loses_nothing_that_was_flushed(da
     try:
         online(d)
         rng = random.Random(7000 + round_)
-        w = Writer(d.sim_control, round_, rng).start()
-        wait_for(lambda: w.flushes >= 3 or w.error, "three FLUSHes")
+        w = Writer(d.sim_control, round_, rng, hold=3).start()
+        wait_for(lambda: w.held.is_set() or w.error, "three FLUSHes")
         assert w.error is None, w.error
+        w.go()
         # Land in the middle of a write: just after a write of 512 KiB or more went out to the card (it
         # runs for a millisecond or two on the card; a one-sector write is done before a panic arrives).
         deadline = time.monotonic() + WAIT

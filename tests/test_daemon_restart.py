@@ -222,10 +222,11 @@ def test_sigkill_in_the_middle_of_traffic_then_a_restart_resets_the_card_and_ser
         # Network and console first: the writer's area is finite, and a console slow to answer its
         # first command must not let the writer fill it before the kill (it once did, on CI).
         wait_for(lambda: counts["udp"] >= 3 and counts["console"] >= 1, "network and console traffic")
-        w = Writer(d.sim_control, round_, rng, area=AREA).start()
-        wait_for(lambda: w.flushes >= 2 or w.error or w.full, "block traffic")
+        w = Writer(d.sim_control, round_, rng, area=AREA, hold=2).start()
+        wait_for(lambda: w.held.is_set() or w.error or w.full, "block traffic")
         assert w.error is None and not w.full, (w.error, w.full)
         w.sent.clear()
+        w.go()
         assert w.sent.wait(WAIT), (w.error, w.full, len(w.done))
         time.sleep(rng.uniform(0, 0.003))
         old = kill(d)                                        # in the middle of it all
